@@ -1,0 +1,118 @@
+"""The one configuration object: CLI flag > EMBEDSERVE_* environment variable > default.
+
+Each option is declared once, as a dataclass field whose metadata carries its help text;
+the argparse parser and the environment lookup are both generated from those fields, so a
+new option cannot drift out of sync with its flag, its env var or the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedserve import __version__
+
+BACKENDS = ("auto", "sentence-transformers", "transformers", "hash")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DEFAULT_PORT = 8765
+ENV_PREFIX = "EMBEDSERVE_"
+
+
+def _option(default: Any, help: str, *, choices: Sequence[str] | None = None,
+            minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = _option("127.0.0.1", "address to bind")
+    port: int = _option(DEFAULT_PORT, "port to bind; 0 picks a free one (printed when ready)",
+                        minimum=0)
+    backend: str = _option("auto", "embedding backend; auto picks the best one installed",
+                           choices=BACKENDS)
+    model: str = _option("", "model id or folder for the ML backends (hash: ignored)")
+    dimensions: int = _option(384, "vector size of the hash backend", minimum=1)
+    api_key: str = _option("", "require this Bearer token on every route but /health")
+    log_level: str = _option("info", "logging level", choices=LOG_LEVELS)
+    access_log: bool = _option(False, "log every request (through logging, at INFO)")
+    max_body_bytes: int = _option(8 * 1024 * 1024, "largest request body accepted (413 beyond)",
+                                  minimum=1)
+    max_batch_size: int = _option(2048, "most inputs in one request (413 beyond)", minimum=1)
+    max_concurrent_requests: int = _option(
+        64, "embedding requests served at once; more are answered 429", minimum=1)
+    max_connections: int = _option(512, "open client connections; more are answered 503",
+                                   minimum=1)
+    backlog: int = _option(1024, "listen backlog: connections the kernel queues", minimum=1)
+    keep_alive_timeout: float = _option(
+        15.0, "seconds an idle keep-alive connection is kept open", minimum=0.001)
+    request_timeout: float = _option(
+        30.0, "seconds a client may take to send one request", minimum=0.001)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}; "
+                                 f"got {value!r}")
+            if meta["minimum"] is not None and value < meta["minimum"]:
+                raise ValueError(f"{f.name} must be at least {meta['minimum']}; got {value!r}")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Config:
+        parser = build_parser(os.environ if environ is None else environ)
+        namespace = parser.parse_args(argv)
+        try:
+            return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+        except ValueError as exc:
+            parser.error(str(exc))
+            raise  # unreachable: parser.error exits
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedserve",
+        description="Serve text embeddings over HTTP (OpenAI and TEI APIs).",
+        epilog="Every option can also be set with an environment variable: "
+               "--max-body-bytes is EMBEDSERVE_MAX_BODY_BYTES. Flags win over variables.")
+    parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        env = env_name(f.name)
+        default = f.default
+        if env in environ:
+            try:
+                default = (_parse_bool if kind is bool else kind)(environ[env])
+            except ValueError as exc:
+                parser.error(f"{env}={environ[env]!r}: {exc}")
+        help_text = f"{f.metadata['help']} (env {env}; default: %(default)s)"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                choices=f.metadata["choices"], metavar=f.name.upper())
+    return parser

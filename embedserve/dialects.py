@@ -1,0 +1,181 @@
+"""API dialects: each turns its own request JSON into one EmbedRequest, and renders results
+and errors in its own shape. Nothing here knows about HTTP or about backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from embedserve.encoding import float32_base64
+from embedserve.errors import ApiError
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    texts: list[str]
+    dimensions: int | None = None
+    normalize: bool = True
+    truncate: bool = True
+    prompt_name: str | None = None
+    model: str | None = None
+    encoding_format: str = "float"
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: list[list[float]]
+    model: str
+    prompt_tokens: int
+
+
+class Dialect(Protocol):
+    name: str
+
+    def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest: ...
+
+    def render(self, request: EmbedRequest, result: EmbedResult) -> Any: ...
+
+    def error_body(self, error: ApiError) -> Any: ...
+
+
+# --- shared validation -------------------------------------------------------------------
+
+def _object(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {_json_type(payload)}")
+    return payload
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def texts_from(value: Any, field: str, max_batch_size: int) -> list[str]:
+    """A string or a non-empty list of non-empty strings; anything else is a 400."""
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list):
+        texts = value
+        if not texts:
+            raise ApiError(400, f"'{field}' must not be an empty list", param=field)
+        if len(texts) > max_batch_size:
+            raise ApiError(413, f"'{field}' has {len(texts)} items; the limit is "
+                                f"{max_batch_size} per request", param=field)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                if isinstance(text, int) or (isinstance(text, list) and text
+                                             and all(isinstance(t, int) for t in text)):
+                    raise ApiError(400, f"'{field}' holds token ids; this server takes text "
+                                        "only. Send strings (LangChain OpenAIEmbeddings: "
+                                        "check_embedding_ctx_length=False)", param=field)
+                raise ApiError(400, f"'{field}[{i}]' must be a string, got "
+                                    f"{_json_type(text)}", param=field)
+    elif value is None:
+        raise ApiError(400, f"'{field}' is required", param=field)
+    else:
+        raise ApiError(400, f"'{field}' must be a string or a list of strings, got "
+                            f"{_json_type(value)}", param=field)
+    for i, text in enumerate(texts):
+        if not text:
+            where = field if len(texts) == 1 and isinstance(value, str) else f"{field}[{i}]"
+            raise ApiError(400, f"'{where}' is an empty string", param=field)
+    return texts
+
+
+def _optional(payload: dict[str, Any], field: str, kind: type, kind_name: str) -> Any:
+    value = payload.get(field)
+    # bool is a subclass of int: `"dimensions": true` is a type error, not 1.
+    if value is not None and (not isinstance(value, kind) or
+                              (kind is int and isinstance(value, bool))):
+        raise ApiError(400, f"'{field}' must be {kind_name}, got {_json_type(value)}",
+                       param=field)
+    return value
+
+
+# --- OpenAI --------------------------------------------------------------------------------
+
+_OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
+_OPENAI_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
+                 405: "method_not_allowed", 411: "length_required", 413: "payload_too_large",
+                 422: "invalid_value", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+
+
+class OpenAI:
+    name = "openai"
+
+    def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
+        body = _object(payload)
+        texts = texts_from(body.get("input"), "input", max_batch_size)
+        encoding_format = _optional(body, "encoding_format", str, "a string") or "float"
+        if encoding_format not in ("float", "base64"):
+            raise ApiError(400, "'encoding_format' must be 'float' or 'base64', got "
+                                f"{encoding_format!r}", param="encoding_format")
+        _optional(body, "user", str, "a string")
+        return EmbedRequest(
+            texts=texts,
+            model=_optional(body, "model", str, "a string"),
+            dimensions=_optional(body, "dimensions", int, "an integer"),
+            encoding_format=encoding_format,
+        )
+
+    def render(self, request: EmbedRequest, result: EmbedResult) -> Any:
+        encode = float32_base64 if request.encoding_format == "base64" else None
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": encode(v) if encode else v}
+                     for i, v in enumerate(result.vectors)],
+            "model": result.model,
+            "usage": {"prompt_tokens": result.prompt_tokens,
+                      "total_tokens": result.prompt_tokens},
+        }
+
+    def error_body(self, error: ApiError) -> Any:
+        kind = _OPENAI_TYPES.get(error.status,
+                                 "server_error" if error.status >= 500 else "invalid_request_error")
+        return {"error": {"message": error.message, "type": kind, "param": error.param,
+                          "code": _OPENAI_CODES.get(error.status)}}
+
+
+# --- Hugging Face text-embeddings-inference ------------------------------------------------
+
+_TEI_TYPES = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 405: "Validation",
+              411: "Validation", 413: "Validation", 422: "Validation", 429: "Overloaded",
+              503: "Unhealthy"}
+
+
+class TEI:
+    name = "tei"
+
+    def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
+        body = _object(payload)
+        texts = texts_from(body.get("inputs"), "inputs", max_batch_size)
+        normalize = _optional(body, "normalize", bool, "a boolean")
+        truncate = _optional(body, "truncate", bool, "a boolean")
+        direction = _optional(body, "truncation_direction", str, "a string")
+        if direction not in (None, "Right", "Left", "right", "left"):
+            raise ApiError(422, "'truncation_direction' must be 'Right' or 'Left'",
+                           param="truncation_direction")
+        return EmbedRequest(
+            texts=texts,
+            normalize=True if normalize is None else normalize,
+            truncate=True if truncate is None else truncate,
+            prompt_name=_optional(body, "prompt_name", str, "a string"),
+            dimensions=_optional(body, "dimensions", int, "an integer"),
+        )
+
+    def render(self, request: EmbedRequest, result: EmbedResult) -> Any:
+        return result.vectors
+
+    def error_body(self, error: ApiError) -> Any:
+        kind = _TEI_TYPES.get(error.status, "Backend")
+        if error.status == 400 and "empty" in error.message:
+            kind = "Empty"
+        return {"error": error.message, "error_type": kind}
+
+
+OPENAI = OpenAI()
+TEI_DIALECT = TEI()

@@ -1,0 +1,153 @@
+"""Deterministic feature-hashing embeddings on the standard library alone.
+
+The algorithm is specified in docs/hash-embedding.md precisely enough to be re-implemented
+bit for bit (the Node client does); tests/data/hash_golden.json pins its output. Any change
+that alters a single output bit is a new model version: bump HASH_VERSION.
+
+The hot path is arranged so that nearly all per-text work happens inside C builtins
+(re.findall, Counter counting, chain/map over cached tuples): each distinct word's signed
+bucket codes are computed once and cached, and a text is the sum of its words' codes.
+Every bucket holds an integer until the final division, so the result does not depend on
+summation order, threads or platform.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import zlib
+from collections.abc import Iterable, Sequence
+from itertools import chain
+from operator import mul
+
+HASH_VERSION = 1
+DEFAULT_DIMENSIONS = 384
+NGRAM_SIZES = (3, 5)
+
+# \w+ is "letters, digits (any Unicode numeric) and underscore": the spec spells out the
+# JavaScript equivalent, /[\p{L}\p{N}_]+/gu.
+_WORD = re.compile(r"\w+")
+
+# Cache bounds keep a worker's memory flat whatever it is fed: a word longer than this is
+# hashed on every call instead of cached, and the cache is dropped when it fills up.
+_MAX_CACHED_WORD = 64
+_MAX_CACHED_WORDS = 16384
+
+try:  # The C helper behind Counter.update, without its per-call isinstance() overhead.
+    from collections import _count_elements  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - other interpreters
+
+    def _count_elements(mapping: dict, iterable: Iterable) -> None:  # type: ignore[misc]
+        get = mapping.get
+        for element in iterable:
+            mapping[element] = get(element, 0) + 1
+
+
+def model_name(dimensions: int) -> str:
+    """The model id the hash tier reports: vectors of different sizes never share a name."""
+    return f"hash-v{HASH_VERSION}-{dimensions}"
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens; also the hash tier's notion of a "token" for usage counts."""
+    return _WORD.findall(text.lower())
+
+
+def word_features(word: str) -> list[str]:
+    """The padded word itself, then its character n-grams for n in NGRAM_SIZES."""
+    padded = f" {word} "
+    features = [padded]
+    for n in NGRAM_SIZES:
+        features.extend(padded[i : i + n] for i in range(len(padded) - n + 1))
+    return features
+
+
+class HashEmbedder:
+    """Maps texts to L2-normalised vectors of `dimensions` floats. Thread-safe."""
+
+    def __init__(self, dimensions: int = DEFAULT_DIMENSIONS) -> None:
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
+            raise ValueError(f"dimensions must be a positive integer, got {dimensions!r}")
+        self.dimensions = dimensions
+        self.model = model_name(dimensions)
+        # Interned bucket numbers: cached tuples then share one int object per bucket.
+        self._bucket = tuple(range(dimensions))
+        self._positive: dict[str, tuple[int, ...]] = {}
+        self._negative: dict[str, tuple[int, ...]] = {}
+        # The caches are read with C-level map(); a clear() from another thread in the
+        # middle of that would raise KeyError, so one lock covers a whole call.
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> list[list[float]]:
+        return self.embed_with_counts(texts, normalize=normalize)[0]
+
+    def embed_one(self, text: str, *, normalize: bool = True) -> list[float]:
+        return self.embed_with_counts([text], normalize=normalize)[0][0]
+
+    def embed_with_counts(self, texts: Sequence[str], *, normalize: bool = True
+                          ) -> tuple[list[list[float]], list[int]]:
+        """Vectors and each text's word count (the hash tier's "tokens"), in input order."""
+        vectors: list[list[float]] = []
+        counts: list[int] = []
+        with self._lock:
+            for text in texts:
+                vector, words = self._embed_one(text, normalize)
+                vectors.append(vector)
+                counts.append(words)
+        return vectors, counts
+
+    def _codes(self, word: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        positive: list[int] = []
+        negative: list[int] = []
+        dims, bucket = self.dimensions, self._bucket
+        for feature in word_features(word):
+            h = zlib.crc32(feature.encode("utf-8"))
+            (negative if h & 0x80000000 else positive).append(bucket[h % dims])
+        return tuple(positive), tuple(negative)
+
+    def _learn(self, words: list[str]) -> list[str]:
+        """Cache the codes of unseen words; return the ones too long to keep afterwards."""
+        if len(self._positive) + len(words) > _MAX_CACHED_WORDS:
+            self._positive.clear()
+            self._negative.clear()
+        for word in words:
+            self._positive[word], self._negative[word] = self._codes(word)
+        return [w for w in words if len(w) > _MAX_CACHED_WORD]
+
+    def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, got {type(text).__name__}")
+        words = _WORD.findall(text.lower())
+        counts: dict[str, int] = {}
+        _count_elements(counts, words)
+        positive, negative = self._positive, self._negative
+        transient = self._learn([w for w in counts if w not in positive]) if counts else []
+
+        # Every distinct word counts once (C-level counting over cached code tuples)...
+        buckets: dict[int, int] = {}
+        minus: dict[int, int] = {}
+        _count_elements(buckets, chain.from_iterable(map(positive.__getitem__, counts)))
+        _count_elements(minus, chain.from_iterable(map(negative.__getitem__, counts)))
+        # ...then repeated words add weight up to 1 + floor(log2(tf)): sublinear, integral.
+        for word, tf in counts.items():
+            if tf > 1:
+                extra = tf.bit_length() - 1
+                _count_elements(buckets, positive[word] * extra)
+                _count_elements(minus, negative[word] * extra)
+        for word in transient:
+            del positive[word], negative[word]
+
+        get = buckets.get
+        for index, value in minus.items():
+            buckets[index] = get(index, 0) - value
+
+        vector = [0.0] * self.dimensions
+        values = buckets.values()
+        # Integer sum of squares: exact, so no summation order can change the norm.
+        squares = sum(map(mul, values, values))
+        if squares:
+            norm = math.sqrt(squares) if normalize else 1.0
+            for index, value in buckets.items():
+                vector[index] = value / norm
+        return vector, len(words)

@@ -1,0 +1,82 @@
+"""What the server does, without HTTP: validate an EmbedRequest against the loaded backend,
+run it, post-process (dimensions, normalisation), and describe itself for /info.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+
+from embedserve import __version__
+from embedserve.backends import Loaded
+from embedserve.config import Config
+from embedserve.dialects import EmbedRequest, EmbedResult
+from embedserve.errors import ApiError
+
+log = logging.getLogger("embedserve.service")
+
+
+class EmbeddingService:
+    def __init__(self, config: Config, loaded: Loaded) -> None:
+        self.config = config
+        self.backend = loaded.backend
+        self.skipped = loaded.skipped
+        self.started = time.time()
+        self.ready = True
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
+        backend = self.backend
+        dims = request.dimensions
+        if dims is not None and not 1 <= dims <= backend.dimensions:
+            raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
+                                f"for model {backend.model}, got {dims}", param="dimensions")
+        if request.prompt_name is not None:
+            raise ApiError(422, f"model {backend.model} has no prompts; "
+                                f"'prompt_name' {request.prompt_name!r} cannot be applied",
+                           param="prompt_name")
+        if not self._slots.acquire(blocking=False):
+            raise ApiError(429, "server is at its limit of "
+                                f"{self.config.max_concurrent_requests} concurrent requests; "
+                                "retry shortly", headers={"Retry-After": "1"})
+        try:
+            encoded = backend.encode(request.texts, normalize=request.normalize)
+        finally:
+            self._slots.release()
+        vectors = encoded.vectors
+        if dims is not None and dims < backend.dimensions:
+            vectors = [_shorten(v, dims, request.normalize) for v in vectors]
+        return EmbedResult(vectors, backend.model, sum(encoded.token_counts))
+
+    def info(self) -> dict[str, object]:
+        backend, config = self.backend, self.config
+        return {
+            "backend": backend.name,
+            "model": backend.model,
+            "dimensions": backend.dimensions,
+            "device": backend.device,
+            "max_input_tokens": backend.max_input_tokens,
+            "max_batch_size": config.max_batch_size,
+            "max_body_bytes": config.max_body_bytes,
+            "max_concurrent_requests": config.max_concurrent_requests,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "skipped_backends": self.skipped,
+            # The names TEI clients read.
+            "model_id": backend.model,
+            "max_input_length": backend.max_input_tokens,
+            "max_client_batch_size": config.max_batch_size,
+        }
+
+
+def _shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
+    """Matryoshka-style: keep the first `dims` values, then re-normalise."""
+    head = vector[:dims]
+    if not normalize:
+        return head
+    norm = math.sqrt(sum(x * x for x in head))
+    return [x / norm for x in head] if norm else head
