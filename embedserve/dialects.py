@@ -64,13 +64,12 @@ def texts_from(value: Any, field: str, max_batch_size: int) -> list[str]:
         if len(texts) > max_batch_size:
             raise ApiError(413, f"'{field}' has {len(texts)} items; the limit is "
                                 f"{max_batch_size} per request", param=field)
+        if _looks_like_token_ids(texts):
+            raise ApiError(400, f"'{field}' holds token ids; this server takes text only. "
+                                "Send strings (LangChain OpenAIEmbeddings: "
+                                "check_embedding_ctx_length=False)", param=field)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                if isinstance(text, int) or (isinstance(text, list) and text
-                                             and all(isinstance(t, int) for t in text)):
-                    raise ApiError(400, f"'{field}' holds token ids; this server takes text "
-                                        "only. Send strings (LangChain OpenAIEmbeddings: "
-                                        "check_embedding_ctx_length=False)", param=field)
                 raise ApiError(400, f"'{field}[{i}]' must be a string, got "
                                     f"{_json_type(text)}", param=field)
     elif value is None:
@@ -85,11 +84,21 @@ def texts_from(value: Any, field: str, max_batch_size: int) -> list[str]:
     return texts
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _looks_like_token_ids(items: list[Any]) -> bool:
+    """OpenAI also takes [int] and [[int]]: pre-tokenised input, as LangChain sends it."""
+    return all(map(_is_int, items)) or all(
+        isinstance(item, list) and item and all(map(_is_int, item)) for item in items)
+
+
 def _optional(payload: dict[str, Any], field: str, kind: type, kind_name: str) -> Any:
     value = payload.get(field)
     # bool is a subclass of int: `"dimensions": true` is a type error, not 1.
     if value is not None and (not isinstance(value, kind) or
-                              (kind is int and isinstance(value, bool))):
+                              (kind is int and not _is_int(value))):
         raise ApiError(400, f"'{field}' must be {kind_name}, got {_json_type(value)}",
                        param=field)
     return value

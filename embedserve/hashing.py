@@ -106,14 +106,19 @@ class HashEmbedder:
             (negative if h & 0x80000000 else positive).append(bucket[h % dims])
         return tuple(positive), tuple(negative)
 
-    def _learn(self, words: list[str]) -> list[str]:
-        """Cache the codes of unseen words; return the ones too long to keep afterwards."""
-        if len(self._positive) + len(words) > _MAX_CACHED_WORDS:
-            self._positive.clear()
-            self._negative.clear()
-        for word in words:
-            self._positive[word], self._negative[word] = self._codes(word)
-        return [w for w in words if len(w) > _MAX_CACHED_WORD]
+    def _learn(self, counts: dict[str, int]) -> list[str]:
+        """Cache the codes of this text's unseen words; return those too long to keep."""
+        positive, negative = self._positive, self._negative
+        unseen = [w for w in counts if w not in positive]
+        if not unseen:
+            return unseen
+        if len(positive) + len(unseen) > _MAX_CACHED_WORDS:
+            positive.clear()
+            negative.clear()
+            unseen = list(counts)
+        for word in unseen:
+            positive[word], negative[word] = self._codes(word)
+        return [w for w in unseen if len(w) > _MAX_CACHED_WORD]
 
     def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
         if not isinstance(text, str):
@@ -122,7 +127,7 @@ class HashEmbedder:
         counts: dict[str, int] = {}
         _count_elements(counts, words)
         positive, negative = self._positive, self._negative
-        transient = self._learn([w for w in counts if w not in positive]) if counts else []
+        transient = self._learn(counts)
 
         # Every distinct word counts once (C-level counting over cached code tuples)...
         buckets: dict[int, int] = {}

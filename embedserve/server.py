@@ -160,7 +160,12 @@ class Handler(BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
             self.dispatch()
-        except (TimeoutError, ConnectionError) as exc:
+        except TimeoutError:
+            log.debug("request from %s timed out", self.client_address[0])
+            self.close_connection = True
+            self._try_send(ApiError(408, "request not received within request_timeout "
+                                         f"({config.request_timeout:g} s)"))
+        except ConnectionError as exc:
             log.debug("connection from %s dropped: %r", self.client_address[0], exc)
             self.close_connection = True
         finally:
@@ -179,6 +184,8 @@ class Handler(BaseHTTPRequestHandler):
                                headers={"Allow": ", ".join(sorted(methods))})
             self._authorize(path)
             status, payload = route(self)
+        except (TimeoutError, ConnectionError):
+            raise  # the connection is unusable: handle_one_request closes it
         except ApiError as error:
             if error.status >= 500:
                 log.error("%s %s: %s", self.command, path, error.message)
@@ -303,13 +310,19 @@ class Handler(BaseHTTPRequestHandler):
             access_log.info('%s "%s" %d %d', self.client_address[0], self.requestline,
                             status, len(body))
 
+    def _try_send(self, error: ApiError) -> None:
+        try:
+            self.connection.settimeout(1.0)
+            self.send_json(error.status, _dialect_for(getattr(self, "path", "")).error_body(error))
+        except OSError:
+            pass
+
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
         # Called by the stdlib parser for malformed requests: answer JSON, never HTML.
         self.close_connection = True
         error = ApiError(int(code), message or HTTPStatus(code).phrase)
-        self.send_json(error.status, _dialect_for(self.path if hasattr(self, "path") else "")
-                       .error_body(error))
+        self.send_json(error.status, _dialect_for(getattr(self, "path", "")).error_body(error))
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - " + format, self.client_address[0], *args)

@@ -1,0 +1,405 @@
+"""The real server process over real sockets: every route, both dialects, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from embedserve.encoding import decode_float32_base64
+from embedserve.hashing import HashEmbedder
+
+from conftest import Server, request, server_env, start_server
+
+EMBEDDER = HashEmbedder(384)
+TEXTS = ["The cat sat on the mat.", "Feature hashing is deterministic", "naïve café ☕"]
+
+
+def assert_alive(srv: Server) -> None:
+    status, _, body = srv.request("GET", "/health")
+    assert (status, body) == (200, {"status": "ok"})
+    status, _, body = srv.request("POST", "/embed", {"inputs": "still serving"})
+    assert status == 200 and body == [EMBEDDER.embed_one("still serving")]
+
+
+# --- routes -------------------------------------------------------------------------------
+
+def test_health(server: Server) -> None:
+    status, headers, body = server.request("GET", "/health")
+    assert (status, body) == (200, {"status": "ok"})
+    assert headers["content-type"] == "application/json"
+
+
+def test_info_describes_backend_and_limits(server: Server) -> None:
+    status, _, info = server.request("GET", "/info")
+    assert status == 200
+    assert info["backend"] == "hash" and info["model"] == "hash-v1-384"
+    assert info["dimensions"] == 384 and info["device"] == "cpu"
+    assert info["max_batch_size"] == 2048 and info["pid"] == server.pid
+    assert info["version"] and "max_input_tokens" in info
+    assert set(info["skipped_backends"]) == {"sentence-transformers", "transformers"}
+    assert info["model_id"] == info["model"]
+
+
+def test_models_lists_the_served_model(server: Server) -> None:
+    status, _, body = server.request("GET", "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["hash-v1-384"]
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/embeddings"])
+def test_openai_float(server: Server, path: str) -> None:
+    status, _, body = server.request("POST", path, {"input": TEXTS, "model": "anything",
+                                                   "encoding_format": "float", "user": "u1"})
+    assert status == 200
+    assert body["object"] == "list" and body["model"] == "hash-v1-384"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in body["data"])
+    assert [d["embedding"] for d in body["data"]] == EMBEDDER.embed(TEXTS)
+    tokens = sum(EMBEDDER.embed_with_counts(TEXTS)[1])
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_openai_default_is_float_and_single_string_works(server: Server) -> None:
+    status, _, body = server.request("POST", "/v1/embeddings", {"input": "one text"})
+    assert status == 200 and body["data"][0]["embedding"] == EMBEDDER.embed_one("one text")
+
+
+def test_openai_base64_is_little_endian_float32(server: Server) -> None:
+    status, _, body = server.request("POST", "/v1/embeddings",
+                                     {"input": TEXTS, "encoding_format": "base64"})
+    assert status == 200
+    for item, expected in zip(body["data"], EMBEDDER.embed(TEXTS)):
+        decoded = decode_float32_base64(item["embedding"])
+        assert len(decoded) == 384
+        assert max(abs(a - b) for a, b in zip(decoded, expected)) < 1e-7
+
+
+@pytest.mark.parametrize("path,key", [("/embed", "inputs"), ("/", "inputs")])
+def test_tei_embed(server: Server, path: str, key: str) -> None:
+    status, _, body = server.request("POST", path, {key: TEXTS})
+    assert status == 200 and body == EMBEDDER.embed(TEXTS)
+    status, _, body = server.request("POST", path, {key: TEXTS[0]})
+    assert status == 200 and body == [EMBEDDER.embed_one(TEXTS[0])]
+
+
+def test_tei_normalize_false_gives_raw_weights(server: Server) -> None:
+    status, _, body = server.request("POST", "/embed", {"inputs": "a a b", "normalize": False})
+    assert status == 200 and body == [EMBEDDER.embed_one("a a b", normalize=False)]
+    assert any(abs(x) > 1 for x in body[0])
+
+
+@pytest.mark.parametrize("dims", [1, 64, 383, 384])
+def test_dimensions_truncate_then_renormalise(server: Server, dims: int) -> None:
+    full = EMBEDDER.embed_one(TEXTS[0])
+    status, _, body = server.request("POST", "/v1/embeddings",
+                                     {"input": TEXTS[0], "dimensions": dims})
+    vector = body["data"][0]["embedding"]
+    assert status == 200 and len(vector) == dims
+    norm = math.sqrt(sum(x * x for x in full[:dims]))
+    if norm == 0:  # nothing left in the kept buckets: zeros, not a division error
+        assert vector == [0.0] * dims
+    else:
+        assert vector == pytest.approx([x / norm for x in full[:dims]], abs=1e-12)
+        assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-9)
+    status, _, body = server.request("POST", "/embed", {"inputs": TEXTS[0], "dimensions": dims})
+    assert status == 200 and len(body[0]) == dims
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server: Server) -> None:
+    import http.client
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        for i in range(50):
+            conn.request("POST", "/embed", body=json.dumps({"inputs": f"text {i}"}),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200
+            assert json.loads(response.read()) == [EMBEDDER.embed_one(f"text {i}")]
+            assert response.getheader("Connection") != "close"
+    finally:
+        conn.close()
+
+
+def test_golden_vectors_over_http(server: Server) -> None:
+    from test_hashing import GOLDEN
+    cases = [c for c in GOLDEN["cases"] if c["dimensions"] == 384 and c["text"]]
+    status, _, body = server.request("POST", "/embed", {"inputs": [c["text"] for c in cases]})
+    assert status == 200 and body == [c["vector"] for c in cases]
+    status, _, body = server.request("POST", "/v1/embeddings", {
+        "input": [c["text"] for c in cases], "encoding_format": "base64"})
+    assert [d["embedding"] for d in body["data"]] == [c["float32_base64"] for c in cases]
+
+
+def test_two_server_processes_give_identical_vectors(server: Server,
+                                                     fresh_server: list[Server]) -> None:
+    other = start_server(env=server_env(PYTHONHASHSEED="4242"))
+    fresh_server.append(other)
+    texts = [f"document number {i} about {w}" for i, w in enumerate(["cats", "dogs", "ƒ"] * 30)]
+    _, _, a = server.request("POST", "/embed", {"inputs": texts})
+    _, _, b = other.request("POST", "/embed", {"inputs": texts})
+    assert a == b and len(a) == 90
+
+
+# --- bad input: right status, JSON error in the dialect's shape, server keeps serving ----
+
+OPENAI_BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (b'["a list"]', 400, "JSON object"),
+    (b'{"input": 5}', 400, "string or a list"),
+    (b'{"input": ["ok", 5]}', 400, "input[1]"),
+    (b'{"input": [[1, 2, 3]]}', 400, "token ids"),
+    (b'{"input": [1, 2, 3]}', 400, "token ids"),
+    (b'{"input": []}', 400, "empty"),
+    (b'{"input": ""}', 400, "empty"),
+    (b'{"input": ["a", ""]}', 400, "empty"),
+    (b'{}', 400, "required"),
+    (b'{"input": "x", "encoding_format": "int8"}', 400, "encoding_format"),
+    (b'{"input": "x", "dimensions": "8"}', 400, "dimensions"),
+    (b'{"input": "x", "dimensions": true}', 400, "dimensions"),
+    (b'{"input": "x", "dimensions": 0}', 422, "between 1 and 384"),
+    (b'{"input": "x", "dimensions": 385}', 422, "between 1 and 384"),
+    (b'{"input": "x", "model": 3}', 400, "model"),
+    (b'{"input": NaN}', 400, "JSON"),
+    (b"\xff\xfe{}", 400, "UTF-8"),
+]
+
+
+@pytest.mark.parametrize("raw,status,fragment", OPENAI_BAD, ids=[r[0][:24].decode(
+    "latin-1") for r in OPENAI_BAD])
+def test_openai_bad_input(server: Server, raw: bytes, status: int, fragment: str) -> None:
+    got, headers, body = server.request("POST", "/v1/embeddings", raw=raw)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    error = body["error"]
+    assert fragment in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert_alive(server)
+
+
+TEI_BAD = [
+    (b'{"inputs": []}', 400, "Empty"),
+    (b'{"inputs": 3}', 400, "Validation"),
+    (b'{"inputs": "x", "normalize": "yes"}', 400, "Validation"),
+    (b'{"inputs": "x", "truncation_direction": "Up"}', 422, "Validation"),
+    (b'{"inputs": "x", "prompt_name": "query"}', 422, "Validation"),
+    (b'{"inputs": "x", "dimensions": 9999}', 422, "Validation"),
+    (b'nope', 400, "Validation"),
+]
+
+
+@pytest.mark.parametrize("raw,status,error_type", TEI_BAD)
+def test_tei_bad_input(server: Server, raw: bytes, status: int, error_type: str) -> None:
+    got, _, body = server.request("POST", "/embed", raw=raw)
+    assert got == status
+    assert body["error_type"] == error_type and body["error"]
+    assert_alive(server)
+
+
+def test_too_many_inputs_is_413(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-batch-size", "4")
+    fresh_server.append(srv)
+    status, _, body = srv.request("POST", "/v1/embeddings", {"input": ["x"] * 5})
+    assert status == 413 and "limit is 4" in body["error"]["message"]
+    status, _, body = srv.request("POST", "/embed", {"inputs": ["x"] * 5})
+    assert status == 413 and body["error_type"] == "Validation"
+    assert srv.request("POST", "/embed", {"inputs": ["x"] * 4})[0] == 200
+    assert_alive(srv)
+
+
+def test_body_over_the_limit_is_413(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-body-bytes", "1000")
+    fresh_server.append(srv)
+    status, headers, body = srv.request("POST", "/v1/embeddings", {"input": "x" * 2000})
+    assert status == 413 and "limit is 1000" in body["error"]["message"]
+    assert headers.get("connection") == "close"
+    assert_alive(srv)
+
+
+def test_unknown_route_is_404_json(server: Server) -> None:
+    status, _, body = server.request("GET", "/nope")
+    assert status == 404 and body["error_type"] == "NotFound"
+    status, _, body = server.request("POST", "/v1/nope", {"input": "x"})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert_alive(server)
+
+
+def test_wrong_method_is_405_with_allow(server: Server) -> None:
+    status, headers, body = server.request("GET", "/v1/embeddings")
+    assert status == 405 and headers["allow"] == "POST" and "error" in body
+    status, headers, _ = server.request("POST", "/health", {})
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    status, _, _ = server.request("DELETE", "/embed")
+    assert status == 405
+    assert_alive(server)
+
+
+def raw_exchange(srv: Server, data: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def split_response(data: bytes) -> tuple[int, dict]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_missing_content_length_is_411(server: Server) -> None:
+    reply = raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Type: application/json\r\n\r\n")
+    status, body = split_response(reply)
+    assert status == 411 and "Content-Length" in body["error"]
+    assert_alive(server)
+
+
+def test_chunked_body_is_accepted(server: Server) -> None:
+    payload = json.dumps({"inputs": "chunked text"}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + 7]), payload[i:i + 7])
+                      for i in range(0, len(payload), 7))
+    reply = raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+    status, body = split_response(reply)
+    assert status == 200 and body == [EMBEDDER.embed_one("chunked text")]
+
+
+def test_malformed_request_line_gets_json_not_html(server: Server) -> None:
+    reply = raw_exchange(server, b"GARBAGE\r\n\r\n")
+    status, body = split_response(reply)
+    assert status == 400 and "error" in body
+    assert b"<html" not in reply.lower()
+    assert_alive(server)
+
+
+def test_slow_client_is_cut_off_and_others_are_served(fresh_server: list[Server]) -> None:
+    srv = start_server("--request-timeout", "1", "--keep-alive-timeout", "1")
+    fresh_server.append(srv)
+    with socket.create_connection((srv.host, srv.port), timeout=10) as slow:
+        slow.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert_alive(srv)  # served while the slow one hangs
+        start = time.monotonic()
+        reply = slow.recv(65536)
+        assert split_response(reply)[0] == 408
+        assert b"Connection: close" in reply
+        assert slow.recv(1024) == b""  # closed by the server, not by us
+        assert time.monotonic() - start < 5
+    with socket.create_connection((srv.host, srv.port), timeout=10) as idle:
+        assert idle.recv(1024) == b""  # an idle keep-alive connection is closed too
+    assert_alive(srv)
+
+
+def test_connection_limit_answers_503(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-connections", "2")
+    fresh_server.append(srv)
+    holders = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        reply = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body = split_response(reply)
+        assert status == 503 and body["error_type"] == "Overloaded"
+    finally:
+        for sock in holders:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while srv.request("GET", "/health")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_alive(srv)
+
+
+def test_concurrency_limit_answers_429(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-concurrent-requests", "1")
+    fresh_server.append(srv)
+    big = {"inputs": [("lorem ipsum dolor %d " % i) * 150 for i in range(1500)]}
+    result: dict[str, int] = {}
+
+    def send_big() -> None:
+        result["big"] = srv.request("POST", "/embed", big, )[0]
+
+    thread = threading.Thread(target=send_big)
+    thread.start()
+    seen: list[tuple[int, dict, object]] = []
+    while thread.is_alive() and len(seen) < 2000:
+        status, headers, body = srv.request("POST", "/v1/embeddings", {"input": "small"})
+        seen.append((status, headers, body))
+        if status == 429:
+            break
+    thread.join(60)
+    statuses = {s for s, _, _ in seen}
+    assert result["big"] == 200
+    assert 429 in statuses, "the big request never overlapped a small one"
+    status, headers, body = next(x for x in seen if x[0] == 429)
+    assert headers["retry-after"] == "1" and body["error"]["type"] == "rate_limit_error"
+    assert_alive(srv)
+
+
+def test_api_key(fresh_server: list[Server]) -> None:
+    srv = start_server("--api-key", "s3cret")
+    fresh_server.append(srv)
+    assert srv.request("GET", "/health")[0] == 200  # open for load balancers
+    status, headers, body = srv.request("POST", "/v1/embeddings", {"input": "x"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert headers["www-authenticate"] == "Bearer"
+    wrong = {"Authorization": "Bearer nope"}
+    assert srv.request("GET", "/info", headers=wrong)[0] == 401
+    right = {"Authorization": "Bearer s3cret"}
+    assert srv.request("POST", "/v1/embeddings", {"input": "x"}, headers=right)[0] == 200
+
+
+# --- process behaviour ---------------------------------------------------------------------
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "embedserve", *args], capture_output=True,
+                          text=True, env=env or server_env(), timeout=60)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--port", "-1"], "port must be at least 0"),
+    (["--backend", "onnx"], "invalid choice"),
+    (["--dimensions", "0"], "dimensions must be at least 1"),
+    (["--max-body-bytes", "lots"], "invalid int value"),
+])
+def test_bad_flags_exit_2_with_a_message(args: list[str], fragment: str) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2 and fragment in done.stderr
+
+
+def test_bad_env_var_exits_2_with_its_name() -> None:
+    done = run_cli(env=server_env(EMBEDSERVE_PORT="eighty"))
+    assert done.returncode == 2 and "EMBEDSERVE_PORT" in done.stderr
+
+
+def test_env_var_sets_an_option_and_the_flag_wins(fresh_server: list[Server]) -> None:
+    srv = start_server(env=server_env(EMBEDSERVE_DIMENSIONS="32", EMBEDSERVE_MAX_BATCH_SIZE="7"))
+    fresh_server.append(srv)
+    info = srv.request("GET", "/info")[2]
+    assert info["dimensions"] == 32 and info["max_batch_size"] == 7
+    srv2 = start_server("--dimensions", "48", env=server_env(EMBEDSERVE_DIMENSIONS="32"))
+    fresh_server.append(srv2)
+    assert srv2.request("GET", "/info")[2]["dimensions"] == 48
+
+
+def test_port_in_use_is_a_clear_error(server: Server) -> None:
+    done = run_cli("--port", str(server.port))
+    assert done.returncode == 1 and "cannot listen" in done.stderr
+
+
+def test_sigterm_exits_0(fresh_server: list[Server]) -> None:
+    srv = start_server()
+    fresh_server.append(srv)
+    assert_alive(srv)
+    assert srv.stop() == 0

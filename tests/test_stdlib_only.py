@@ -1,0 +1,68 @@
+"""The core must install and serve with nothing but the standard library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, server_env, start_server
+
+CHECK_IMPORTS = """
+import sys, pkgutil, importlib
+import embedserve
+names = [m.name for m in pkgutil.walk_packages(embedserve.__path__, "embedserve.")
+         if not m.name.endswith("__main__")]  # importing __main__ would start a server
+for name in names:
+    importlib.import_module(name)
+foreign = sorted({m.split(".")[0] for m in sys.modules}
+                 - set(sys.stdlib_module_names) - {"embedserve", "__main__"})
+assert not foreign, foreign
+print("imported", len(names), "modules; only the standard library")
+"""
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A virtual environment with no packages at all (not even pip)."""
+    where = tmp_path_factory.mktemp("bare-venv")
+    venv.EnvBuilder(with_pip=False, system_site_packages=False).create(where)
+    python = str(where / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import numpy"], capture_output=True, text=True)
+    assert probe.returncode != 0, "the bare venv must not see numpy"
+    return python
+
+
+def test_every_module_imports_with_the_standard_library_only(bare_python: str) -> None:
+    done = subprocess.run([bare_python, "-c", CHECK_IMPORTS], capture_output=True, text=True,
+                          env=server_env(), cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "only the standard library" in done.stdout
+
+
+def test_serves_embeddings_with_the_standard_library_only(bare_python: str) -> None:
+    srv = start_server(python=bare_python)
+    try:
+        info = srv.request("GET", "/info")[2]
+        # auto found no ML packages and says so, instead of failing.
+        assert info["backend"] == "hash"
+        status, _, body = srv.request("POST", "/v1/embeddings",
+                                      {"input": ["zero", "dependencies"],
+                                       "encoding_format": "base64"})
+        assert status == 200 and len(body["data"]) == 2
+        from embedserve.hashing import HashEmbedder
+        status, _, body = srv.request("POST", "/embed", {"inputs": "zero dependencies"})
+        assert body == [HashEmbedder().embed_one("zero dependencies")]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_package_metadata_declares_no_runtime_dependencies() -> None:
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(Path(ROOT, "setup.cfg"))
+    assert parser["options"]["install_requires"].strip() == ""
+    assert sys.version_info >= (3, 10)
