@@ -47,6 +47,12 @@ class Config:
     max_connections: int = _option(512, "open client connections; more are answered 503",
                                    minimum=1)
     backlog: int = _option(1024, "listen backlog: connections the kernel queues", minimum=1)
+    workers: int = _option(1, "worker processes sharing the socket", minimum=1)
+    worker_timeout: float = _option(
+        30.0, "seconds without a heartbeat before a worker is killed and replaced",
+        minimum=0.5)
+    graceful_timeout: float = _option(
+        30.0, "seconds in-flight requests get to finish at shutdown", minimum=0.0)
     keep_alive_timeout: float = _option(
         15.0, "seconds an idle keep-alive connection is kept open", minimum=0.001)
     request_timeout: float = _option(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -27,6 +28,8 @@ access_log = logging.getLogger("embedserve.access")
 
 _MAX_LINE = 65536
 _READ_CHUNK = 1 << 16
+_POLL = 0.25  # how often an idle connection notices that the server is draining
+_DRAIN_LINGER = 0.5
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -58,10 +61,14 @@ class EmbedServer(ThreadingHTTPServer):
         self.config = service.config
         self.draining = False
         self._lock = threading.Lock()
-        self._connections = 0
-        self._in_flight = 0
         self._idle = threading.Condition(self._lock)
+        self._connections = 0
         self._date: tuple[int, str] = (0, "")
+        self.loop_tick = time.monotonic()
+
+    def service_actions(self) -> None:
+        # Called by serve_forever at least every poll interval: proof the accept loop lives.
+        self.loop_tick = time.monotonic()
 
     # -- connection accounting -----------------------------------------------------------
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -85,8 +92,15 @@ class EmbedServer(ThreadingHTTPServer):
             self._release_connection()
 
     def _release_connection(self) -> None:
-        with self._lock:
+        with self._idle:
             self._connections -= 1
+            if not self._connections:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """While draining: wait until every connection is closed; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._connections, timeout)
 
     def _refuse(self, request: socket.socket) -> None:
         body = json.dumps({"error": "too many open connections", "error_type": "Overloaded"})
@@ -98,22 +112,6 @@ class EmbedServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
-
-    # -- requests in flight, for graceful shutdown ---------------------------------------
-    def request_started(self) -> None:
-        with self._lock:
-            self._in_flight += 1
-
-    def request_finished(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """After the accept loop stopped: wait for in-flight requests; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._in_flight, timeout)
 
     def http_date(self) -> str:
         now = int(time.time())
@@ -137,22 +135,19 @@ class Handler(BaseHTTPRequestHandler):
     server: EmbedServer
 
     def handle_one_request(self) -> None:
-        # The stdlib version with two timeouts: a short one while an idle keep-alive
-        # connection waits for its next request, and a deadline for the request itself.
+        # The stdlib version with two timeouts: keep_alive_timeout while an idle connection
+        # waits for its next request, and a deadline for receiving the request itself.
         config = self.server.config
-        self.connection.settimeout(config.keep_alive_timeout)
-        try:
-            self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
-            return
-        if not self.raw_requestline:
+        if not self._next_request_arrives():
             self.close_connection = True
             return
         self.deadline = time.monotonic() + config.request_timeout
         self.connection.settimeout(config.request_timeout)
-        self.server.request_started()
         try:
+            self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
             if len(self.raw_requestline) > _MAX_LINE:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
@@ -168,8 +163,31 @@ class Handler(BaseHTTPRequestHandler):
         except ConnectionError as exc:
             log.debug("connection from %s dropped: %r", self.client_address[0], exc)
             self.close_connection = True
-        finally:
-            self.server.request_finished()
+
+    def _next_request_arrives(self) -> bool:
+        """Wait for the next request on this connection: up to keep_alive_timeout, or, once
+        the server drains, a short linger. Closing an idle keep-alive connection the moment
+        draining starts would reset a request the client has just sent; lingering lets
+        such a request in, and it is then answered with `Connection: close`."""
+        server, conn = self.server, self.connection
+        conn.settimeout(0)
+        try:
+            if self.rfile.peek(1):  # already here (pipelined, or arrived with the last one)
+                return True
+        except (BlockingIOError, TimeoutError):
+            pass
+        except OSError:
+            return False
+        now = time.monotonic()
+        give_up = now + server.config.keep_alive_timeout
+        while now < give_up:
+            if server.draining:
+                give_up = min(give_up, now + _DRAIN_LINGER)
+            readable, _, _ = select.select([conn], [], [], min(_POLL, give_up - now))
+            if readable:
+                return True
+            now = time.monotonic()
+        return False
 
     def dispatch(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -329,17 +347,21 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ------------------------------------------------------------------------------
     def health(self) -> tuple[int, Any]:
-        if self.server.service.ready and not self.server.draining:
-            return 200, {"status": "ok"}
-        raise ApiError(503, "draining" if self.server.draining else "loading")
+        if self.server.draining:
+            raise ApiError(503, "draining: this worker is shutting down")
+        if not self.server.service.ready:
+            raise ApiError(503, "loading: the model is not ready yet",
+                           headers={"Retry-After": "1"})
+        return 200, {"status": "ok"}
 
     def info(self) -> tuple[int, Any]:
         return 200, self.server.service.info()
 
     def models(self) -> tuple[int, Any]:
         service = self.server.service
+        model = service.info()["model"]
         return 200, {"object": "list", "data": [
-            {"id": service.backend.model, "object": "model", "created": int(service.started),
+            {"id": model, "object": "model", "created": int(service.started),
              "owned_by": "embedserve"}]}
 
     def openai_embeddings(self) -> tuple[int, Any]:

@@ -9,9 +9,10 @@ import math
 import os
 import threading
 import time
+from typing import Protocol
 
 from embedserve import __version__
-from embedserve.backends import Loaded
+from embedserve.backends import Backend, Loaded
 from embedserve.config import Config
 from embedserve.dialects import EmbedRequest, EmbedResult
 from embedserve.errors import ApiError
@@ -19,17 +20,44 @@ from embedserve.errors import ApiError
 log = logging.getLogger("embedserve.service")
 
 
+class SharedInt(Protocol):
+    """A counter the supervisor keeps in shared memory (multiprocessing.Value)."""
+
+    value: int
+
+
 class EmbeddingService:
-    def __init__(self, config: Config, loaded: Loaded) -> None:
+    """Created before the backend is loaded (so a loading worker can answer 503), and made
+    ready by `attach`. Tracks backend calls in progress so the worker's heartbeat can tell
+    a stuck call from a long series of progressing ones."""
+
+    def __init__(self, config: Config, restarts: SharedInt | None = None) -> None:
         self.config = config
-        self.backend = loaded.backend
-        self.skipped = loaded.skipped
+        self._restarts = restarts
+        self.backend: Backend | None = None
+        self.skipped: dict[str, str] = {}
         self.started = time.time()
-        self.ready = True
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self._calls_lock = threading.Lock()
+        self._calls: dict[int, float] = {}
+        self._next_call = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.backend is not None
+
+    def attach(self, loaded: Loaded) -> None:
+        self.skipped = loaded.skipped
+        self.backend = loaded.backend
+
+    def oldest_call_age(self) -> float:
+        """Seconds the longest-running backend call has been running (0 when idle)."""
+        with self._calls_lock:
+            started = min(self._calls.values(), default=None)
+        return 0.0 if started is None else time.monotonic() - started
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
-        backend = self.backend
+        backend = self._ready_backend()
         dims = request.dimensions
         if dims is not None and not 1 <= dims <= backend.dimensions:
             raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
@@ -43,7 +71,14 @@ class EmbeddingService:
                                 f"{self.config.max_concurrent_requests} concurrent requests; "
                                 "retry shortly", headers={"Retry-After": "1"})
         try:
-            encoded = backend.encode(request.texts, normalize=request.normalize)
+            with self._calls_lock:
+                call = self._next_call = self._next_call + 1
+                self._calls[call] = time.monotonic()
+            try:
+                encoded = backend.encode(request.texts, normalize=request.normalize)
+            finally:
+                with self._calls_lock:
+                    del self._calls[call]
         finally:
             self._slots.release()
         vectors = encoded.vectors
@@ -51,8 +86,15 @@ class EmbeddingService:
             vectors = [_shorten(v, dims, request.normalize) for v in vectors]
         return EmbedResult(vectors, backend.model, sum(encoded.token_counts))
 
+    def _ready_backend(self) -> Backend:
+        backend = self.backend
+        if backend is None:
+            raise ApiError(503, "the model is still loading; retry shortly",
+                           headers={"Retry-After": "1"})
+        return backend
+
     def info(self) -> dict[str, object]:
-        backend, config = self.backend, self.config
+        backend, config = self._ready_backend(), self.config
         return {
             "backend": backend.name,
             "model": backend.model,
@@ -64,6 +106,9 @@ class EmbeddingService:
             "max_concurrent_requests": config.max_concurrent_requests,
             "version": __version__,
             "pid": os.getpid(),
+            "supervisor_pid": os.getppid(),
+            "workers": config.workers,
+            "restarts": self._restarts.value if self._restarts is not None else 0,
             "uptime_s": round(time.time() - self.started, 3),
             "skipped_backends": self.skipped,
             # The names TEI clients read.

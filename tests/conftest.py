@@ -6,10 +6,11 @@ import http.client
 import json
 import os
 import re
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,26 +66,30 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
     proc = subprocess.Popen([python, "-m", "embedserve", "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env or server_env(), cwd=ROOT)
-    assert proc.stdout is not None
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
+    ready: queue.Queue[re.Match[str] | None] = queue.Queue()
+
+    def drain() -> None:
+        # Keeps reading for the server's whole life: a full pipe would block its logging.
+        assert proc.stdout is not None
+        for line in proc.stdout:
             lines.append(line)
             match = READY.search(line)
             if match:
-                server = Server(proc, match.group(1), int(match.group(2)), lines)
-                return server
-        elif proc.poll() is not None:
-            break
-    proc.kill()
-    rest = proc.stdout.read()
-    proc.wait(5)
-    raise AssertionError(f"server did not become ready; output:\n{''.join(lines)}{rest}")
+                ready.put(match)
+        ready.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        match = ready.get(timeout=timeout)
+    except queue.Empty:
+        match = None
+    if match is None:
+        proc.kill()
+        proc.wait(5)
+        time.sleep(0.1)
+        raise AssertionError(f"server did not become ready; output:\n{''.join(lines)}")
+    return Server(proc, match.group(1), int(match.group(2)), lines)
 
 
 def request(host: str, port: int, method: str, path: str, body: Any = None, *,
@@ -120,6 +125,22 @@ def fresh_server() -> Iterator[list[Server]]:
         if srv.proc.poll() is None:
             srv.proc.kill()
         srv.proc.wait(10)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The command name may contain spaces; fields after its closing paren are fixed.
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
 
 
 def pid_alive(pid: int) -> bool:

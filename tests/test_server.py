@@ -41,7 +41,8 @@ def test_info_describes_backend_and_limits(server: Server) -> None:
     assert status == 200
     assert info["backend"] == "hash" and info["model"] == "hash-v1-384"
     assert info["dimensions"] == 384 and info["device"] == "cpu"
-    assert info["max_batch_size"] == 2048 and info["pid"] == server.pid
+    assert info["max_batch_size"] == 2048 and info["supervisor_pid"] == server.pid
+    assert info["pid"] != server.pid and info["workers"] == 1 and info["restarts"] == 0
     assert info["version"] and "max_input_tokens" in info
     assert set(info["skipped_backends"]) == {"sentence-transformers", "transformers"}
     assert info["model_id"] == info["model"]

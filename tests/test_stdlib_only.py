@@ -19,7 +19,7 @@ names = [m.name for m in pkgutil.walk_packages(embedserve.__path__, "embedserve.
 for name in names:
     importlib.import_module(name)
 foreign = sorted({m.split(".")[0] for m in sys.modules}
-                 - set(sys.stdlib_module_names) - {"embedserve", "__main__"})
+                 - set(sys.stdlib_module_names) - {"embedserve", "__main__", "__mp_main__"})
 assert not foreign, foreign
 print("imported", len(names), "modules; only the standard library")
 """

@@ -1,0 +1,261 @@
+"""The supervisor: owns the listening socket, keeps `workers` worker processes alive, and
+shuts them all down cleanly. It never imports an ML package.
+
+Read top to bottom like gunicorn's arbiter: signal handlers only record the signal; one
+loop wakes on a signal, a worker notice, a worker exit or a tick, and acts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from embedserve import worker as worker_module
+from embedserve.config import Config
+
+log = logging.getLogger("embedserve.supervisor")
+
+TICK = 0.5
+# Restart delays after quick deaths double from BACKOFF_START up to BACKOFF_MAX; a worker
+# that lived STABLE_AFTER seconds resets the count.
+BACKOFF_START = 0.1
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 10.0
+BOOT_TIMEOUT = 600.0  # for a rolling restart's new workers (a model download can be slow)
+
+
+class Halt(Exception):
+    """Stop supervising and exit with `code`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass(eq=False)
+class Child:
+    process: Any  # multiprocessing.Process (spawn context)
+    channel: Connection
+    heartbeat: Any
+    generation: int
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    draining: bool = False
+    killed_for_hang: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: Config, sock: socket.socket) -> None:
+        self.config = config
+        self.sock = sock
+        self.ctx = multiprocessing.get_context("spawn")  # never fork: CUDA breaks after it
+        self.children: list[Child] = []
+        self.generation = 0
+        self.ready_workers = self.ctx.Value("i", 0, lock=False)
+        self.restarts = self.ctx.Value("i", 0, lock=False)
+        self.quick_deaths = 0
+        self.next_spawn = 0.0
+        self.announced = False
+        self.reloading = False
+        self.signals: list[int] = []
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        atexit.register(self._kill_all)
+        for _ in range(self.config.workers):
+            self._spawn()
+        try:
+            while True:
+                self._sleep()
+                self._handle_signals()
+                self._read_notices()
+                self._reap()
+                self._check_heartbeats()
+                self._maintain()
+        except Halt as halt:
+            return halt.code
+        finally:
+            self._kill_all()
+            self.sock.close()
+
+    def _sleep(self) -> None:
+        waitables: list[Any] = [self._wakeup_r]
+        for child in self.children:
+            waitables += [child.channel, child.process.sentinel]
+        for ready in wait(waitables, TICK):
+            if ready is self._wakeup_r:
+                try:
+                    self._wakeup_r.recv(64)
+                except BlockingIOError:
+                    pass
+
+    def _install_signals(self) -> None:
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_w.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+            else:
+                log.info("received %s: stopping gracefully (a second signal forces it)",
+                         signal.Signals(signum).name)
+                raise Halt(self._stop())
+
+    # -- workers ---------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        parent_end, child_end = self.ctx.Pipe()
+        heartbeat = self.ctx.Value("d", time.monotonic(), lock=False)
+        link = worker_module.WorkerLink(child_end, heartbeat, self.ready_workers, self.restarts)
+        process = self.ctx.Process(target=worker_module.run, args=(self.config, self.sock, link),
+                                   name=f"embedserve-worker-{self.generation}", daemon=False)
+        process.start()
+        child_end.close()  # the worker holds the other copy: EOF reaches us if it dies
+        self.children.append(Child(process, parent_end, heartbeat, self.generation))
+        log.debug("spawned worker %s (generation %d)", process.pid, self.generation)
+
+    def _read_notices(self) -> None:
+        for child in self.children:
+            try:
+                while child.channel.poll():
+                    kind, detail = child.channel.recv()
+                    if kind == "ready" and not child.ready:
+                        child.ready = True
+                        self.ready_workers.value += 1
+                        self._on_ready(detail)
+            except (EOFError, OSError):
+                pass  # it died; _reap handles that
+
+    def _on_ready(self, detail: dict[str, Any]) -> None:
+        current = [c for c in self.children if c.generation == self.generation]
+        if not all(c.ready for c in current):
+            return
+        if not self.announced:
+            self.announced = True
+            # One line on stdout, the contract for whoever started us (tests, clients).
+            print(f"embedserve ready at {self.config.url} (backend={detail['backend']}, "
+                  f"model={detail['model']}, dimensions={detail['dimensions']}, "
+                  f"pid={os.getpid()}, workers={self.config.workers})", flush=True)
+        if self.reloading:
+            self.reloading = False
+            old = [c for c in self.children if c.generation < self.generation]
+            log.info("rolling restart: %d new workers ready; draining %d old ones",
+                     len(current), len(old))
+            for child in old:
+                self._drain(child)
+
+    def _reap(self) -> None:
+        for child in [c for c in self.children if not c.process.is_alive()]:
+            self.children.remove(child)
+            child.channel.close()
+            if child.ready:
+                self.ready_workers.value -= 1
+            code = child.process.exitcode
+            if child.draining:
+                log.info("worker %s drained and exited (%s)", child.process.pid, code)
+                continue
+            if code == worker_module.EXIT_CONFIG_ERROR and not child.ready:
+                log.error("worker %s failed to boot with a configuration error (see above); "
+                          "not restarting", child.process.pid)
+                self._stop()
+                raise Halt(worker_module.EXIT_CONFIG_ERROR)
+            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exited with code {code}")
+            lived = time.monotonic() - child.started
+            if lived < STABLE_AFTER:
+                self.quick_deaths += 1
+            else:
+                self.quick_deaths = 0
+            delay = 0.0 if not self.quick_deaths else min(
+                BACKOFF_MAX, BACKOFF_START * 2 ** (self.quick_deaths - 1))
+            self.next_spawn = max(self.next_spawn, time.monotonic() + delay)
+            self.restarts.value += 1
+            log.warning("worker %s %s after %.1fs%s; restarting in %.1fs", child.process.pid,
+                        how, lived, " (unresponsive)" if child.killed_for_hang else "", delay)
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            silent = now - child.heartbeat.value
+            if silent > self.config.worker_timeout and not child.killed_for_hang:
+                log.error("worker %s sent no heartbeat for %.1fs (limit %gs): killing it",
+                          child.process.pid, silent, self.config.worker_timeout)
+                child.killed_for_hang = True
+                self._signal(child, signal.SIGKILL)
+            elif (self.reloading and not child.ready and child.generation == self.generation
+                  and now - child.started > BOOT_TIMEOUT):
+                log.error("new worker %s not ready after %gs: killing it", child.process.pid,
+                          BOOT_TIMEOUT)
+                self._signal(child, signal.SIGKILL)
+
+    def _maintain(self) -> None:
+        current = [c for c in self.children if c.generation == self.generation]
+        while len(current) < self.config.workers and time.monotonic() >= self.next_spawn:
+            self._spawn()
+            current.append(self.children[-1])
+
+    # -- reload and stop -------------------------------------------------------------------
+    def _reload(self) -> None:
+        """SIGHUP: start a new generation; the old one drains once the new one is ready."""
+        log.info("received SIGHUP: rolling restart of %d workers", self.config.workers)
+        # A reload during a reload: the half-started generation is dropped too.
+        for child in self.children:
+            if child.generation == self.generation and not child.ready:
+                self._drain(child)
+        self.generation += 1
+        self.reloading = True
+        for _ in range(self.config.workers):
+            self._spawn()
+
+    def _drain(self, child: Child) -> None:
+        if not child.draining:
+            child.draining = True
+            if child.ready:
+                child.ready = False
+                self.ready_workers.value -= 1
+            self._signal(child, signal.SIGTERM)
+
+    def _stop(self) -> int:
+        for child in self.children:
+            self._drain(child)
+        deadline = time.monotonic() + self.config.graceful_timeout + 1.0
+        while self.children and time.monotonic() < deadline:
+            if len(self.signals) > 0 and any(s != signal.SIGHUP for s in self.signals):
+                log.warning("second signal: forcing the stop")
+                break
+            wait([c.process.sentinel for c in self.children] + [self._wakeup_r], TICK)
+            self.children = [c for c in self.children if c.process.is_alive()]
+        forced = bool(self.children)
+        if forced:
+            log.warning("killing %d workers that did not stop in time", len(self.children))
+        self._kill_all()
+        log.info("stopped")
+        return 0
+
+    def _kill_all(self) -> None:
+        for child in self.children:
+            self._signal(child, signal.SIGKILL)
+        for child in self.children:
+            child.process.join(5)
+        self.children = []
+
+    @staticmethod
+    def _signal(child: Child, signum: int) -> None:
+        try:
+            os.kill(child.process.pid, signum)
+        except ProcessLookupError:
+            pass

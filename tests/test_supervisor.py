@@ -1,0 +1,253 @@
+"""The supervisor with real processes and real signals; no test leaves a process behind."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import Server, children_of, pid_alive, start_server
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def worker_pids(srv: Server) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    pids = []
+    for pid in children_of(srv.pid):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            pids.append(pid)
+    return sorted(pids)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def supervised() -> Iterator[list[Server]]:
+    """Servers started by a test; afterwards neither they nor any of their workers remain."""
+    started: list[Server] = []
+    yield started
+    for srv in started:
+        workers = children_of(srv.pid) if srv.proc.poll() is None else []
+        if srv.proc.poll() is None:
+            srv.proc.send_signal(signal.SIGTERM)
+            try:
+                srv.proc.wait(20)
+            except Exception:
+                srv.proc.kill()
+                srv.proc.wait(5)
+        for pid in workers:
+            assert wait_for(lambda: not pid_alive(pid), 10), f"worker {pid} left behind"
+        assert port_is_free(srv.port)
+
+
+class Load:
+    """`threads` clients, each on its own keep-alive connection, embedding until stopped.
+    A refused connection is counted separately from other failures."""
+
+    def __init__(self, srv: Server, threads: int = 8) -> None:
+        self.srv = srv
+        self.ok = 0
+        self.failed: list[str] = []
+        self.refused = 0
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, i: int) -> None:
+        body = json.dumps({"input": [f"client {i} text {j}" for j in range(4)]})
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.srv.host, self.srv.port, timeout=30)
+                conn.request("POST", "/v1/embeddings", body=body,
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                payload = response.read()
+                if response.status != 200 or len(json.loads(payload)["data"]) != 4:
+                    raise RuntimeError(f"status {response.status}: {payload[:200]!r}")
+                with self._lock:
+                    self.ok += 1
+                if response.getheader("Connection") == "close":
+                    conn.close()
+                    conn = None
+            except ConnectionRefusedError:
+                with self._lock:
+                    self.refused += 1
+                conn = None
+            except Exception as exc:  # an in-flight request on a dying worker
+                with self._lock:
+                    self.failed.append(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+def test_worker_killed_under_load_is_restarted_and_the_port_never_refuses(
+        supervised: list[Server]) -> None:
+    srv = start_server("--workers", "1")
+    supervised.append(srv)
+    [victim] = worker_pids(srv)
+    with Load(srv) as load:
+        assert wait_for(lambda: load.ok > 50, 20)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: worker_pids(srv) and worker_pids(srv) != [victim], 10)
+        before = load.ok
+        assert wait_for(lambda: load.ok > before + 50, 20), "no successes after the restart"
+    print(f"\nkill -9 of a worker under 8 clients: {load.ok} ok, {len(load.failed)} in-flight "
+          f"failures, {load.refused} refused")
+    assert load.refused == 0
+    # Only requests on connections the dying worker held can fail: the one in flight on
+    # each client's connection, and a reconnect accepted in the instant before it died.
+    assert len(load.failed) <= 2 * 8
+    info = srv.request("GET", "/info")[2]
+    assert info["restarts"] == 1 and info["pid"] != victim
+    assert not pid_alive(victim)
+
+
+def test_stopped_worker_is_detected_and_replaced(supervised: list[Server]) -> None:
+    srv = start_server("--worker-timeout", "2")
+    supervised.append(srv)
+    [victim] = worker_pids(srv)
+    os.kill(victim, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        assert wait_for(lambda: not pid_alive(victim) or
+                        open(f"/proc/{victim}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+                        10)
+        replaced_after = time.monotonic() - start
+        assert wait_for(lambda: srv.request("GET", "/health")[0] == 200, 10)
+    finally:
+        if pid_alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    assert replaced_after < 2 + 3  # timeout + a few heartbeat/tick periods
+    info = srv.request("GET", "/info")[2]
+    assert info["pid"] != victim and info["restarts"] == 1
+
+
+def test_sigterm_during_a_slow_request_lets_it_finish(supervised: list[Server]) -> None:
+    srv = start_server("--graceful-timeout", "10")
+    supervised.append(srv)
+    workers = worker_pids(srv)
+    body = json.dumps({"inputs": ["slow but complete"]}).encode()
+    with socket.create_connection((srv.host, srv.port), timeout=20) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.3)  # the request is in flight in the worker
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the server is draining while the client is still sending
+        sock.sendall(body[5:])
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"]]"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert b"Connection: close" in reply
+    assert srv.proc.wait(10) == 0
+    for pid in workers:
+        assert wait_for(lambda: not pid_alive(pid), 5)
+
+
+def test_kill_9_of_the_supervisor_takes_the_workers_down(supervised: list[Server]) -> None:
+    srv = start_server("--workers", "2")
+    workers = worker_pids(srv)
+    assert len(workers) == 2
+    srv.proc.kill()
+    srv.proc.wait(5)
+    for pid in workers:
+        assert wait_for(lambda: not pid_alive(pid), 5), f"orphan worker {pid}"
+    assert wait_for(lambda: port_is_free(srv.port), 5)
+
+
+def test_boot_error_halts_with_a_message_instead_of_looping(supervised: list[Server]) -> None:
+    import subprocess
+    import sys
+
+    from conftest import server_env
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "embedserve", "--port", "0", "--backend",
+                           "transformers", "--workers", "2"], capture_output=True, text=True,
+                          env=server_env(), timeout=60)
+    assert done.returncode == 3
+    assert "failed to boot with a configuration error" in done.stderr
+    assert "not restarting" in done.stderr
+    assert done.stderr.count("cannot start") <= 2  # one per worker, no restart loop
+    assert time.monotonic() - start < 30
+
+
+def test_sighup_rolls_workers_without_a_failed_request(supervised: list[Server]) -> None:
+    srv = start_server("--workers", "2")
+    supervised.append(srv)
+    old = set(worker_pids(srv))
+    with Load(srv) as load:
+        assert wait_for(lambda: load.ok > 50, 20)
+        srv.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: len(set(worker_pids(srv)) & old) == 0
+                        and len(worker_pids(srv)) == 2, 20)
+        before = load.ok
+        assert wait_for(lambda: load.ok > before + 50, 20)
+    assert load.failed == [] and load.refused == 0
+    for pid in old:
+        assert wait_for(lambda: not pid_alive(pid), 5)
+
+
+def test_two_workers_both_serve_and_survive_losing_one(supervised: list[Server]) -> None:
+    srv = start_server("--workers", "2")
+    supervised.append(srv)
+    workers = worker_pids(srv)
+    assert len(workers) == 2
+
+    def seen_pids(n: int) -> set[int]:
+        return {srv.request("GET", "/info")[2]["pid"] for _ in range(n)}
+
+    assert wait_for(lambda: seen_pids(20) == set(workers), 10)
+    os.kill(workers[0], signal.SIGKILL)
+    for _ in range(50):
+        assert srv.request("POST", "/embed", {"inputs": "still here"})[0] == 200
+    assert wait_for(lambda: len(worker_pids(srv)) == 2 and workers[0] not in worker_pids(srv),
+                    10)
+    assert srv.request("GET", "/info")[2]["restarts"] == 1
