@@ -4,10 +4,11 @@ and errors in its own shape. Nothing here knows about HTTP or about backends.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from embedserve.encoding import float32_base64
+from embedserve.encoding import float32_base64_json, float_array_json
 from embedserve.errors import ApiError
 
 
@@ -34,7 +35,9 @@ class Dialect(Protocol):
 
     def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest: ...
 
-    def render(self, request: EmbedRequest, result: EmbedResult) -> Any: ...
+    def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
+        """The response body: JSON text assembled around pre-encoded vector arrays."""
+        ...
 
     def error_body(self, error: ApiError) -> Any: ...
 
@@ -130,17 +133,14 @@ class OpenAI:
             encoding_format=encoding_format,
         )
 
-    def render(self, request: EmbedRequest, result: EmbedResult) -> Any:
-        encode = float32_base64 if request.encoding_format == "base64" else None
-        return {
-            "object": "list",
-            "data": [{"object": "embedding", "index": i,
-                      "embedding": encode(v) if encode else v}
-                     for i, v in enumerate(result.vectors)],
-            "model": result.model,
-            "usage": {"prompt_tokens": result.prompt_tokens,
-                      "total_tokens": result.prompt_tokens},
-        }
+    def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
+        encode = float32_base64_json if request.encoding_format == "base64" else float_array_json
+        data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{encode(v)}}}'
+                        for i, v in enumerate(result.vectors))
+        tail = json.dumps({"model": result.model, "usage": {
+            "prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}},
+            separators=(",", ":"))
+        return f'{{"object":"list","data":[{data}],{tail[1:]}'.encode()
 
     def error_body(self, error: ApiError) -> Any:
         kind = _OPENAI_TYPES.get(error.status,
@@ -176,8 +176,8 @@ class TEI:
             dimensions=_optional(body, "dimensions", int, "an integer"),
         )
 
-    def render(self, request: EmbedRequest, result: EmbedResult) -> Any:
-        return result.vectors
+    def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
+        return ("[" + ",".join(map(float_array_json, result.vectors)) + "]").encode()
 
     def error_body(self, error: ApiError) -> Any:
         kind = _TEI_TYPES.get(error.status, "Backend")

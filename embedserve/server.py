@@ -305,7 +305,9 @@ class Handler(BaseHTTPRequestHandler):
     # -- writing ---------------------------------------------------------------------------
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None
                   ) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        """`payload` is an object to serialise, or bytes that already are JSON."""
+        body = payload if isinstance(payload, bytes) else json.dumps(
+            payload, separators=(",", ":")).encode()
         self.send_body(status, body, "application/json", headers)
 
     def send_body(self, status: int, body: bytes, content_type: str,

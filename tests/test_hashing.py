@@ -164,3 +164,14 @@ def test_base64_round_trip_is_float32() -> None:
     decoded = decode_float32_base64(float32_base64(vector))
     assert len(decoded) == 384
     assert max(abs(a - b) for a, b in zip(decoded, vector)) < 1e-7
+
+
+def test_float_array_json_is_byte_identical_to_json_dumps() -> None:
+    from embedserve.encoding import float_array_json
+    compact = {"separators": (",", ":")}
+    for vector in HashEmbedder().embed(sample_texts()[:100]):  # few distinct values
+        assert float_array_json(vector) == json.dumps(vector, **compact)
+    dense = [i / 7 - 3.0 for i in range(384)]  # all distinct: the plain json path
+    assert float_array_json(dense) == json.dumps(dense, **compact)
+    assert json.loads(float_array_json([1e-300, 5e300, 0.1, 0.1, 0.1, 0.1])) == [
+        1e-300, 5e300, 0.1, 0.1, 0.1, 0.1]
