@@ -17,6 +17,7 @@ from typing import Any
 from embedserve import __version__
 
 BACKENDS = ("auto", "sentence-transformers", "transformers", "hash")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 DEFAULT_PORT = 8765
 ENV_PREFIX = "EMBEDSERVE_"
@@ -34,7 +35,21 @@ class Config:
                         minimum=0)
     backend: str = _option("auto", "embedding backend; auto picks the best one installed",
                            choices=BACKENDS)
-    model: str = _option("", "model id or folder for the ML backends (hash: ignored)")
+    model: str = _option("", "Hugging Face model id or local folder for the ML backends "
+                              "(default sentence-transformers/all-MiniLM-L6-v2; hash: unused)")
+    device: str = _option("auto", f"where the ML backends run: {DEVICES}")
+    fp32: bool = _option(False, "keep float32 on CUDA (default there: float16)")
+    trust_remote_code: bool = _option(
+        False, "let a model run code from its repository (nomic-embed models need it)")
+    default_prompt_name: str = _option(
+        "", "prompt applied when a request names none (one of the model's prompts)")
+    max_batch_tokens: int = _option(
+        16384, "ML tiers: most tokens (longest text x texts) in one forward pass", minimum=1)
+    max_batch_texts: int = _option(32, "ML tiers: most texts in one forward pass", minimum=1)
+    batch_wait_ms: float = _option(
+        0.0, "ML tiers: wait this long for more requests before a forward pass", minimum=0.0)
+    max_queue: int = _option(
+        4096, "ML tiers: texts waiting for the model; more are answered 429", minimum=1)
     dimensions: int = _option(384, "vector size of the hash backend", minimum=1)
     api_key: str = _option("", "require this Bearer token on every route but /health")
     log_level: str = _option("info", "logging level", choices=LOG_LEVELS)
@@ -59,6 +74,9 @@ class Config:
         30.0, "seconds a client may take to send one request", minimum=0.001)
 
     def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"device must be {DEVICES}; got {self.device!r}")
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta["choices"] and value not in meta["choices"]:

@@ -9,13 +9,18 @@ import math
 import os
 import threading
 import time
-from typing import Protocol
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Protocol
 
 from embedserve import __version__
 from embedserve.backends import Backend, Loaded
 from embedserve.config import Config
 from embedserve.dialects import EmbedRequest, EmbedResult
 from embedserve.errors import ApiError
+
+if TYPE_CHECKING:
+    from embedserve.batcher import Batcher
 
 log = logging.getLogger("embedserve.service")
 
@@ -38,6 +43,7 @@ class EmbeddingService:
         self.skipped: dict[str, str] = {}
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self._batcher: Batcher | None = None
         self._calls_lock = threading.Lock()
         self._calls: dict[int, float] = {}
         self._next_call = 0
@@ -48,10 +54,27 @@ class EmbeddingService:
 
     def attach(self, loaded: Loaded) -> None:
         self.skipped = loaded.skipped
-        self.backend = loaded.backend
+        backend = loaded.backend
+        if hasattr(backend, "forward"):  # the ML tiers: one model thread, dynamic batches
+            from embedserve.batcher import Batcher
+
+            self._batcher = Batcher(backend, self.config, self.backend_call)  # type: ignore
+        self.backend = backend
+
+    @contextmanager
+    def backend_call(self) -> Iterator[None]:
+        """Wraps every call into the model, so the heartbeat can see one that is stuck."""
+        with self._calls_lock:
+            call = self._next_call = self._next_call + 1
+            self._calls[call] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                del self._calls[call]
 
     def oldest_call_age(self) -> float:
-        """Seconds the longest-running backend call has been running (0 when idle)."""
+        """Seconds the longest-running model call has been running (0 when idle)."""
         with self._calls_lock:
             started = min(self._calls.values(), default=None)
         return 0.0 if started is None else time.monotonic() - started
@@ -62,29 +85,51 @@ class EmbeddingService:
         if dims is not None and not 1 <= dims <= backend.dimensions:
             raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
                                 f"for model {backend.model}, got {dims}", param="dimensions")
-        if request.prompt_name is not None:
-            raise ApiError(422, f"model {backend.model} has no prompts; "
-                                f"'prompt_name' {request.prompt_name!r} cannot be applied",
-                           param="prompt_name")
+        texts = self._prompted(backend, request)
         if not self._slots.acquire(blocking=False):
             raise ApiError(429, "server is at its limit of "
                                 f"{self.config.max_concurrent_requests} concurrent requests; "
                                 "retry shortly", headers={"Retry-After": "1"})
         try:
-            with self._calls_lock:
-                call = self._next_call = self._next_call + 1
-                self._calls[call] = time.monotonic()
-            try:
-                encoded = backend.encode(request.texts, normalize=request.normalize)
-            finally:
-                with self._calls_lock:
-                    del self._calls[call]
+            if self._batcher is None:
+                with self.backend_call():
+                    encoded = backend.encode(texts, normalize=request.normalize)
+                vectors, tokens = encoded.vectors, sum(encoded.token_counts)
+            else:
+                counts = self._token_counts(backend, texts, request.truncate)
+                vectors = self._batcher.embed(texts, counts, request.normalize)
+                tokens = sum(counts)
         finally:
             self._slots.release()
-        vectors = encoded.vectors
         if dims is not None and dims < backend.dimensions:
             vectors = [_shorten(v, dims, request.normalize) for v in vectors]
-        return EmbedResult(vectors, backend.model, sum(encoded.token_counts))
+        return EmbedResult(vectors, backend.model, tokens)
+
+    @staticmethod
+    def _prompted(backend: Backend, request: EmbedRequest) -> list[str]:
+        name = request.prompt_name or backend.default_prompt_name
+        if name is None:
+            return request.texts
+        prompt = backend.prompts.get(name)
+        if prompt is None:
+            known = ", ".join(sorted(backend.prompts)) or "none"
+            raise ApiError(422, f"model {backend.model} has no prompt {name!r} "
+                                f"(its prompts: {known})", param="prompt_name")
+        return [prompt + text for text in request.texts]
+
+    @staticmethod
+    def _token_counts(backend: Backend, texts: list[str], truncate: bool) -> list[int]:
+        counts: list[int] = backend.count_tokens(texts)  # type: ignore[attr-defined]
+        limit = backend.max_input_tokens
+        if not limit:
+            return counts
+        if not truncate:
+            for i, n in enumerate(counts):
+                if n > limit:
+                    raise ApiError(422, f"input {i} has {n} tokens; model {backend.model} "
+                                        f"takes at most {limit}. Shorten it, or allow "
+                                        "truncation (truncate=true)", param="truncate")
+        return [min(n, limit) for n in counts]
 
     def _ready_backend(self) -> Backend:
         backend = self.backend
@@ -111,6 +156,10 @@ class EmbeddingService:
             "restarts": self._restarts.value if self._restarts is not None else 0,
             "uptime_s": round(time.time() - self.started, 3),
             "skipped_backends": self.skipped,
+            "prompts": sorted(backend.prompts),
+            "max_batch_tokens": config.max_batch_tokens if self._batcher else None,
+            "batches": self._batcher.batches if self._batcher else None,
+            "default_prompt_name": backend.default_prompt_name,
             # The names TEI clients read.
             "model_id": backend.model,
             "max_input_length": backend.max_input_tokens,

@@ -25,7 +25,10 @@ READY = re.compile(r"embedserve ready at (http://\S+) .*pid=(\d+)")
 
 def server_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    # The hash tier unless a test asks otherwise: with the ML extras installed, `auto`
+    # would import torch (seconds) in every server a test starts.
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", EMBEDSERVE_BACKEND="hash")
+    env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 

@@ -44,11 +44,14 @@ def test_every_module_imports_with_the_standard_library_only(bare_python: str) -
 
 
 def test_serves_embeddings_with_the_standard_library_only(bare_python: str) -> None:
-    srv = start_server(python=bare_python)
+    srv = start_server(python=bare_python, env=server_env(EMBEDSERVE_BACKEND="auto"))
     try:
         info = srv.request("GET", "/info")[2]
         # auto found no ML packages and says so, instead of failing.
         assert info["backend"] == "hash"
+        assert all(reason.startswith("not installed")
+                   for reason in info["skipped_backends"].values())
+        assert set(info["skipped_backends"]) == {"sentence-transformers", "transformers"}
         status, _, body = srv.request("POST", "/v1/embeddings",
                                       {"input": ["zero", "dependencies"],
                                        "encoding_format": "base64"})

@@ -6,10 +6,12 @@ stays standard-library only.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from embedserve.config import Config
 
@@ -33,6 +35,8 @@ class Backend(Protocol):
     device: str
     # None: no limit of its own (the body-size limit still applies).
     max_input_tokens: int | None
+    prompts: dict[str, str]
+    default_prompt_name: str | None
 
     def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded: ...
 
@@ -44,15 +48,50 @@ class Loaded:
     skipped: dict[str, str]
 
 
+# The ML tiers, best first: (name, the package that must be installed, loader path).
+ML_TIERS = (
+    ("sentence-transformers", "sentence_transformers",
+     "embedserve.backends.sentence_transformers:SentenceTransformersBackend"),
+    ("transformers", "transformers", "embedserve.backends.transformers:TransformersBackend"),
+)
+
+
 def load_backend(config: Config) -> Loaded:
+    """The backend the config asks for. `auto` walks the tiers best first and records why
+    each was skipped; a backend named explicitly that cannot load is a BackendError."""
     skipped: dict[str, str] = {}
-    if config.backend in ("sentence-transformers", "transformers"):
-        raise BackendError(f"backend {config.backend!r} is not available in embedserve yet; "
-                           "use --backend hash or auto")
-    if config.backend == "auto":
-        for tier in ("sentence-transformers", "transformers"):
-            skipped[tier] = "not available in this version of embedserve"
-            log.info("backend %s skipped: %s", tier, skipped[tier])
+    for name, package, target in ML_TIERS:
+        if config.backend not in ("auto", name):
+            continue
+        try:
+            backend = _load_ml(name, package, target, config)
+        except BackendError as exc:
+            if config.backend == name:
+                raise
+            skipped[name] = str(exc)
+            log.warning("backend %s skipped: %s", name, exc)
+            continue
+        return Loaded(backend, skipped)
     from embedserve.backends.hash import HashBackend
 
     return Loaded(HashBackend(config.dimensions), skipped)
+
+
+def _load_ml(name: str, package: str, target: str, config: Config) -> Backend:
+    if importlib.util.find_spec(package) is None or importlib.util.find_spec("torch") is None:
+        missing = package if importlib.util.find_spec(package) is None else "torch"
+        raise BackendError(f"not installed ({missing} is missing; pip install 'embedserve[ml]')")
+    module_name, class_name = target.split(":")
+    try:
+        backend_class = getattr(importlib.import_module(module_name), class_name)
+        backend: Any = backend_class(config)
+        backend.warm_up()
+    except BackendError:
+        raise
+    except ImportError as exc:
+        raise BackendError(f"installed but failed to import: {exc}") from exc
+    except Exception as exc:  # a model that fails to load must not take the server down
+        log.debug("loading %s failed", name, exc_info=True)
+        raise BackendError(f"installed but failed to load {config.model or 'the default model'}"
+                           f": {type(exc).__name__}: {exc}") from exc
+    return backend

@@ -1,0 +1,49 @@
+"""sentence-transformers tier: the model's own modules (transformer, pooling, dense,
+normalize) exactly as `SentenceTransformer.encode` runs them, driven batch by batch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from embedserve.backends import BackendError
+from embedserve.backends.torch_base import DEFAULT_MODEL, TorchBackend, pick_device, pick_dtype
+from embedserve.config import Config
+
+log = logging.getLogger("embedserve.backends")
+
+
+class SentenceTransformersBackend(TorchBackend):
+    name = "sentence-transformers"
+
+    def __init__(self, config: Config) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        model_id = config.model or DEFAULT_MODEL
+        self.model = model_id
+        self.device = pick_device(config.device)
+        dtype = pick_dtype(self.device, config.fp32)
+        try:
+            network = SentenceTransformer(model_id, device=self.device,
+                                          trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            text = str(exc).strip().splitlines()
+            raise BackendError(f"cannot load model {model_id!r} with sentence-transformers: "
+                               f"{text[0] if text else type(exc).__name__}") from exc
+        if dtype != next(network.parameters()).dtype:
+            network = network.to(dtype)
+        self.network = network.eval()
+        self.tokenizer = network.tokenizer
+        self.max_input_tokens = network.max_seq_length
+        dimension = getattr(network, "get_embedding_dimension", None) or \
+            network.get_sentence_embedding_dimension
+        self.dimensions = int(dimension())
+        self._setup_prompts(model_id, network.prompts, network.default_prompt_name, config)
+        log.info("sentence-transformers: %s on %s (%s), max %s tokens", model_id, self.device,
+                 dtype, self.max_input_tokens)
+
+    def _forward(self, texts: list[str]) -> Any:
+        features = self.network.tokenize(texts)
+        features = {k: v.to(self.device) if hasattr(v, "to") else v
+                    for k, v in features.items()}
+        return self.network(features)["sentence_embedding"]

