@@ -36,31 +36,34 @@ class _Item:
     index: int
     text: str
     tokens: int
+    left: bool
 
 
 class Batcher:
     def __init__(self, backend: TorchBackend, config: Config,
-                 track_call: Callable[[], AbstractContextManager[None]]) -> None:
+                 track_call: Callable[[], AbstractContextManager[None]],
+                 observe_batch: Callable[[int], None] = lambda size: None) -> None:
         self.backend = backend
         self.max_batch_tokens = config.max_batch_tokens
         self.max_batch_texts = config.max_batch_texts
         self.max_queue = config.max_queue
         self.wait = config.batch_wait_ms / 1000.0
         self._track_call = track_call
+        self._observe_batch = observe_batch
         self._pending: deque[_Item] = deque()
         self._ready = threading.Condition()
         self.batches = 0
         threading.Thread(target=self._run, name="model", daemon=True).start()
 
-    def embed(self, texts: Sequence[str], tokens: Sequence[int], normalize: bool
-              ) -> list[list[float]]:
+    def embed(self, texts: Sequence[str], tokens: Sequence[int], normalize: bool,
+              truncate_left: bool = False) -> list[list[float]]:
         job = _Job(normalize, [None] * len(texts), len(texts))
         with self._ready:
             if len(self._pending) + len(texts) > self.max_queue:
                 raise ApiError(429, f"the queue is full ({len(self._pending)} texts waiting, "
                                     f"limit {self.max_queue}); retry shortly",
                                headers={"Retry-After": "1"})
-            self._pending.extend(_Item(job, i, text, n)
+            self._pending.extend(_Item(job, i, text, n, truncate_left)
                                  for i, (text, n) in enumerate(zip(texts, tokens)))
             self._ready.notify()
         # No timeout of our own: a wedged model stops the worker's heartbeat, and the
@@ -70,18 +73,23 @@ class Batcher:
             raise job.error
         return job.vectors
 
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             window = self._take()
             # Longest first, then cut into batches under the budget: texts of similar
-            # length share a batch, so padding stays small.
-            window.sort(key=lambda item: item.tokens, reverse=True)
+            # length share a batch, so padding stays small. (Texts to be cut from the left
+            # go in batches of their own.)
+            window.sort(key=lambda item: (item.left, item.tokens), reverse=True)
             batch: list[_Item] = []
             for item in window:
                 longest = batch[0].tokens if batch else item.tokens
                 if batch and (longest * (len(batch) + 1) > self.max_batch_tokens
-                              or len(batch) >= self.max_batch_texts):
+                              or len(batch) >= self.max_batch_texts
+                              or item.left != batch[0].left):
                     self._forward(batch)
                     batch = []
                 batch.append(item)
@@ -110,7 +118,7 @@ class Batcher:
 
         try:
             with self._track_call():
-                rows = self.backend.forward([item.text for item in batch])
+                rows = self.backend.forward([item.text for item in batch], batch[0].left)
         except Exception as exc:
             if is_out_of_memory(exc) and len(batch) > 1:
                 # Halve and retry instead of failing every request in the batch.
@@ -127,6 +135,7 @@ class Batcher:
                 self._finish(item, None, error)
             return
         self.batches += 1
+        self._observe_batch(len(batch))
         normalized = torch.nn.functional.normalize(rows, dim=1)
         for row, plain, item in zip(normalized.tolist(), rows.tolist(), batch):
             self._finish(item, row if item.job.normalize else plain, None)

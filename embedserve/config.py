@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class Config:
         4096, "ML tiers: texts waiting for the model; more are answered 429", minimum=1)
     dimensions: int = _option(384, "vector size of the hash backend", minimum=1)
     api_key: str = _option("", "require this Bearer token on every route but /health")
+    allow_insecure: bool = _option(
+        False, "allow binding a non-loopback address without --api-key")
     log_level: str = _option("info", "logging level", choices=LOG_LEVELS)
     access_log: bool = _option(False, "log every request (through logging, at INFO)")
     max_body_bytes: int = _option(8 * 1024 * 1024, "largest request body accepted (413 beyond)",
@@ -74,6 +77,10 @@ class Config:
         30.0, "seconds a client may take to send one request", minimum=0.001)
 
     def __post_init__(self) -> None:
+        if not (self.loopback_only or self.api_key or self.allow_insecure):
+            raise ValueError(f"refusing to serve on {self.host} without an API key: anyone "
+                             "who can reach it could use it. Set --api-key (or "
+                             "EMBEDSERVE_API_KEY), or pass --allow-insecure")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ValueError(f"device must be {DEVICES}; got {self.device!r}")
@@ -84,6 +91,15 @@ class Config:
                                  f"got {value!r}")
             if meta["minimum"] is not None and value < meta["minimum"]:
                 raise ValueError(f"{f.name} must be at least {meta['minimum']}; got {value!r}")
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
 
     @property
     def url(self) -> str:

@@ -21,6 +21,7 @@ class EmbedRequest:
     prompt_name: str | None = None
     model: str | None = None
     encoding_format: str = "float"
+    truncate_left: bool = False  # TEI truncation_direction=Left: keep the end of the text
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def _looks_like_token_ids(items: list[Any]) -> bool:
 
 def _optional(payload: dict[str, Any], field: str, kind: type, kind_name: str) -> Any:
     value = payload.get(field)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 8.0 is a fine way to write 8
     # bool is a subclass of int: `"dimensions": true` is a type error, not 1.
     if value is not None and (not isinstance(value, kind) or
                               (kind is int and not _is_int(value))):
@@ -170,6 +173,7 @@ class TEI:
                            param="truncation_direction")
         return EmbedRequest(
             texts=texts,
+            truncate_left=direction in ("Left", "left"),
             normalize=True if normalize is None else normalize,
             truncate=True if truncate is None else truncate,
             prompt_name=_optional(body, "prompt_name", str, "a string"),
@@ -186,5 +190,62 @@ class TEI:
         return {"error": error.message, "error_type": kind}
 
 
+# --- Ollama ---------------------------------------------------------------------------------
+
+class Ollama:
+    """POST /api/embed, as the `ollama` client's embed() sends it."""
+
+    name = "ollama"
+
+    def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
+        body = _object(payload)
+        truncate = _optional(body, "truncate", bool, "a boolean")
+        _optional(body, "options", dict, "an object")
+        keep_alive = body.get("keep_alive")  # accepted for compatibility; models stay loaded
+        if keep_alive is not None and (isinstance(keep_alive, bool)
+                                       or not isinstance(keep_alive, (str, int, float))):
+            raise ApiError(400, "'keep_alive' must be a duration string or a number of seconds",
+                           param="keep_alive")
+        return EmbedRequest(
+            texts=texts_from(body.get("input"), "input", max_batch_size),
+            model=_required_model(body),
+            truncate=True if truncate is None else truncate,
+            dimensions=_optional(body, "dimensions", int, "an integer"),
+        )
+
+    def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
+        vectors = ",".join(map(float_array_json, result.vectors))
+        tail = json.dumps({"model": request.model, "prompt_eval_count": result.prompt_tokens},
+                          separators=(",", ":"))
+        return f'{{"embeddings":[{vectors}],{tail[1:]}'.encode()
+
+    def error_body(self, error: ApiError) -> Any:
+        return {"error": error.message}
+
+
+class OllamaLegacy(Ollama):
+    """POST /api/embeddings: one `prompt` in, one `embedding` out (Ollama's older API)."""
+
+    def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
+        body = _object(payload)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, f"'prompt' must be a string, got {_json_type(prompt)}",
+                           param="prompt")
+        return EmbedRequest(texts=texts_from(prompt, "prompt", 1), model=_required_model(body))
+
+    def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
+        return f'{{"embedding":{float_array_json(result.vectors[0])}}}'.encode()
+
+
+def _required_model(body: dict[str, Any]) -> str:
+    model = _optional(body, "model", str, "a string")
+    if not model:
+        raise ApiError(400, "'model' is required", param="model")
+    return model
+
+
 OPENAI = OpenAI()
 TEI_DIALECT = TEI()
+OLLAMA = Ollama()
+OLLAMA_LEGACY = OllamaLegacy()

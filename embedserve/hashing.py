@@ -27,7 +27,7 @@ NGRAM_SIZES = (3, 5)
 
 # \w+ is "letters, digits (any Unicode numeric) and underscore": the spec spells out the
 # JavaScript equivalent, /[\p{L}\p{N}_]+/gu.
-_WORD = re.compile(r"\w+")
+WORD_PATTERN = re.compile(r"\w+")
 
 # Cache bounds keep a worker's memory flat whatever it is fed: a word longer than this is
 # hashed on every call instead of cached, and the cache is dropped when it fills up.
@@ -51,7 +51,7 @@ def model_name(dimensions: int) -> str:
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens; also the hash tier's notion of a "token" for usage counts."""
-    return _WORD.findall(text.lower())
+    return WORD_PATTERN.findall(text.lower())
 
 
 def word_features(word: str) -> list[str]:
@@ -123,7 +123,7 @@ class HashEmbedder:
     def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
         if not isinstance(text, str):
             raise TypeError(f"expected str, got {type(text).__name__}")
-        words = _WORD.findall(text.lower())
+        words = WORD_PATTERN.findall(text.lower())
         counts: dict[str, int] = {}
         _count_elements(counts, words)
         positive, negative = self._positive, self._negative

@@ -5,6 +5,7 @@ the path: limits -> auth -> JSON -> dialect -> service -> dialect -> bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -13,13 +14,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from embedserve import __version__
-from embedserve.dialects import OPENAI, TEI_DIALECT, Dialect
+from embedserve.dialects import (OLLAMA, OLLAMA_LEGACY, OPENAI, TEI_DIALECT, Dialect,
+                                 texts_from)
 from embedserve.errors import ApiError
 from embedserve.service import EmbeddingService
 
@@ -123,7 +126,9 @@ class EmbedServer(ThreadingHTTPServer):
 
 
 def _dialect_for(path: str) -> Dialect:
-    return OPENAI if path.startswith(("/v1/", "/embeddings")) else TEI_DIALECT
+    if path.startswith(("/v1/", "/embeddings")):
+        return OPENAI
+    return OLLAMA if path.startswith("/api/") else TEI_DIALECT
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -141,7 +146,9 @@ class Handler(BaseHTTPRequestHandler):
         if not self._next_request_arrives():
             self.close_connection = True
             return
-        self.deadline = time.monotonic() + config.request_timeout
+        self.started = time.monotonic()
+        self.deadline = self.started + config.request_timeout
+        self.body_read = False
         self.connection.settimeout(config.request_timeout)
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
@@ -192,6 +199,7 @@ class Handler(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         path = self.path.split("?", 1)[0]
         dialect = _dialect_for(path)
+        status = 500
         try:
             methods = ROUTES.get(path)
             if methods is None:
@@ -201,24 +209,34 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(405, f"{self.command} is not allowed on {path}",
                                headers={"Allow": ", ".join(sorted(methods))})
             self._authorize(path)
-            status, payload = route(self)
+            reply = route(self)
         except (TimeoutError, ConnectionError):
             raise  # the connection is unusable: handle_one_request closes it
         except ApiError as error:
             if error.status >= 500:
                 log.error("%s %s: %s", self.command, path, error.message)
-            self.send_json(error.status, dialect.error_body(error), error.headers)
+            status = error.status
+            self._skip_unread_body()
+            self.send_json(status, dialect.error_body(error), error.headers)
         except Exception:
             log.exception("unhandled error in %s %s", self.command, path)
             self.close_connection = True
             error = ApiError(500, "internal server error (details in the server log)")
             self.send_json(500, dialect.error_body(error))
         else:
-            self.send_json(status, payload)
+            status = 200
+            if reply.content_type == "application/json":
+                self.send_json(200, reply.body, reply.headers)
+            else:
+                self.send_body(200, reply.body, reply.content_type, reply.headers)
+        finally:
+            self.server.service.metrics.observe_request(
+                path if path in ROUTES else "(unknown)", self.command, status,
+                time.monotonic() - self.started)
 
     def _authorize(self, path: str) -> None:
         key = self.server.config.api_key
-        if not key or path == "/health":
+        if not key or path in OPEN_PATHS:
             return
         given = self.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
@@ -228,6 +246,22 @@ class Handler(BaseHTTPRequestHandler):
                            headers={"WWW-Authenticate": "Bearer"})
 
     # -- reading ---------------------------------------------------------------------------
+    def _skip_unread_body(self) -> None:
+        """After an error answered before the body was read (404, 405, 401...): the body is
+        still in the stream, where it would be misread as the next request. Read it away
+        if it is small, else close the connection after this response."""
+        if self.body_read or self.close_connection:
+            return
+        length = self.headers.get("Content-Length", "0")
+        if self.headers.get("Transfer-Encoding") or not length.isdigit() or \
+                int(length) > self.server.config.max_body_bytes:
+            self.close_connection = True
+        elif int(length):
+            try:
+                self._read_exactly(int(length))
+            except (OSError, TimeoutError):
+                self.close_connection = True
+
     def read_json(self) -> Any:
         body = self._read_body()
         try:
@@ -240,6 +274,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
     def _read_body(self) -> bytes:
+        self.body_read = True  # from here on, whatever happens, don't try to skip it again
         limit = self.server.config.max_body_bytes
         encoding = self.headers.get("Transfer-Encoding")
         if encoding is not None:
@@ -348,47 +383,121 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s - " + format, self.client_address[0], *args)
 
     # -- routes ------------------------------------------------------------------------------
-    def health(self) -> tuple[int, Any]:
+    def health(self) -> Reply:
         if self.server.draining:
             raise ApiError(503, "draining: this worker is shutting down")
         if not self.server.service.ready:
             raise ApiError(503, "loading: the model is not ready yet",
                            headers={"Retry-After": "1"})
-        return 200, {"status": "ok"}
+        return Reply({"status": "ok"})
 
-    def info(self) -> tuple[int, Any]:
-        return 200, self.server.service.info()
+    def info(self) -> Reply:
+        return Reply(self.server.service.info())
 
-    def models(self) -> tuple[int, Any]:
+    def models(self) -> Reply:
         service = self.server.service
-        model = service.info()["model"]
-        return 200, {"object": "list", "data": [
-            {"id": model, "object": "model", "created": int(service.started),
-             "owned_by": "embedserve"}]}
+        return Reply({"object": "list", "data": [
+            {"id": service.model_names()[0], "object": "model",
+             "created": int(service.started), "owned_by": "embedserve"}]})
 
-    def openai_embeddings(self) -> tuple[int, Any]:
+    def metrics(self) -> Reply:
+        text = self.server.service.render_metrics()
+        return Reply(text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi(self) -> Reply:
+        from embedserve.openapi import build_openapi
+
+        return Reply(build_openapi(self.server.service))
+
+    def ollama_root(self) -> Reply:
+        # Ollama answers GET / with this text; tools use it to see that a server is up.
+        return Reply(b"Ollama is running", "text/plain; charset=utf-8")
+
+    def ollama_tags(self) -> Reply:
+        service = self.server.service
+        info = service.info()
+        name = service.model_names()[-1]
+        return Reply({"models": [{
+            "name": f"{name}:latest", "model": f"{name}:latest",
+            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(service.started)),
+            "size": 0, "digest": "",
+            "details": {"format": info["backend"], "family": info["backend"],
+                        "families": [info["backend"]], "parameter_size": "",
+                        "quantization_level": ""}}]})
+
+    def ollama_version(self) -> Reply:
+        return Reply({"version": __version__})
+
+    def tokenize(self) -> Reply:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        service = self.server.service
+        texts = texts_from(body.get("inputs"), "inputs", service.config.max_batch_size)
+        special = body.get("add_special_tokens")
+        special = True if special is None else special
+        if not isinstance(special, bool):
+            raise ApiError(400, "'add_special_tokens' must be a boolean")
+        return Reply([[dataclasses.asdict(t) for t in tokens]
+                      for tokens in service.tokenize(texts, special)])
+
+    def openai_embeddings(self) -> Reply:
         return self._embed(OPENAI)
 
-    def tei_embed(self) -> tuple[int, Any]:
+    def tei_embed(self) -> Reply:
         return self._embed(TEI_DIALECT)
 
-    def _embed(self, dialect: Dialect) -> tuple[int, Any]:
+    def ollama_embed(self) -> Reply:
+        return self._embed(OLLAMA)
+
+    def ollama_embeddings(self) -> Reply:
+        return self._embed(OLLAMA_LEGACY)
+
+    def _embed(self, dialect: Dialect) -> Reply:
         service = self.server.service
         request = dialect.parse(self.read_json(), service.config.max_batch_size)
-        return 200, dialect.render(request, service.embed(request))
+        computing = time.monotonic()
+        result = service.embed(request)
+        body = dialect.render(request, result)
+        now = time.monotonic()
+        # TEI's timing headers, for clients and proxies that log them.
+        return Reply(body, headers={
+            "x-compute-time": f"{(now - computing) * 1000:.3f}",
+            "x-total-time": f"{(now - self.started) * 1000:.3f}",
+            "x-compute-characters": str(sum(map(len, request.texts))),
+            "x-compute-tokens": str(result.prompt_tokens),
+        })
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a route answers: a JSON-able object, or bytes already in `content_type`."""
+
+    body: Any
+    content_type: str = "application/json"
+    headers: dict[str, str] | None = None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-RouteTable = dict[str, dict[str, Callable[[Handler], tuple[int, Any]]]]
+RouteTable = dict[str, dict[str, Callable[[Handler], Reply]]]
 ROUTES: RouteTable = {
     "/health": {"GET": Handler.health, "HEAD": Handler.health},
     "/info": {"GET": Handler.info},
+    "/metrics": {"GET": Handler.metrics},
+    "/openapi.json": {"GET": Handler.openapi},
     "/v1/models": {"GET": Handler.models},
     "/v1/embeddings": {"POST": Handler.openai_embeddings},
     "/embeddings": {"POST": Handler.openai_embeddings},
     "/embed": {"POST": Handler.tei_embed},
-    "/": {"POST": Handler.tei_embed},
+    "/tokenize": {"POST": Handler.tokenize},
+    "/": {"POST": Handler.tei_embed, "GET": Handler.ollama_root, "HEAD": Handler.ollama_root},
+    "/api/embed": {"POST": Handler.ollama_embed},
+    "/api/embeddings": {"POST": Handler.ollama_embeddings},
+    "/api/tags": {"GET": Handler.ollama_tags},
+    "/api/version": {"GET": Handler.ollama_version},
 }
+# Paths that answer without an API key: health checks and Ollama's liveness probe.
+OPEN_PATHS = frozenset({"/health"})

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from embedserve import __version__
-from embedserve.backends import Backend, Loaded
+from embedserve.backends import Backend, Loaded, Token
 from embedserve.config import Config
 from embedserve.dialects import EmbedRequest, EmbedResult
 from embedserve.errors import ApiError
+from embedserve.metrics import Metrics
 
 if TYPE_CHECKING:
     from embedserve.batcher import Batcher
@@ -43,6 +44,7 @@ class EmbeddingService:
         self.skipped: dict[str, str] = {}
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self.metrics = Metrics()
         self._batcher: Batcher | None = None
         self._calls_lock = threading.Lock()
         self._calls: dict[int, float] = {}
@@ -58,7 +60,8 @@ class EmbeddingService:
         if hasattr(backend, "forward"):  # the ML tiers: one model thread, dynamic batches
             from embedserve.batcher import Batcher
 
-            self._batcher = Batcher(backend, self.config, self.backend_call)  # type: ignore
+            self._batcher = Batcher(backend, self.config, self.backend_call,  # type: ignore
+                                    self.metrics.observe_batch)
         self.backend = backend
 
     @contextmanager
@@ -81,6 +84,8 @@ class EmbeddingService:
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
         backend = self._ready_backend()
+        if request.model is not None:
+            self.check_model(request.model)
         dims = request.dimensions
         if dims is not None and not 1 <= dims <= backend.dimensions:
             raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
@@ -97,13 +102,42 @@ class EmbeddingService:
                 vectors, tokens = encoded.vectors, sum(encoded.token_counts)
             else:
                 counts = self._token_counts(backend, texts, request.truncate)
-                vectors = self._batcher.embed(texts, counts, request.normalize)
+                vectors = self._batcher.embed(texts, counts, request.normalize,
+                                              request.truncate_left)
                 tokens = sum(counts)
         finally:
             self._slots.release()
         if dims is not None and dims < backend.dimensions:
             vectors = [_shorten(v, dims, request.normalize) for v in vectors]
+        self.metrics.observe_embedding(len(vectors), tokens)
         return EmbedResult(vectors, backend.model, tokens)
+
+    def model_names(self) -> list[str]:
+        """The names a request may use for the served model: its id, and the last part of
+        the id or folder ("all-MiniLM-L6-v2" for "sentence-transformers/all-MiniLM-L6-v2")."""
+        model = self._ready_backend().model
+        short = os.path.basename(model.rstrip("/\\"))
+        return [model] if short in ("", model) else [model, short]
+
+    def check_model(self, name: str) -> None:
+        # A request for another model must not silently get this one's vectors. Ollama
+        # clients add a tag; ":latest" names the one version there is.
+        wanted = name[: -len(":latest")] if name.endswith(":latest") else name
+        names = self.model_names()
+        if wanted.lower() not in (n.lower() for n in names):
+            raise ApiError(404, f"model {name!r} is not served here; this server serves "
+                                f"{names[0]!r}", param="model")
+
+    def render_metrics(self) -> str:
+        backend = self.backend
+        labels = ({"backend": backend.name, "model": backend.model, "device": backend.device,
+                   "dimensions": str(backend.dimensions)} if backend else {"backend": "loading"})
+        return self.metrics.render(
+            backend=labels, queue_depth=self._batcher.queue_depth() if self._batcher else 0,
+            restarts=self._restarts.value if self._restarts is not None else 0)
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
+        return self._ready_backend().tokenize(texts, add_special_tokens=add_special_tokens)
 
     @staticmethod
     def _prompted(backend: Backend, request: EmbedRequest) -> list[str]:

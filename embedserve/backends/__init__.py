@@ -40,6 +40,20 @@ class Backend(Protocol):
 
     def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded: ...
 
+    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
+                 ) -> list[list[Token]]: ...
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token as TEI's /tokenize reports it; start/stop are character offsets."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
 
 @dataclass(frozen=True)
 class Loaded:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from embedserve.backends import Encoded
-from embedserve.hashing import HashEmbedder
+import zlib
+
+from embedserve.backends import Encoded, Token
+from embedserve.hashing import WORD_PATTERN, HashEmbedder
 
 
 class HashBackend:
@@ -23,3 +25,10 @@ class HashBackend:
     def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded:
         vectors, token_counts = self._embedder.embed_with_counts(texts, normalize=normalize)
         return Encoded(vectors, token_counts)
+
+    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
+                 ) -> list[list[Token]]:
+        """The words the hash tier sees; a word's id is the CRC-32 of its word feature."""
+        return [[Token(zlib.crc32(f" {m.group().lower()} ".encode("utf-8")), m.group(), False,
+                       m.start(), m.end()) for m in WORD_PATTERN.finditer(text)]
+                for text in texts]

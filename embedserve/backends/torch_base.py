@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from embedserve.backends import BackendError, Encoded
+from embedserve.backends import BackendError, Encoded, Token
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -80,12 +80,30 @@ class TorchBackend:
                                  verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def forward(self, texts: Sequence[str]) -> Any:
-        """Pooled, unnormalised float32 embeddings on the CPU, one row per text."""
+    def forward(self, texts: Sequence[str], truncate_left: bool = False) -> Any:
+        """Pooled, unnormalised float32 embeddings on the CPU, one row per text. Only the
+        model thread calls this, so setting the tokenizer's truncation side is safe."""
         import torch
 
+        self.tokenizer.truncation_side = "left" if truncate_left else "right"
         with torch.inference_mode():
             return self._forward(list(texts)).float().cpu()
+
+    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
+                 ) -> list[list[Token]]:
+        encoded = self.tokenizer(list(texts), add_special_tokens=add_special_tokens,
+                                 truncation=False, return_offsets_mapping=True,
+                                 return_special_tokens_mask=True, verbose=False)
+        result = []
+        for text, ids, offsets, special in zip(texts, encoded["input_ids"],
+                                               encoded["offset_mapping"],
+                                               encoded["special_tokens_mask"]):
+            tokens = self.tokenizer.convert_ids_to_tokens(ids)
+            result.append([
+                Token(i, piece, True, None, None) if is_special else
+                Token(i, text[start:stop], False, start, stop)
+                for i, piece, (start, stop), is_special in zip(ids, tokens, offsets, special)])
+        return result
 
     def _forward(self, texts: list[str]) -> Any:
         raise NotImplementedError
