@@ -1,5 +1,6 @@
 """`python -m embedserve` / `embedserve`: parse the config, bind the socket, and hand both
-to the supervisor, which runs the workers.
+to the supervisor, which runs the workers. (`embedserve embed|health|info` go to
+commands.py, the client side.)
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from embedserve import commands
+from embedserve.commands import COMMANDS
 from embedserve.config import Config
 from embedserve.server import bind_socket
 from embedserve.supervisor import Supervisor
@@ -18,6 +21,9 @@ log = logging.getLogger("embedserve.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:  # embedserve embed|health|info: the client side
+        return commands.run(argv)
     config = Config.from_args(argv)
     setup_logging(config)
     try:

@@ -71,6 +71,9 @@ class Config:
         minimum=0.5)
     graceful_timeout: float = _option(
         30.0, "seconds in-flight requests get to finish at shutdown", minimum=0.0)
+    watch_stdin: bool = _option(
+        False, "stop gracefully when stdin closes (embedserve.Client sets it for a server "
+               "it starts, so the server stops even if that client is killed)")
     keep_alive_timeout: float = _option(
         15.0, "seconds an idle keep-alive connection is kept open", minimum=0.001)
     request_timeout: float = _option(

@@ -108,7 +108,7 @@ class EmbeddingService:
         finally:
             self._slots.release()
         if dims is not None and dims < backend.dimensions:
-            vectors = [_shorten(v, dims, request.normalize) for v in vectors]
+            vectors = [shorten(v, dims, request.normalize) for v in vectors]
         self.metrics.observe_embedding(len(vectors), tokens)
         return EmbedResult(vectors, backend.model, tokens)
 
@@ -201,7 +201,7 @@ class EmbeddingService:
         }
 
 
-def _shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
+def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
     """Matryoshka-style: keep the first `dims` values, then re-normalise."""
     head = vector[:dims]
     if not normalize:

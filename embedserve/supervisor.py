@@ -24,6 +24,7 @@ from embedserve.config import Config
 log = logging.getLogger("embedserve.supervisor")
 
 TICK = 0.5
+STDIN_FD = 0
 # Restart delays after quick deaths double from BACKOFF_START up to BACKOFF_MAX; a worker
 # that lived STABLE_AFTER seconds resets the count.
 BACKOFF_START = 0.1
@@ -66,6 +67,7 @@ class Supervisor:
         self.announced = False
         self.reloading = False
         self.signals: list[int] = []
+        self.watching_stdin = config.watch_stdin
         self._wakeup_r, self._wakeup_w = socket.socketpair()
 
     # -- the loop --------------------------------------------------------------------------
@@ -90,6 +92,8 @@ class Supervisor:
 
     def _sleep(self) -> None:
         waitables: list[Any] = [self._wakeup_r]
+        if self.watching_stdin:
+            waitables.append(STDIN_FD)
         for child in self.children:
             waitables += [child.channel, child.process.sentinel]
         for ready in wait(waitables, TICK):
@@ -98,6 +102,20 @@ class Supervisor:
                     self._wakeup_r.recv(64)
                 except BlockingIOError:
                     pass
+            elif ready == STDIN_FD:
+                self._read_stdin()
+
+    def _read_stdin(self) -> None:
+        # EOF on stdin: the process that started us is gone, however it went (kill -9
+        # included). Stop as if told to with SIGTERM.
+        try:
+            data = os.read(STDIN_FD, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            self.watching_stdin = False
+            log.info("stdin closed: the process that started this server is gone; stopping")
+            self.signals.append(signal.SIGTERM)
 
     def _install_signals(self) -> None:
         self._wakeup_r.setblocking(False)

@@ -1,0 +1,724 @@
+"""embedserve.Client against real server processes, real sockets and real signals:
+auto-start, ownership at exit, sharing one server, restart after kill -9, fallback,
+chunking, typed errors. Every test checks that no process it caused outlives it.
+
+A scripted HTTP peer (Stub) stands in only where the real server will not misbehave on
+demand (answer 429 twice, report another model); it embeds with the real hash tier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedserve.client import (
+    AuthenticationError,
+    Client,
+    EmbedServeError,
+    ServerStartError,
+    ServerUnavailable,
+    ValidationError,
+)
+from embedserve.encoding import float32_base64
+from embedserve.hashing import HashEmbedder
+
+from conftest import ROOT, server_env, start_server
+
+HOST = "127.0.0.1"
+EMBEDDER = HashEmbedder(384)
+TEXTS = ["The cat sat on the mat.", "Feature hashing is deterministic", "naïve café ☕"]
+# Every process a test causes inherits this variable; whatever still carries it after the
+# test (an orphaned server, a worker, a client script) is a stray.
+MARK = "ESCLIENT_TEST_MARK"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def expected(texts: list[str], dims: int = 384) -> list[list[float]]:
+    """What the server's hash tier delivers over base64: float32-rounded vectors."""
+    return [array("f", v).tolist() for v in HashEmbedder(dims).embed(texts)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def gone(pid: int) -> bool:
+    """Not running (a zombie waiting for its parent counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def marked_processes(mark: str) -> list[int]:
+    found = []
+    needle = f"{MARK}={mark}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if needle in environ.split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_strays(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
+    monkeypatch.delenv("EMBEDSERVE_URL", raising=False)
+    # The servers clients start here serve the hash tier (`auto` could load a real model)
+    # and never reach for a model hub.
+    monkeypatch.setenv("EMBEDSERVE_BACKEND", "hash")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    # Servers stop within a second of being told; give stragglers a moment, then fail.
+    if not wait_for(lambda: not marked_processes(mark), 5.0):
+        strays = marked_processes(mark)
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail(f"stray processes left behind: {strays}")
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    made: list[Client] = []
+    yield made
+    for client in made:
+        client.close()
+
+
+def client_script(body: str) -> subprocess.Popen[str]:
+    """A separate Python process running `body` with the client imported."""
+    code = "import json, sys, time\nfrom embedserve.client import Client\n" + \
+        textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=server_env(EMBEDSERVE_BACKEND="hash"), cwd=ROOT)
+
+
+def read_json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        raise AssertionError(f"client script printed nothing; stderr:\n{proc.stderr.read()}")
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def supervisor_pid(info: dict[str, Any]) -> int:
+    return int(info.get("supervisor_pid", info["pid"]))
+
+
+class Stub:
+    """A scripted HTTP/1.1 peer: answers the first POSTs from `script` (status, headers),
+    then embeds for real; counts POSTs and connections."""
+
+    def __init__(self, script: list[tuple[int, dict[str, str]]] | None = None,
+                 model: str = "hash-v1-384", backend: str = "hash") -> None:
+        self.script = list(script or [])
+        self.model, self.backend = model, backend
+        self.posts = 0
+        self.connections: set[tuple[str, int]] = set()
+        self.sockets: list[socket.socket] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                stub.sockets.append(self.connection)
+
+            def reply(self, status: int, payload: Any, headers: dict[str, str] | None = None
+                      ) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json",
+                                    "Content-Length": str(len(body)), **(headers or {})
+                                    }.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                stub.connections.add(self.client_address)
+                if self.path == "/health":
+                    self.reply(200, {"status": "ok"})
+                else:
+                    self.reply(200, {"backend": stub.backend, "model": stub.model,
+                                     "dimensions": 384, "max_batch_size": 2048,
+                                     "max_body_bytes": 1 << 20, "pid": os.getpid()})
+
+            def do_POST(self) -> None:
+                stub.connections.add(self.client_address)
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.posts += 1
+                if stub.script:
+                    status, headers = stub.script.pop(0)
+                    self.reply(status, {"error": {"message": f"scripted {status}",
+                                                  "type": "x", "param": None, "code": None}},
+                               headers)
+                    return
+                vectors = EMBEDDER.embed(request["input"])
+                self.reply(200, {"object": "list", "model": stub.model, "usage": {},
+                                 "data": [{"object": "embedding", "index": i,
+                                           "embedding": float32_base64(v)}
+                                          for i, v in enumerate(vectors)]})
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{HOST}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Like a dead server: no listener, and kept-alive connections cut."""
+        self.server.shutdown()
+        self.server.server_close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def stubs() -> Iterator[list[Stub]]:
+    made: list[Stub] = []
+    yield made
+    for stub in made:
+        stub.stop()
+
+
+# --- auto-start and ownership -------------------------------------------------------------
+
+def test_autostart_on_a_free_port_then_embed_and_stop_at_close() -> None:
+    port = free_port()
+    with Client(f"http://{HOST}:{port}", fallback="never") as client:
+        result = client.embed(TEXTS)
+        assert result == expected(TEXTS)
+        assert (result.model, result.backend, result.source) == ("hash-v1-384", "hash", "server")
+        assert client.owns_server and client.url == f"http://{HOST}:{port}"
+        pid = client.server_pid
+        assert pid is not None and not gone(pid)
+        assert supervisor_pid(client.info()) == pid
+        assert client.health() == {"status": "ok"}
+        single = client.embed_single("one text")
+        assert single == expected(["one text"])[0] and single.model == "hash-v1-384"
+    assert gone(pid) and port_free(port)
+
+
+def test_port_0_starts_a_private_server_on_a_free_port(clients: list[Client]) -> None:
+    client = Client(port=0, dimensions=64, fallback="never")
+    clients.append(client)
+    result = client.embed(TEXTS)
+    assert result == expected(TEXTS, 64) and result.model == "hash-v1-64"
+    assert client.owns_server and not client.url.endswith(":0")
+    pid = client.server_pid
+    assert pid is not None
+    client.close()
+    assert gone(pid)
+    with pytest.raises(EmbedServeError, match="closed"):
+        client.embed(TEXTS)
+    client.close()  # idempotent
+
+
+EXITS = {
+    "returns": "",
+    "raises": "raise RuntimeError('the app crashed')",
+    "sys.exit": "sys.exit(4)",
+    "ctrl-c": "time.sleep(30)",  # the test sends SIGINT
+}
+
+
+@pytest.mark.parametrize("how", list(EXITS))
+def test_the_server_a_client_started_is_gone_after_the_client_process_exits(how: str) -> None:
+    port = free_port()
+    proc = client_script(f"""
+        client = Client("http://{HOST}:{port}", fallback="never")
+        result = client.embed(["from another process"])
+        print(json.dumps({{"pid": client.server_pid, "source": result.source}}), flush=True)
+        {EXITS[how]}
+    """)
+    seen = read_json_line(proc)
+    assert seen["source"] == "server" and not gone(seen["pid"])
+    if how == "ctrl-c":
+        proc.send_signal(signal.SIGINT)
+    proc.wait(20)
+    # The client stopped its server at exit, before its own process ended.
+    assert gone(seen["pid"]) and port_free(port)
+
+
+def server_watches_stdin() -> bool:
+    done = subprocess.run([sys.executable, "-m", "embedserve", "--help"], capture_output=True,
+                          text=True, env=server_env(), cwd=ROOT, timeout=30)
+    return "--watch-stdin" in done.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_the_server_stops_even_when_the_client_process_is_killed(signum: int) -> None:
+    # Neither signal lets Python run atexit; the server sees its stdin pipe close instead.
+    if not server_watches_stdin():
+        pytest.skip("this server has no --watch-stdin (EMBEDSERVE_WATCH_STDIN) yet")
+    port = free_port()
+    proc = client_script(f"""
+        client = Client("http://{HOST}:{port}", fallback="never")
+        client.embed(["x"])
+        print(json.dumps({{"pid": client.server_pid}}), flush=True)
+        time.sleep(30)
+    """)
+    seen = read_json_line(proc)
+    proc.send_signal(signum)
+    proc.wait(10)
+    assert wait_for(lambda: gone(seen["pid"]) and port_free(port), 10)
+
+
+def test_a_server_started_by_someone_else_survives_the_client(clients: list[Client]) -> None:
+    srv = start_server("--backend", "hash", env=server_env())
+    try:
+        client = Client(srv.url, fallback="never")
+        clients.append(client)
+        assert client.embed(TEXTS) == expected(TEXTS)
+        assert not client.owns_server and client.server_pid == srv.pid
+        client.close()
+        proc = client_script(f"""
+            client = Client("{srv.url}", fallback="never")
+            print(json.dumps({{"owns": client.connect().owns_server,
+                               "n": len(client.embed(["x"]))}}), flush=True)
+        """)
+        assert read_json_line(proc) == {"owns": False, "n": 1}
+        assert proc.wait(20) == 0
+        assert srv.proc.poll() is None
+        assert srv.request("GET", "/health")[0] == 200
+    finally:
+        assert srv.stop() == 0
+
+
+# --- sharing one server ---------------------------------------------------------------------
+
+def test_two_processes_starting_at_once_share_one_server() -> None:
+    port = free_port()
+    script = f"""
+        sys.stdin.readline()  # start together
+        client = Client("http://{HOST}:{port}", fallback="never")
+        result = client.embed(["shared"])
+        print(json.dumps({{"owns": client.owns_server, "source": result.source,
+                           "server": client.info().get("supervisor_pid")}}), flush=True)
+        sys.stdin.readline()  # exit when told
+    """
+    procs = [client_script(script) for _ in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        seen = [read_json_line(proc) for proc in procs]
+        assert all(s["source"] == "server" for s in seen)
+        assert seen[0]["server"] == seen[1]["server"], seen
+        assert sorted(s["owns"] for s in seen) == [False, True], seen
+        server = seen[0]["server"]
+        owner, other = (procs[0], procs[1]) if seen[0]["owns"] else (procs[1], procs[0])
+        # The client that only uses the server leaves it alone...
+        other.communicate("exit\n", timeout=20)
+        assert not gone(server)
+        # ...the one that started it stops it.
+        owner.communicate("exit\n", timeout=20)
+        assert gone(server) and port_free(port)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_two_clients_in_threads_share_one_server(clients: list[Client]) -> None:
+    port = free_port()
+    pair = [Client(f"http://{HOST}:{port}", fallback="never") for _ in range(2)]
+    clients.extend(pair)
+    barrier = threading.Barrier(2)
+    results: dict[int, Any] = {}
+
+    def use(i: int) -> None:
+        barrier.wait()
+        results[i] = pair[i].embed(TEXTS)
+
+    threads = [threading.Thread(target=use, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results[0] == results[1] == expected(TEXTS)
+    assert sorted(c.owns_server for c in pair) == [False, True]
+    assert pair[0].server_pid == pair[1].server_pid
+
+
+def test_one_client_shared_by_threads_starts_one_server(clients: list[Client]) -> None:
+    client = Client(port=0, fallback="never")
+    clients.append(client)
+    batches = [[f"thread {i} text {j}" for j in range(50)] for i in range(8)]
+    results: dict[int, Any] = {}
+
+    def use(i: int) -> None:
+        results[i] = (client.embed(batches[i]), client.server_pid)
+
+    threads = [threading.Thread(target=use, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len({pid for _, pid in results.values()}) == 1
+    for i, (result, _) in results.items():
+        assert result == expected(batches[i])
+
+
+# --- the server dies --------------------------------------------------------------------------
+
+def test_kill_9_of_the_server_mid_use_restarts_it(clients: list[Client]) -> None:
+    client = Client(port=0, fallback="never")
+    clients.append(client)
+    client.embed(TEXTS)
+    old = client.server_pid
+    assert old is not None
+    worker = client.info()["pid"]
+    os.kill(old, signal.SIGKILL)
+    # The very next call succeeds and says who answered.
+    result = client.embed(TEXTS)
+    assert result == expected(TEXTS) and result.source == "server" and result.backend == "hash"
+    # Once the old worker is gone too, the client is on a server it started anew.
+    assert wait_for(lambda: gone(worker))
+    assert client.embed(TEXTS) == expected(TEXTS)
+    new = client.server_pid
+    assert new is not None and new != old and client.owns_server and gone(old)
+    client.close()
+    assert gone(new)
+
+
+def test_kill_9_during_a_stream_of_calls_loses_none(clients: list[Client]) -> None:
+    client = Client(port=0, fallback="never")
+    clients.append(client)
+    client.embed(TEXTS)
+    old = client.server_pid
+    assert old is not None
+    batch = [f"stream text {i}" for i in range(300)]
+    want = expected(batch)
+    errors: list[BaseException] = []
+    done: list[int] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            try:
+                assert client.embed(batch) == want
+                done.append(client.server_pid or 0)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert wait_for(lambda: len(done) >= 3)
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: any(pid not in (0, old) for pid in done) or bool(errors), 15)
+    stop.set()
+    thread.join(30)
+    assert not errors, errors
+    assert client.server_pid != old
+
+
+def test_kill_9_of_a_worker_is_invisible_to_the_client(clients: list[Client]) -> None:
+    client = Client(port=0, fallback="never")
+    clients.append(client)
+    client.embed(TEXTS)
+    supervisor, worker = client.server_pid, client.info()["pid"]
+    assert worker != supervisor
+    os.kill(worker, signal.SIGKILL)
+    result = client.embed(TEXTS)
+    assert result == expected(TEXTS) and result.source == "server"
+    assert client.server_pid == supervisor and client.info()["pid"] != worker
+
+
+def test_kill_9_without_restart_falls_back_to_identical_vectors(clients: list[Client],
+                                                                 caplog: Any) -> None:
+    client = Client(port=0, restart=False)
+    clients.append(client)
+    served = client.embed(TEXTS)
+    old = client.server_pid
+    assert old is not None
+    worker = client.info()["pid"]
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: gone(worker))
+    with caplog.at_level(logging.WARNING, logger="embedserve.client"):
+        result = client.embed(TEXTS)
+    assert (result.source, result.backend, result.model) == ("fallback", "hash", "hash-v1-384")
+    assert client.last_source == "fallback" and client.last_model == "hash-v1-384"
+    assert result == served  # bit for bit: the fallback rounds to float32 like the transport
+    assert "killed by SIGKILL" in caplog.text and "in-process" in caplog.text
+    assert gone(old)
+
+
+def test_kill_9_without_restart_or_fallback_raises(clients: list[Client]) -> None:
+    client = Client(port=0, restart=False, fallback=False)
+    clients.append(client)
+    client.embed(TEXTS)
+    old, worker = client.server_pid, client.info()["pid"]
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: gone(worker))
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="restart is off"):
+        client.embed(TEXTS)
+    assert time.monotonic() - started < 5
+
+
+# --- nothing to talk to ---------------------------------------------------------------------
+
+def test_unreachable_url_with_fallback_off_raises_a_clear_error_at_once() -> None:
+    url = f"http://{HOST}:{free_port()}"
+    client = Client(url, autostart=False, fallback="never", retries=2, backoff=0.05)
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable) as caught:
+        client.embed(TEXTS)
+    assert time.monotonic() - started < 2
+    assert url in str(caught.value) and "autostart is off" in str(caught.value)
+    assert "fallback is off" in str(caught.value)
+    assert caught.value.url == url
+
+
+def test_a_server_that_never_answers_raises_within_the_timeout() -> None:
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind((HOST, 0))
+        silent.listen(16)
+        url = f"http://{HOST}:{silent.getsockname()[1]}"
+        client = Client(url, fallback="never", timeout=0.3, start_timeout=1.0, retries=1)
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="did not answer"):
+            client.embed(TEXTS)
+        assert time.monotonic() - started < 3
+
+
+def test_unreachable_url_falls_back_by_default_and_says_so() -> None:
+    client = Client(f"http://{HOST}:{free_port()}", autostart=False)
+    result = client.embed(TEXTS)
+    assert (result.source, result.model) == ("fallback", "hash-v1-384")
+    assert result == expected(TEXTS)
+    started = time.monotonic()
+    for _ in range(20):  # while down, calls do not pay for retries
+        client.embed(TEXTS)
+    assert time.monotonic() - started < 1
+
+
+def test_a_server_that_cannot_start_raises_with_its_log_lines() -> None:
+    client = Client(port=0, server_args=["--dimensions", "0"], fallback="never")
+    with pytest.raises(ServerStartError) as caught:
+        client.embed(TEXTS)
+    error = caught.value
+    assert error.returncode == 2
+    assert "dimensions must be at least 1" in str(error)
+    assert any("dimensions must be at least 1" in line for line in error.log_tail)
+
+
+def test_fallback_never_mixes_models(clients: list[Client]) -> None:
+    # Before any server answered: the requested backend says which model to expect.
+    failing = ["--dimensions", "0"]
+    client = Client(port=0, backend="sentence-transformers", server_args=failing)
+    with pytest.raises(ServerUnavailable, match="fallback='always'"):
+        client.embed(TEXTS)
+    anyway = Client(port=0, backend="sentence-transformers", server_args=failing,
+                    fallback="always")
+    assert anyway.embed(TEXTS).source == "fallback"
+    # After a server answered: its model is the one to match.
+    with pytest.raises(ServerUnavailable, match="fallback='always'"):
+        stubbed_then_stopped(clients, fallback="same-model").embed(TEXTS)
+    result = stubbed_then_stopped(clients, fallback="always").embed(TEXTS)
+    assert (result.source, result.model) == ("fallback", "hash-v1-384")
+
+
+def stubbed_then_stopped(clients: list[Client], fallback: Any) -> Client:
+    stub = Stub(model="all-MiniLM-L6-v2", backend="sentence-transformers")
+    client = Client(stub.url, autostart=False, fallback=fallback, retries=0)
+    clients.append(client)
+    served = client.embed(TEXTS)
+    assert (served.model, served.backend) == ("all-MiniLM-L6-v2", "sentence-transformers")
+    stub.stop()
+    return client
+
+
+@pytest.mark.parametrize("encoding_format", ["base64", "float"])
+def test_fallback_vectors_equal_server_vectors(encoding_format: Any) -> None:
+    texts = TEXTS + [f"sentence number {i} of the corpus" for i in range(100)]
+    srv = start_server("--backend", "hash", env=server_env())
+    try:
+        with Client(srv.url, encoding_format=encoding_format) as client:
+            served = client.embed(texts)
+            shortened = client.embed(texts, dimensions=100)
+    finally:
+        assert srv.stop() == 0
+    with Client(srv.url, autostart=False, encoding_format=encoding_format) as client:
+        local = client.embed(texts)
+        local_shortened = client.embed(texts, dimensions=100)
+    assert (served.source, local.source) == ("server", "fallback")
+    assert local == served and local_shortened == shortened
+    assert len(local_shortened[0]) == 100
+    if encoding_format == "float":
+        assert served == EMBEDDER.embed(texts)  # doubles, not rounded
+
+
+# --- transport --------------------------------------------------------------------------------
+
+def test_10000_texts_are_chunked_within_the_limits_and_kept_in_order(caplog: Any,
+                                                                     clients: list[Client]
+                                                                     ) -> None:
+    texts = [f"text {i}: " + "word " * (i % 37) + ("é" * (i % 5)) for i in range(10_000)]
+    client = Client(port=0, fallback="never", server_args=[
+        "--max-batch-size", "1000", "--max-body-bytes", "60000", "--access-log"])
+    clients.append(client)
+    with caplog.at_level(logging.DEBUG, logger="embedserve.client.server"):
+        result = client.embed(texts)
+    assert len(result) == 10_000 and result.source == "server"
+    assert result == expected(texts)
+    posts = [r for r in caplog.records if "POST /v1/embeddings" in r.getMessage()]
+    # Both limits bind: at most 1,000 texts per request, and bodies of at most 60 kB.
+    body_bytes = len(json.dumps(texts, ensure_ascii=False, separators=(",", ":")).encode())
+    assert len(posts) >= max(10, body_bytes // 60_000 + 1)
+
+
+def test_a_422_is_a_typed_error_with_the_servers_message(clients: list[Client]) -> None:
+    client = Client(port=0)
+    clients.append(client)
+    with pytest.raises(ValidationError) as caught:
+        client.embed(TEXTS, dimensions=1000)
+    error = caught.value
+    assert error.status == 422 and error.param == "dimensions"
+    assert error.message == ("'dimensions' must be between 1 and 384 for model hash-v1-384, "
+                             "got 1000")
+    assert isinstance(error, ValueError) and error.message in str(error)
+    # The fallback rejects the same request with the same words.
+    client.close()
+    local = Client(f"http://{HOST}:{free_port()}", autostart=False)
+    with pytest.raises(ValidationError) as caught_locally:
+        local.embed(TEXTS, dimensions=1000)
+    assert caught_locally.value.message == error.message
+
+
+def test_bad_input_is_caught_before_sending() -> None:
+    client = Client(f"http://{HOST}:{free_port()}", autostart=False, fallback="never")
+    with pytest.raises(TypeError, match="embed_single"):
+        client.embed("one string")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        client.embed(["ok", 3])  # type: ignore[list-item]
+    with pytest.raises(ValidationError, match=r"texts\[1\] is an empty string"):
+        client.embed(["ok", ""])
+
+
+def test_429_and_503_are_retried_then_succeed(stubs: list[Stub]) -> None:
+    stub = Stub(script=[(429, {"Retry-After": "0.2"}), (503, {})])
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never", retries=3, backoff=0.01)
+    started = time.monotonic()
+    result = client.embed(TEXTS)
+    assert result == expected(TEXTS) and stub.posts == 3
+    assert time.monotonic() - started >= 0.2  # Retry-After was honoured
+
+
+def test_retries_are_bounded(stubs: list[Stub]) -> None:
+    stub = Stub(script=[(503, {})] * 10)
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never", retries=2, backoff=0.01)
+    with pytest.raises(ServerUnavailable, match="failed 3 times") as caught:
+        client.embed(TEXTS)
+    assert caught.value.status == 503 and stub.posts == 3
+
+
+def test_a_400_is_not_retried(stubs: list[Stub]) -> None:
+    stub = Stub(script=[(400, {})])
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, retries=3)
+    with pytest.raises(ValidationError, match="scripted 400"):
+        client.embed(TEXTS)
+    assert stub.posts == 1
+
+
+def test_keep_alive_one_connection_per_thread(stubs: list[Stub]) -> None:
+    stub = Stub()
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never")
+    for _ in range(20):
+        client.embed(TEXTS)
+    assert len(stub.connections) == 2  # the /health probe, then one kept alive
+    thread = threading.Thread(target=lambda: [client.embed(TEXTS) for _ in range(5)])
+    thread.start()
+    thread.join(10)
+    assert len(stub.connections) == 3
+    client.close()
+
+
+def test_api_key_reaches_the_server_it_starts_and_is_sent(clients: list[Client]) -> None:
+    client = Client(port=0, api_key="s3cret", fallback="never")
+    clients.append(client)
+    assert client.embed(TEXTS) == expected(TEXTS)
+    stranger = Client(client.url, autostart=False, fallback="never", api_key="")
+    with pytest.raises(AuthenticationError) as caught:
+        stranger.embed(TEXTS)
+    assert caught.value.status == 401 and "API key" in caught.value.message
+
+
+def test_results_and_errors_survive_pickling() -> None:
+    import pickle
+
+    client = Client(f"http://{HOST}:{free_port()}", autostart=False)
+    result = pickle.loads(pickle.dumps(client.embed(TEXTS)))
+    assert result == expected(TEXTS) and (result.model, result.source) == ("hash-v1-384",
+                                                                          "fallback")
+    error = ValidationError(422, "bad", param="dimensions")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.status, copy.message, copy.param, str(copy)) == (
+        ValidationError, 422, "bad", "dimensions", str(error))

@@ -1,0 +1,68 @@
+"""`embedserve embed|health|info`: the client from a shell, as real processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from embedserve.hashing import HashEmbedder
+
+from conftest import Server, server_env
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "embedserve", *args], input=stdin,
+                          capture_output=True, text=True, env=server_env(), timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_embed_prints_one_vector_per_line(server: Server) -> None:
+    done = run("embed", "--url", server.url, "first text", "second")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    expected = HashEmbedder().embed(["first text", "second"])
+    for line, want in zip(lines, expected):
+        got = json.loads(line)
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-7  # base64 float32
+
+
+def test_embed_json_from_stdin(server: Server) -> None:
+    done = run("embed", "--url", server.url, "--json", "--dimensions", "16", stdin="a\nb\n")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["model"] == "hash-v1-384" and result["source"] == "server"
+    assert [len(v) for v in result["embeddings"]] == [16, 16]
+
+
+def test_health_and_info(server: Server) -> None:
+    done = run("health", "--url", server.url)
+    assert done.returncode == 0 and json.loads(done.stdout) == {"status": "ok"}
+    done = run("info", "--url", server.url)
+    assert done.returncode == 0 and json.loads(done.stdout)["model"] == "hash-v1-384"
+
+
+def test_health_of_nothing_fails_clearly() -> None:
+    done = run("health", "--url", f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 1 and "no answer from" in done.stderr
+
+
+def test_embed_auto_starts_a_server_and_stops_it() -> None:
+    port = free_port()
+    done = run("embed", "--url", f"http://127.0.0.1:{port}", "--json", "auto started")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["source"] == "server"
+    with socket.socket() as probe:  # the server it started is gone with it
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bad_url_is_a_usage_error() -> None:
+    done = run("embed", "--url", "not a url", "x")
+    assert done.returncode == 2 and "url must look like" in done.stderr
