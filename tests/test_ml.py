@@ -269,3 +269,31 @@ def test_cuda_fp16_matches_cpu(backend: str, tiny: tuple[str, str], reference) -
     assert info["device"].startswith("cuda")
     for got, want in zip(served, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
         assert cosine(got, want) >= 0.999  # fp16
+
+
+def test_out_of_memory_splits_the_batch_instead_of_failing(tiny: tuple[str, str], reference
+                                                           ) -> None:
+    """The batcher with a real model whose device "runs out of memory" above 2 texts per
+    forward pass (as a GPU does past some batch size): every request still gets its vectors."""
+    from contextlib import nullcontext
+
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+    from embedserve.batcher import Batcher
+    from embedserve.config import Config
+
+    class SmallDevice(SentenceTransformersBackend):
+        sizes: list[int] = []
+
+        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
+            self.sizes.append(len(texts))
+            if len(texts) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return super()._forward(texts)
+
+    config = Config(backend="sentence-transformers", model=tiny[1], device="cpu")
+    backend = SmallDevice(config)
+    batcher = Batcher(backend, config, nullcontext)
+    vectors = batcher.embed(TEXTS, backend.count_tokens(TEXTS), normalize=True)
+    for got, want in zip(vectors, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
+        assert cosine(got, want) >= 0.9999
+    assert max(SmallDevice.sizes) == len(TEXTS) and SmallDevice.sizes[-1] <= 2
