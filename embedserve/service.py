@@ -206,5 +206,10 @@ def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
     head = vector[:dims]
     if not normalize:
         return head
-    norm = math.sqrt(sum(x * x for x in head))
+    # Summed left to right on purpose: sum() of floats is compensated from Python 3.12 on,
+    # and the Node client's fallback must reproduce this to the last bit.
+    squares = 0.0
+    for x in head:
+        squares += x * x
+    norm = math.sqrt(squares)
     return [x / norm for x in head] if norm else head

@@ -95,7 +95,8 @@ class Worker:
     def _start_accepting(self) -> None:
         if not self._accepting:
             self._accepting = True
-            threading.Thread(target=self.server.serve_forever, name="accept",
+            # A short poll interval: shutdown() waits up to one interval for the loop.
+            threading.Thread(target=self.server.serve_forever, args=(0.1,), name="accept",
                              daemon=True).start()
 
     def _drain(self, reason: str) -> int:

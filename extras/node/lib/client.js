@@ -1,0 +1,748 @@
+// The client: finds an embedserve server (or starts one), sends embedding requests to it
+// over HTTP, restarts it after a crash, falls back to the JavaScript hash embedding when
+// the policy allows, and stops the server it started when closed or when the program ends.
+// Its behaviour follows the Python client (embedserve/client.py); the README lists it.
+
+import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { EmbedServeError } from './errors.js';
+import { DEFAULT_DIMENSIONS, HashEmbedder, hashModelName } from './hash.js';
+import {
+  RetryableStatus, RETRYABLE_STATUSES, TransportError, decodeFloat32Base64, errorFields, httpError,
+  parseJson, retryAfterMs,
+} from './http.js';
+import { isLoopback, resolveOptions } from './options.js';
+import { ServerProcess } from './server-process.js';
+
+const ML_BACKENDS = ['sentence-transformers', 'transformers'];
+// Bytes of a request body around its texts, with room to spare.
+const BODY_OVERHEAD = 256;
+// While a failure is this recent, calls go straight to the fallback (when allowed) and no
+// new server is started: a dead server does not cost every call its retries.
+const RECHECK_INTERVAL_MS = 2_000;
+// A server that keeps dying is not restarted more often than this.
+const MAX_RESTARTS = 5;
+const RESTART_WINDOW_MS = 60_000;
+// Spawns in one connect: more than one follows lost races for the port.
+const MAX_SPAWNS_PER_START = 5;
+// Times one request may find its server gone and re-find or restart it (not retries).
+const MAX_RELOCATIONS = 2;
+
+/**
+ * Events (none is required; there is no 'error' event):
+ * - 'serverSpawn' ({pid, command}): this client ran `python -m embedserve` (not ready yet)
+ * - 'serverStart' ({pid, url, command}): a server this client started is ready
+ * - 'serverExit' ({pid, code, signal, expected}): a server this client started exited
+ * - 'connect' ({url, owned, info}): the client (re)connected to a ready server
+ * - 'fallback' ({error, model}): a call was answered in-process because of `error`
+ * - 'modelChange' ({from, to, source}): a result came from another model than the last one
+ * - 'log' (line, stream): a line printed by a server this client started
+ */
+export class EmbedServeClient extends EventEmitter {
+  #options;
+  /** Where to look for a server (and start one): parsed from url and port. */
+  #target;
+  /** Base URL of the server in use: the configured one, or a started server's ready URL. */
+  #baseUrl;
+  /** @type {ServerProcess | null} the server in use, when this client started it */
+  #server = null;
+  /** @type {Set<ServerProcess>} every server this client started that still runs */
+  #owned = new Set();
+  /** @type {ServerProcess | null} the server this client spawned last, ready or not */
+  #lastSpawned = null;
+  /** /info of the server in use; null: not connected (the next call connects). */
+  #info = null;
+  /** @type {Promise<void> | null} the connect in progress, shared by concurrent calls */
+  #connecting = null;
+  #closed = false;
+  #closing = null;
+  #hadServer = false;
+  #restartTimes = [];
+  #downUntil = 0;
+  #downError = null;
+  /** The model and size the server last answered with: what a fallback must match. */
+  #servedModel = null;
+  #servedDimensions = null;
+  #fallbackEmbedder = null;
+
+  /** The model, backend and source of the last result (null before the first). */
+  lastModel = null;
+  lastBackend = null;
+  lastSource = null;
+
+  /** @param {import('../index.js').EmbedServeOptions} [options] */
+  constructor(options = {}) {
+    super();
+    const { options: resolved, target } = resolveOptions(options);
+    this.#options = resolved;
+    this.#target = target;
+    this.#baseUrl = target.base;
+  }
+
+  /** Where the server in use answers (or will be looked for). */
+  get url() {
+    return this.#baseUrl;
+  }
+
+  /** Whether the server in use is one this client started (and will stop). */
+  get ownsServer() {
+    return this.#server !== null && this.#server.alive;
+  }
+
+  /** The server process in use: the one this client started, or the one /info names. */
+  get serverPid() {
+    if (this.ownsServer) return this.#server.pid;
+    const pid = this.#info?.supervisor_pid ?? this.#info?.pid;
+    return Number.isInteger(pid) ? pid : null;
+  }
+
+  /** The last output lines of the server this client started most recently. */
+  get serverLog() {
+    return this.#lastSpawned ? [...this.#lastSpawned.log] : [];
+  }
+
+  get closed() {
+    return this.#closed;
+  }
+
+  /** Find or start the server now rather than on first use. Resolves to the client. */
+  async connect() {
+    this.#checkOpen();
+    await this.#ensureConnected();
+    return this;
+  }
+
+  /**
+   * Embed `texts` (non-empty strings), in order. Resolves to an array of vectors (number
+   * arrays) with three non-enumerable properties: `model` (the model that made every
+   * vector in it), `backend` (the server's backend, e.g. 'hash') and `source` ('server',
+   * or 'fallback' when the in-process hash embedding answered).
+   * @param {string[]} texts
+   * @param {{dimensions?: number}} [options] shorten the vectors (Matryoshka-style)
+   */
+  async embed(texts, { dimensions } = {}) {
+    checkTexts(texts);
+    if (dimensions !== undefined && !(Number.isSafeInteger(dimensions) && dimensions > 0)) {
+      throw validationError(`'dimensions' must be a positive integer, got ${dimensions}`, 'dimensions');
+    }
+    this.#checkOpen();
+    if (texts.length === 0) return tagged([], null, null, null);
+
+    let result;
+    if (this.#options.fallback !== 'never' && Date.now() < this.#downUntil) {
+      // Failed moments ago: do not pay for retries and start attempts on every call.
+      result = this.#embedFallback(texts, dimensions, this.#downError);
+    } else {
+      try {
+        result = await this.#embedRemote(texts, dimensions);
+      } catch (error) {
+        if (!(error instanceof EmbedServeError) || !error.serverUnavailable) throw error;
+        this.#checkOpen();
+        this.#downUntil = Date.now() + RECHECK_INTERVAL_MS;
+        this.#downError = error;
+        result = this.#embedFallback(texts, dimensions, error);
+      }
+    }
+    this.#note(result);
+    return result;
+  }
+
+  /**
+   * Embed one text. Resolves to one vector with the same `model`, `backend` and `source`.
+   * @param {string} text
+   * @param {{dimensions?: number}} [options]
+   */
+  async embedSingle(text, options) {
+    if (typeof text !== 'string') {
+      throw new TypeError(`embedSingle() takes one string, got ${describeType(text)}`);
+    }
+    const vectors = await this.embed([text], options);
+    return tagged(vectors[0], vectors.model, vectors.backend, vectors.source);
+  }
+
+  /**
+   * One GET /health to the server in use (or to the configured URL), without starting a
+   * server or retrying. Never throws: resolves to {ok, status, url, owned, error?}, where
+   * status is 'ok', the server's reason for 503 ('loading', 'draining'), 'unreachable',
+   * 'not_embedserve' or 'closed'.
+   */
+  async health() {
+    const url = this.#baseUrl;
+    const owned = this.ownsServer;
+    if (this.#closed) return { ok: false, status: 'closed', url, owned };
+    if (this.#target.port === '0' && !this.#info) {
+      return { ok: false, status: 'unreachable', url, owned, error: 'no server started yet (port 0 starts one on first use)' };
+    }
+    const probe = await this.#probe(url);
+    const result = { ok: probe.state === 'ready', status: probe.status, url, owned };
+    if (probe.detail) result.error = probe.detail;
+    return result;
+  }
+
+  /** The server's GET /info (starting a server if allowed). */
+  async info() {
+    this.#checkOpen();
+    const [info] = await this.#request('GET', '/info');
+    this.#setInfo(info);
+    return info;
+  }
+
+  /**
+   * Stop the server this client started (SIGTERM; SIGKILL after stopTimeoutMs) and refuse
+   * further calls. A server this client did not start is left running. Idempotent.
+   */
+  close() {
+    this.#closed = true;
+    this.#closing ??= (async () => {
+      this.#info = null;
+      await Promise.all([...this.#owned].map((server) => server.stop(this.#options.stopTimeoutMs)));
+    })();
+    return this.#closing;
+  }
+
+  async [Symbol.asyncDispose ?? Symbol.for('nodejs.asyncDispose')]() {
+    await this.close();
+  }
+
+  // -- embedding ------------------------------------------------------------------------
+
+  async #embedRemote(texts, dimensions) {
+    for (let attempt = 0; attempt < 2; attempt++) {
+      // A server replaced by another model mid-call: embed the whole call again, once.
+      const result = await this.#embedOnce(texts, dimensions);
+      if (result) return result;
+    }
+    throw new EmbedServeError('the server changed models twice during one call',
+      { code: 'model_changed', url: this.#baseUrl });
+  }
+
+  /** The call's vectors from the server, or null when its model changed mid-call. */
+  async #embedOnce(texts, dimensions) {
+    await this.#ensureConnected(); // the chunk limits come from /info
+    const vectors = [];
+    let model = null;
+    let info = this.#info;
+    for (const [first, chunk] of this.#chunks(texts)) {
+      const body = { input: chunk, encoding_format: this.#options.encodingFormat };
+      if (dimensions !== undefined) body.dimensions = dimensions;
+      let answer;
+      [answer, info] = await this.#request('POST', '/v1/embeddings', body, first);
+      const chunkVectors = this.#decode(answer, chunk.length);
+      if (model !== null && answer.model !== model) {
+        this.emit('modelChange', { from: model, to: answer.model, source: 'server' });
+        return null;
+      }
+      model = answer.model;
+      for (const vector of chunkVectors) vectors.push(vector);
+    }
+    this.#servedModel = model;
+    return tagged(vectors, model, info?.backend ?? null, 'server');
+  }
+
+  /** [index of the first text, texts] per request, within the server's /info limits. */
+  *#chunks(texts) {
+    const info = this.#info ?? {};
+    let maxCount = positiveInteger(info.max_batch_size) ?? 2048;
+    if (this.#options.batchSize) maxCount = Math.min(maxCount, this.#options.batchSize);
+    const maxBody = positiveInteger(info.max_body_bytes) ?? 8 * 1024 * 1024;
+    const budget = maxBody - BODY_OVERHEAD;
+    let start = 0;
+    let bytes = 2;
+    for (let i = 0; i < texts.length; i++) {
+      const size = Buffer.byteLength(JSON.stringify(texts[i])) + 1;
+      if (size + 2 > budget) {
+        throw validationError(`texts[${i}] is ${size - 1} bytes as JSON; the server takes ` +
+          `request bodies up to ${maxBody} bytes`, 'input', 413);
+      }
+      if (i > start && (i - start >= maxCount || bytes + size > budget)) {
+        yield [start, texts.slice(start, i)];
+        start = i;
+        bytes = 2;
+      }
+      bytes += size;
+    }
+    yield [start, texts.slice(start)];
+  }
+
+  #decode(answer, expected) {
+    const data = answer?.data;
+    if (!Array.isArray(data) || data.length !== expected || typeof answer.model !== 'string') {
+      throw this.#badResponse(`expected ${expected} embeddings and a model name`);
+    }
+    const vectors = new Array(expected);
+    for (const item of data) {
+      const index = item?.index;
+      if (!Number.isInteger(index) || index < 0 || index >= expected || vectors[index]) {
+        throw this.#badResponse(`bad or repeated index ${index}`);
+      }
+      const embedding = item.embedding;
+      if (typeof embedding === 'string') vectors[index] = decodeFloat32Base64(embedding, this.#baseUrl);
+      else if (Array.isArray(embedding)) vectors[index] = embedding;
+      else throw this.#badResponse(`embedding ${index} is neither base64 nor an array`);
+    }
+    return vectors;
+  }
+
+  #badResponse(what) {
+    return new EmbedServeError(`unexpected answer from ${this.#baseUrl}: ${what}`,
+      { code: 'bad_response', url: this.#baseUrl });
+  }
+
+  #note(result) {
+    if (this.lastModel !== null && result.model !== this.lastModel) {
+      this.emit('modelChange', { from: this.lastModel, to: result.model, source: result.source });
+    }
+    this.lastModel = result.model;
+    this.lastBackend = result.backend;
+    this.lastSource = result.source;
+  }
+
+  // -- fallback -------------------------------------------------------------------------
+
+  #embedFallback(texts, dimensions, cause) {
+    const { embedder, refusal } = this.#fallbackPlan();
+    if (!embedder) {
+      // The same error, saying why nothing else was tried.
+      const { name: _name, ...details } = cause;
+      throw new EmbedServeError(`${cause.message}; no fallback: ${refusal}`,
+        { ...details, cause: cause.cause });
+    }
+    if (dimensions !== undefined && dimensions > embedder.dimensions) {
+      throw validationError(`'dimensions' must be between 1 and ${embedder.dimensions} for ` +
+        `model ${embedder.model}, got ${dimensions}`, 'dimensions', 422);
+    }
+    this.emit('fallback', { error: cause, model: embedder.model });
+    let vectors = embedder.embed(texts);
+    if (dimensions !== undefined && dimensions < embedder.dimensions) {
+      vectors = vectors.map((vector) => shorten(vector, dimensions));
+    }
+    // The server's base64 transport carries float32: round the same way, so that the
+    // fallback's vectors equal the server's hash tier's bit for bit in either format.
+    if (this.#options.encodingFormat === 'base64') {
+      vectors = vectors.map((vector) => vector.map(Math.fround));
+    }
+    return tagged(vectors, embedder.model, 'hash', 'fallback');
+  }
+
+  /** The in-process embedder the policy allows, or why none. */
+  #fallbackPlan() {
+    const policy = this.#options.fallback;
+    if (policy === 'never') return { refusal: "fallback is off (fallback: 'never')" };
+    const served = this.#servedDimensions;
+    // A hash-tier server's size wins over the options: the fallback must match it.
+    const dimensions = served && this.#servedModel === hashModelName(served)
+      ? served : this.#configuredDimensions();
+    const local = hashModelName(dimensions);
+    if (policy === 'same-model') {
+      const expected = this.#servedModel ?? this.#requestedModel(dimensions);
+      if (expected !== null && expected !== local) {
+        return {
+          refusal: `the server's model is ${expected}, the in-process fallback would be ` +
+            `${local} (pass fallback: 'always' to accept vectors from another model)`,
+        };
+      }
+    }
+    if (this.#fallbackEmbedder?.dimensions !== dimensions) {
+      this.#fallbackEmbedder = new HashEmbedder(dimensions);
+    }
+    return { embedder: this.#fallbackEmbedder };
+  }
+
+  #setting(name) {
+    const key = `EMBEDSERVE_${name.toUpperCase()}`;
+    return this.#options[name] ?? (this.#options.env[key] || process.env[key] || undefined);
+  }
+
+  #configuredDimensions() {
+    const value = Number(this.#setting('dimensions'));
+    return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_DIMENSIONS;
+  }
+
+  /** The model a started server would serve, where the options say; null if unknown. */
+  #requestedModel(dimensions) {
+    const backend = this.#setting('backend') ?? 'auto';
+    const model = this.#setting('model');
+    if (backend === 'hash') return hashModelName(dimensions);
+    if (ML_BACKENDS.includes(backend) || model) return `${model || backend} (${backend})`;
+    return null;
+  }
+
+  // -- requests with retries ------------------------------------------------------------
+
+  /**
+   * One API call: connects first (starting a server if allowed); a server found gone is
+   * re-found or restarted at once (not a retry); connection errors, timeouts and 408,
+   * 429, 502, 503, 504 are retried with exponential backoff and jitter, honouring
+   * Retry-After. Other errors are raised at once.
+   * @returns {Promise<[any, object]>} the answer, and the /info of the server that gave it
+   */
+  async #request(method, path, body, first = 0) {
+    let failures = 0;
+    let relocations = 0;
+    for (;;) {
+      await this.#ensureConnected();
+      const info = this.#info;
+      const server = this.#server;
+      let failure;
+      try {
+        return [await this.#fetchJson(method, path, body, this.#options.timeoutMs), info];
+      } catch (error) {
+        this.#checkOpen();
+        if (!(error instanceof TransportError) && !(error instanceof RetryableStatus)) {
+          throw annotateChunk(error, first);
+        }
+        failure = error;
+      }
+      const gone = failure instanceof TransportError &&
+        (failure.refused || (server !== null && this.#server === server && !server.alive));
+      if (gone && relocations < MAX_RELOCATIONS) {
+        // Nothing listens any more (or our server died): find or start one now, no backoff.
+        this.#lose(info);
+        relocations++;
+        continue;
+      }
+      if (failures >= this.#options.retries) {
+        const timedOut = failure instanceof TransportError && failure.timedOut;
+        throw new EmbedServeError(
+          `${method} ${this.#baseUrl}${path} failed ${failures + 1} times; last: ${failure.message}`,
+          { code: timedOut ? 'timeout' : 'unavailable', url: this.#baseUrl, status: failure.status,
+            serverMessage: failure.serverMessage, cause: failure.cause ?? failure },
+        );
+      }
+      failures++;
+      if (failure.status === 503) this.#lose(info); // draining: check the server again
+      await sleep(this.#delay(failures, failure.retryAfterMs));
+    }
+  }
+
+  #delay(failures, retryAfter) {
+    const { backoffMs, maxBackoffMs } = this.#options;
+    if (retryAfter !== undefined) {
+      const base = Math.min(retryAfter, maxBackoffMs);
+      return base + Math.random() * 0.1 * base;
+    }
+    const ceiling = Math.min(maxBackoffMs, backoffMs * 2 ** (failures - 1));
+    // "Equal jitter": never zero (no hammering), spread out (no thundering herd).
+    return ceiling / 2 + Math.random() * (ceiling / 2);
+  }
+
+  /**
+   * GET or POST JSON. Resolves to the parsed answer of a 2xx; rejects with a
+   * TransportError (no answer), a RetryableStatus (408/429/502/503/504) or an
+   * EmbedServeError (any other status, or not JSON).
+   */
+  async #fetchJson(method, path, body, timeoutMs, baseUrl = this.#baseUrl) {
+    const url = baseUrl + path;
+    const headers = { accept: 'application/json' };
+    if (body !== undefined) headers['content-type'] = 'application/json';
+    if (this.#options.apiKey) headers.authorization = `Bearer ${this.#options.apiKey}`;
+    let response;
+    let text;
+    try {
+      response = await fetch(url, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      text = await response.text();
+    } catch (cause) {
+      throw new TransportError(cause, url, timeoutMs);
+    }
+    const json = parseJson(text);
+    if (response.status >= 400) {
+      const fields = errorFields(json, text, response.statusText);
+      if (RETRYABLE_STATUSES.has(response.status)) {
+        throw new RetryableStatus(response.status, fields.message, retryAfterMs(response.headers));
+      }
+      throw httpError(response.status, fields, url);
+    }
+    if (json === undefined) {
+      throw new EmbedServeError(`${method} ${url} answered ${response.status} without JSON`,
+        { code: 'bad_response', url, status: response.status });
+    }
+    return json;
+  }
+
+  // -- finding, starting, restarting the server ------------------------------------------
+
+  #checkOpen() {
+    if (this.#closed) throw closedError();
+  }
+
+  #setInfo(info) {
+    if (typeof info !== 'object' || info === null || typeof info.model !== 'string') {
+      throw this.#badResponse('GET /info did not describe a model');
+    }
+    this.#info = info;
+    this.#servedModel = info.model;
+    this.#servedDimensions = Number.isInteger(info.dimensions) ? info.dimensions : null;
+  }
+
+  /** The server behind `info` stopped answering: forget it (once, whoever sees it first). */
+  #lose(info) {
+    if (this.#info === info) this.#info = null;
+  }
+
+  async #ensureConnected() {
+    this.#checkOpen();
+    if (this.#info) return;
+    this.#connecting ??= this.#findOrStart().finally(() => {
+      this.#connecting = null;
+    });
+    try {
+      await this.#connecting;
+    } catch (error) {
+      throw this.#closed ? closedError(error) : error;
+    }
+  }
+
+  async #findOrStart() {
+    const deadline = Date.now() + this.#options.startTimeoutMs;
+    const target = this.#target;
+    const recentlyFailed = Date.now() < this.#downUntil && this.#downError !== null;
+    const mayStart = this.#options.autoStart && (this.#options.restart || !this.#hadServer) &&
+      !recentlyFailed;
+    const local = isLoopback(target.hostname) && target.protocol === 'http:';
+    if (target.port === '0') {
+      if (!mayStart) {
+        throw new EmbedServeError(`the private server (port 0) is gone and ${this.#whyNoStart(local)}`,
+          { code: 'unreachable', url: target.base });
+      }
+      await this.#startServer(deadline);
+      return;
+    }
+    let spawns = 0;
+    let refusals = 0;
+    for (;;) {
+      this.#checkOpen();
+      const probe = await this.#probeUntilSettled(target.base, deadline);
+      if (probe.state === 'ready') {
+        this.#baseUrl = target.base;
+        this.#server = null;
+        this.#setInfo(await this.#fetchJson('GET', '/info', undefined, this.#options.timeoutMs, target.base));
+        this.#hadServer = true;
+        this.emit('connect', { url: target.base, owned: false, info: this.#info });
+        return;
+      }
+      if (probe.state === 'foreign') {
+        throw new EmbedServeError(
+          `something that is not an embedserve server answers at ${target.base}: ${probe.detail}`,
+          { code: 'not_embedserve', url: target.base });
+      }
+      if (probe.state === 'busy') { // still busy at the deadline
+        throw new EmbedServeError(
+          `the server at ${target.base} did not become ready within ` +
+            `${this.#options.startTimeoutMs} ms (${probe.detail})`,
+          { code: 'start_timeout', url: target.base });
+      }
+      // 'down': nothing listens.
+      if (!(mayStart && local)) {
+        if (refusals < this.#options.retries) { // someone else may be starting it right now
+          refusals++;
+          await sleep(this.#delay(refusals));
+          continue;
+        }
+        throw new EmbedServeError(
+          `no embedserve server answers at ${target.base} (${probe.detail}; ${refusals + 1} ` +
+            `tries), and ${this.#whyNoStart(local)}`,
+          { code: 'unreachable', url: target.base, cause: probe.error });
+      }
+      if (spawns >= MAX_SPAWNS_PER_START) {
+        throw new EmbedServeError(
+          `could not start a server at ${target.base}: its port stays taken, yet nothing answers there`,
+          { code: 'start_failed', url: target.base });
+      }
+      spawns++;
+      if (await this.#startServer(deadline)) return;
+      // Another process bound the port first (a client starting a server at the same
+      // time, or a server still letting go of it): use that one once it answers.
+    }
+  }
+
+  #whyNoStart(local) {
+    if (!this.#options.autoStart) return 'autoStart is off';
+    if (!this.#options.restart && this.#hadServer) return 'restart is off';
+    if (!local) {
+      return 'a server is only started for http:// on this machine (127.0.0.1, localhost, ::1)';
+    }
+    return `a start failed less than ${RECHECK_INTERVAL_MS} ms ago: ${this.#downError?.message}`;
+  }
+
+  /**
+   * Spawn `python -m embedserve` for the configured host and port and wait for its ready
+   * line. Resolves true when it serves; false when its port was taken (the caller then
+   * waits for whoever holds it). Other failures reject, quoting the server's last lines.
+   */
+  async #startServer(deadline) {
+    this.#countRestart();
+    const target = this.#target;
+    const host = target.hostname.replace(/^\[|\]$/g, '');
+    const { python, backend, model, dimensions, serverArgs, cwd, apiKey } = this.#options;
+    const args = ['-m', 'embedserve', '--host', host === 'localhost' ? '127.0.0.1' : host,
+      '--port', target.port];
+    if (backend) args.push('--backend', backend);
+    if (model) args.push('--model', model);
+    if (dimensions) args.push('--dimensions', String(dimensions));
+    args.push(...serverArgs);
+    const env = {
+      ...process.env,
+      PYTHONUNBUFFERED: '1',
+      // Stop when this process is gone, however it went, even by kill -9 (servers that
+      // support it read this; an EMBEDSERVE_* variable a server does not know is ignored).
+      EMBEDSERVE_WATCH_STDIN: '1',
+      ...this.#options.env,
+    };
+    // Through the environment, not argv: argv is visible to every user in `ps`.
+    if (apiKey) env.EMBEDSERVE_API_KEY = apiKey;
+
+    const server = new ServerProcess({ python, args, env, cwd });
+    server.on('log', (line, stream) => this.emit('log', line, stream));
+    server.once('exit', (code, signal) => {
+      this.#owned.delete(server);
+      if (!server.url) return; // never became ready: start() reports that
+      this.emit('serverExit', { pid: server.pid, code, signal, expected: this.#closed });
+      // Crashed, or stopped by someone else: the next call finds or starts another.
+      if (this.#server === server) this.#info = null;
+    });
+    this.#owned.add(server);
+    this.#lastSpawned = server;
+    let url;
+    try {
+      const ready = server.start(deadline);
+      if (server.pid !== undefined) this.emit('serverSpawn', { pid: server.pid, command: server.command });
+      url = await ready;
+    } catch (error) {
+      await server.stop(this.#options.stopTimeoutMs); // reap it and anything it left
+      if (this.#closed) throw closedError(error);
+      if (error.addressInUse && target.port !== '0') return false;
+      throw error;
+    }
+    this.#server = server;
+    this.#baseUrl = target.port === '0' ? url.replace(/\/+$/, '') + target.path : target.base;
+    this.#setInfo(await this.#fetchJson('GET', '/info', undefined, this.#options.timeoutMs));
+    this.#hadServer = true;
+    this.#downUntil = 0;
+    this.emit('serverStart', { pid: server.pid, url: this.#baseUrl, command: server.command });
+    this.emit('connect', { url: this.#baseUrl, owned: true, info: this.#info });
+    return true;
+  }
+
+  #countRestart() {
+    if (!this.#hadServer) return;
+    const now = Date.now();
+    this.#restartTimes = this.#restartTimes.filter((t) => now - t <= RESTART_WINDOW_MS);
+    if (this.#restartTimes.length >= MAX_RESTARTS) {
+      throw new EmbedServeError(
+        `the server at ${this.#target.base} went away ${MAX_RESTARTS} times in ` +
+          `${RESTART_WINDOW_MS / 1000} s; not restarting it again yet`,
+        { code: 'unavailable', url: this.#target.base });
+    }
+    this.#restartTimes.push(now);
+  }
+
+  /** Probe until the answer is ready, down or foreign, or until the deadline (busy). */
+  async #probeUntilSettled(base, deadline) {
+    let delay = 20;
+    for (;;) {
+      const probe = await this.#probe(base);
+      if (probe.state !== 'busy' || Date.now() + delay > deadline) return probe;
+      await sleep(delay);
+      delay = Math.min(delay * 2, 250);
+    }
+  }
+
+  /**
+   * One GET /health. state: 'ready' (200 {"status":"ok"}); 'busy' (503 loading/draining,
+   * another retryable status, or a socket that accepts but does not answer in time);
+   * 'down' (nothing listens: connection refused, unknown host); 'foreign' (an answer that
+   * is not embedserve's).
+   */
+  async #probe(base) {
+    const url = `${base}/health`;
+    let response;
+    let body;
+    try {
+      response = await fetch(url, { signal: AbortSignal.timeout(this.#options.healthTimeoutMs) });
+      body = await response.text();
+    } catch (cause) {
+      const error = new TransportError(cause, url, this.#options.healthTimeoutMs);
+      const down = error.refused || !isLoopback(this.#target.hostname);
+      return { state: down ? 'down' : 'busy', status: 'unreachable', detail: error.message, error };
+    }
+    const json = parseJson(body);
+    if (response.status === 200 && json?.status === 'ok') return { state: 'ready', status: 'ok' };
+    const { message } = errorFields(json, body, response.statusText);
+    if (RETRYABLE_STATUSES.has(response.status)) {
+      return { state: 'busy', status: message, detail: `GET /health answered ${response.status}: ${message}` };
+    }
+    return {
+      state: 'foreign',
+      status: 'not_embedserve',
+      detail: `GET ${url} answered ${response.status}: ${message.slice(0, 200)}`,
+    };
+  }
+}
+
+/** The same client under the name of the embedder it replaces. */
+export const NomicEmbedder = EmbedServeClient;
+
+// -- helpers --------------------------------------------------------------------------------
+
+function tagged(value, model, backend, source) {
+  Object.defineProperties(value, {
+    model: { value: model, enumerable: false },
+    backend: { value: backend, enumerable: false },
+    source: { value: source, enumerable: false },
+  });
+  return value;
+}
+
+function checkTexts(texts) {
+  if (!Array.isArray(texts)) {
+    throw new TypeError(`embed() takes an array of strings, got ${describeType(texts)}; ` +
+      'for one text use embedSingle(text)');
+  }
+  texts.forEach((text, i) => {
+    if (typeof text !== 'string') {
+      throw new TypeError(`embed(): texts[${i}] must be a string, got ${describeType(text)}`);
+    }
+    // The server rejects it too; caught here so that the fallback agrees with it.
+    if (text === '') throw validationError(`texts[${i}] is an empty string`, 'input');
+  });
+}
+
+function describeType(value) {
+  return value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value;
+}
+
+function validationError(message, param, status = 400) {
+  return new EmbedServeError(`${status} ${message}`,
+    { code: 'validation', status, serverMessage: message, param });
+}
+
+/** Matryoshka-style shortening, as the server does it: the first values, re-normalised. */
+function shorten(vector, dimensions) {
+  const head = vector.slice(0, dimensions);
+  let sum = 0;
+  for (const x of head) sum += x * x;
+  const norm = Math.sqrt(sum);
+  return norm ? head.map((x) => x / norm) : head;
+}
+
+function annotateChunk(error, first) {
+  if (first > 0 && error instanceof EmbedServeError && error.code === 'validation') {
+    // The server's indexes ("input[3]") count within one request; say where it began.
+    error.message += ` (in the request for texts[${first}:])`;
+    error.inputOffset = first;
+  }
+  return error;
+}
+
+function closedError(cause) {
+  return new EmbedServeError('this embedserve client is closed', { code: 'closed', cause });
+}
+
+function positiveInteger(value) {
+  return Number.isSafeInteger(value) && value > 0 ? value : undefined;
+}

@@ -1,0 +1,125 @@
+// The client's options: defaults, environment variables, validation, and the URL.
+
+import { EmbedServeError } from './errors.js';
+
+export const DEFAULT_PORT = 8765;
+export const DEFAULT_URL = `http://127.0.0.1:${DEFAULT_PORT}`;
+const FALLBACK_POLICIES = ['same-model', 'always', 'never'];
+const ENCODING_FORMATS = ['base64', 'float'];
+
+export const DEFAULTS = Object.freeze({
+  url: undefined,
+  port: undefined,
+  autoStart: true,
+  restart: true,
+  backend: undefined,
+  model: undefined,
+  dimensions: undefined,
+  serverArgs: [],
+  env: {},
+  cwd: undefined,
+  python: undefined,
+  apiKey: undefined,
+  encodingFormat: 'base64',
+  batchSize: undefined,
+  timeoutMs: 60_000,
+  healthTimeoutMs: 2_000,
+  startTimeoutMs: 60_000,
+  stopTimeoutMs: 10_000,
+  retries: 3,
+  backoffMs: 100,
+  maxBackoffMs: 2_000,
+  fallback: 'same-model',
+});
+
+/**
+ * The options with defaults and environment variables filled in, validated and frozen,
+ * and where to look for the server.
+ * @param {import('../index.js').EmbedServeOptions} options
+ */
+export function resolveOptions(options) {
+  const opts = { ...DEFAULTS, ...withoutUndefined(options) };
+  if (opts.fallback === true) opts.fallback = 'same-model';
+  if (opts.fallback === false) opts.fallback = 'never';
+  opts.python ??= process.env.EMBEDSERVE_PYTHON || (process.platform === 'win32' ? 'python' : 'python3');
+  opts.apiKey ??= opts.env?.EMBEDSERVE_API_KEY || process.env.EMBEDSERVE_API_KEY || undefined;
+  validateOptions(opts);
+  const target = parseTarget(opts.url ?? process.env.EMBEDSERVE_URL ?? DEFAULT_URL, opts.port);
+  return { options: Object.freeze(opts), target };
+}
+
+function parseTarget(text, port) {
+  const fail = (why, cause) => {
+    throw new EmbedServeError(`invalid url ${JSON.stringify(text)}: ${why}`, { code: 'invalid_option', cause });
+  };
+  let url;
+  try {
+    url = new URL(String(text).includes('://') ? text : `http://${text}`);
+  } catch (cause) {
+    fail('expected something like http://127.0.0.1:8765', cause);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') fail('only http:// and https:// are supported');
+  if (url.search || url.hash || url.username || url.password) {
+    fail("give the server's base URL, without query, fragment or credentials (use the apiKey option)");
+  }
+  const effectivePort = port !== undefined ? String(port)
+    : url.port || (url.protocol === 'http:' ? String(DEFAULT_PORT) : '443');
+  const path = url.pathname.replace(/\/+$/, '');
+  return {
+    protocol: url.protocol,
+    hostname: url.hostname, // IPv6 in brackets: [::1]
+    port: effectivePort,
+    path,
+    base: `${url.protocol}//${url.hostname}:${effectivePort}${path}`,
+  };
+}
+
+export function isLoopback(hostname) {
+  const host = hostname.replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+function withoutUndefined(object) {
+  return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== undefined));
+}
+
+function validateOptions(opts) {
+  const fail = (message) => {
+    throw new EmbedServeError(`invalid option ${message}`, { code: 'invalid_option' });
+  };
+  const unknown = Object.keys(opts).filter((key) => !(key in DEFAULTS));
+  if (unknown.length) fail(`${unknown.join(', ')}: not an option (see EmbedServeOptions)`);
+  if (!FALLBACK_POLICIES.includes(opts.fallback)) {
+    fail(`fallback: ${JSON.stringify(opts.fallback)}; expected one of ${FALLBACK_POLICIES.join(', ')}, true or false`);
+  }
+  if (!ENCODING_FORMATS.includes(opts.encodingFormat)) {
+    fail(`encodingFormat: ${JSON.stringify(opts.encodingFormat)}; expected one of ${ENCODING_FORMATS.join(', ')}`);
+  }
+  if (!Array.isArray(opts.serverArgs) || !opts.serverArgs.every((a) => typeof a === 'string')) {
+    fail('serverArgs: expected an array of strings');
+  }
+  if (typeof opts.env !== 'object' || opts.env === null) fail('env: expected an object');
+  if (typeof opts.python !== 'string' || !opts.python) fail('python: expected a command or path');
+  if (opts.port !== undefined && !(Number.isInteger(opts.port) && opts.port >= 0 && opts.port <= 65535)) {
+    fail(`port: ${opts.port}; expected an integer from 0 to 65535`);
+  }
+  for (const name of ['dimensions', 'batchSize']) {
+    if (opts[name] !== undefined && !(Number.isSafeInteger(opts[name]) && opts[name] > 0)) {
+      fail(`${name}: ${opts[name]}; expected a positive integer`);
+    }
+  }
+  for (const name of ['timeoutMs', 'healthTimeoutMs', 'startTimeoutMs', 'stopTimeoutMs']) {
+    if (!(typeof opts[name] === 'number' && opts[name] > 0 && Number.isFinite(opts[name]))) {
+      fail(`${name}: ${opts[name]}; expected a positive number of milliseconds`);
+    }
+  }
+  for (const name of ['backoffMs', 'maxBackoffMs']) {
+    if (!(typeof opts[name] === 'number' && opts[name] >= 0 && Number.isFinite(opts[name]))) {
+      fail(`${name}: ${opts[name]}; expected a number of milliseconds >= 0`);
+    }
+  }
+  if (!(Number.isInteger(opts.retries) && opts.retries >= 0)) {
+    fail(`retries: ${opts.retries}; expected an integer >= 0`);
+  }
+}
+

@@ -1,0 +1,176 @@
+// Shared test helpers: real `python -m embedserve` processes on free ports of 127.0.0.1,
+// process and port checks, and child Node programs. (Outside test/: `node --test` runs
+// every .js file under a test/ folder as a test file.)
+
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { delimiter } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+export const REPO_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+export const GOLDEN_PATH = fileURLToPath(new URL('../../../tests/data/hash_golden.json', import.meta.url));
+export const PYTHON = process.env.EMBEDSERVE_PYTHON || 'python3';
+
+/**
+ * Environment for servers: embedserve from this checkout, on its hash backend (fast to
+ * start, and the vectors the tests compare with), never reaching out to a model hub.
+ */
+export function serverEnv() {
+  const paths = [REPO_ROOT.replace(/\/$/, ''), process.env.PYTHONPATH].filter(Boolean);
+  return { PYTHONPATH: paths.join(delimiter), HF_HUB_OFFLINE: '1', EMBEDSERVE_BACKEND: 'hash' };
+}
+
+/** Client options every test needs to start servers from this checkout. */
+export function clientOptions(extra = {}) {
+  return { python: PYTHON, env: serverEnv(), cwd: REPO_ROOT, startTimeoutMs: 20_000, ...extra };
+}
+
+export function loadGolden() {
+  if (!existsSync(GOLDEN_PATH)) return null;
+  return JSON.parse(readFileSync(GOLDEN_PATH, 'utf8'));
+}
+
+/** A port nothing listens on right now. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Whether 127.0.0.1:port can be bound (nothing holds it). */
+export function portIsFree(port) {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+  });
+}
+
+/**
+ * Whether the process is gone. A zombie counts as gone: it runs nothing and holds no
+ * port; an orphan's zombie lingers where PID 1 does not reap (some containers).
+ */
+export function processGone(pid) {
+  try {
+    process.kill(pid, 0);
+  } catch (error) {
+    if (error.code === 'ESRCH') return true;
+    throw error;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
+  } catch {
+    return true;
+  }
+}
+
+/** Poll `check` until it returns truthy; throws with `what` after `timeoutMs`. */
+export async function waitFor(check, what, timeoutMs = 10_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+export async function assertStopped(pids, port) {
+  for (const pid of pids.filter(Boolean)) {
+    await waitFor(() => processGone(pid), `process ${pid} to exit`);
+  }
+  if (port) await waitFor(() => portIsFree(port), `port ${port} to be free`);
+}
+
+const READY = /embedserve ready at (\S+) .*pid=(\d+)/;
+
+/**
+ * A server started by the test itself (not by a client): clients must never stop it.
+ * @returns {Promise<{proc, url, port, pid, stop: () => Promise<void>}>}
+ */
+export function startServer(args = [], { timeoutMs = 20_000 } = {}) {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(PYTHON, ['-m', 'embedserve', '--host', '127.0.0.1', '--port', '0', ...args], {
+      cwd: REPO_ROOT,
+      env: { ...process.env, ...serverEnv() },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const output = [];
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`test server not ready in ${timeoutMs} ms:\n${output.join('')}`));
+    }, timeoutMs);
+    proc.stderr.on('data', (chunk) => output.push(String(chunk)));
+    proc.stdout.on('data', (chunk) => {
+      output.push(String(chunk));
+      const match = READY.exec(output.join(''));
+      if (!match) return;
+      clearTimeout(timer);
+      const url = match[1];
+      resolve({
+        proc,
+        url,
+        port: Number(new URL(url).port),
+        pid: Number(match[2]),
+        stop: async () => {
+          if (proc.exitCode !== null || proc.signalCode !== null) return;
+          const exited = new Promise((done) => proc.once('exit', done));
+          proc.kill('SIGTERM');
+          const killer = setTimeout(() => proc.kill('SIGKILL'), 10_000);
+          await exited;
+          clearTimeout(killer);
+        },
+      });
+    });
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`test server exited with ${code}:\n${output.join('')}`));
+    });
+  });
+}
+
+/**
+ * Run test-support/app.js in a child Node process. Resolves once it printed its first
+ * JSON line, with that line and a promise of its exit.
+ */
+export function runApp(args, { timeoutMs = 20_000 } = {}) {
+  const app = fileURLToPath(new URL('./app.js', import.meta.url));
+  const child = spawn(process.execPath, [app, ...args], {
+    cwd: REPO_ROOT,
+    env: { ...process.env, EMBEDSERVE_PYTHON: PYTHON },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const exited = new Promise((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stderr.on('data', (chunk) => { stderr += chunk; });
+  const first = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`app printed nothing in ${timeoutMs} ms; stderr:\n${stderr}`));
+    }, timeoutMs);
+    child.stdout.on('data', (chunk) => {
+      stdout += chunk;
+      const newline = stdout.indexOf('\n');
+      if (newline >= 0) {
+        clearTimeout(timer);
+        resolve(JSON.parse(stdout.slice(0, newline)));
+      }
+    });
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      reject(new Error(`app exited (${code ?? signal}) before reporting; stderr:\n${stderr}`));
+    });
+  });
+  return first.then((report) => ({ child, report, exited, stderr: () => stderr }));
+}

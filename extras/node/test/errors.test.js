@@ -1,0 +1,308 @@
+// Clear errors: a bad URL, nothing to talk to, a server that never becomes ready or dies
+// while starting, a validation error from the server, something else on the port; and the
+// retry policy (429/503 retried with backoff, 4xx raised at once, timeouts bounded).
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { EmbedServeClient, EmbedServeError } from '../index.js';
+import {
+  assertStopped, clientOptions, freePort, portIsFree, startServer, waitFor,
+} from '../test-support/helpers.js';
+
+const scratch = mkdtempSync(join(tmpdir(), 'embedserve-node-'));
+after(() => rmSync(scratch, { recursive: true, force: true }));
+
+/** A stand-in "python" that logs a line, writes its pid to a file, and never gets ready. */
+function neverReadyPython() {
+  const path = join(scratch, 'python-never-ready');
+  const pidFile = join(scratch, 'never-ready.pid');
+  writeFileSync(path, `#!/bin/sh\necho "loading a very large model..." >&2\necho $$ > ${pidFile}\nexec sleep 60\n`,
+    { mode: 0o755 });
+  return { path, pidFile };
+}
+
+/** A local HTTP peer for behaviours a real server does not show on demand. */
+async function fakeServer(handler) {
+  const server = createServer(handler);
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const url = `http://127.0.0.1:${server.address().port}`;
+  return {
+    url,
+    close: () => new Promise((resolve) => {
+      server.closeAllConnections();
+      server.close(resolve);
+    }),
+  };
+}
+
+function json(res, status, body, headers = {}) {
+  res.writeHead(status, { 'content-type': 'application/json', ...headers });
+  res.end(JSON.stringify(body));
+}
+
+test('a bad URL is an invalid_option error at construction', () => {
+  for (const url of ['not a url', 'ftp://127.0.0.1:8765', 'http://127.0.0.1:8765/?x=1', 'http://user:pw@127.0.0.1:1']) {
+    assert.throws(() => new EmbedServeClient({ url }),
+      (error) => error instanceof EmbedServeError && error.code === 'invalid_option' &&
+        error.message.includes(JSON.stringify(url)));
+  }
+  assert.throws(() => new EmbedServeClient({ fallback: 'sometimes' }), /fallback.*same-model, always, never/);
+  assert.throws(() => new EmbedServeClient({ retries: -1 }), { code: 'invalid_option' });
+  assert.throws(() => new EmbedServeClient({ timeout: 5 }), { code: 'invalid_option', message: /timeout: not an option/ });
+});
+
+test('nothing answers and autoStart is off: unreachable, at once', { timeout: 10_000 }, async () => {
+  const port = await freePort();
+  const client = new EmbedServeClient({ url: `http://127.0.0.1:${port}`, autoStart: false, fallback: 'never' });
+  const startedAt = Date.now();
+  await assert.rejects(client.embed(['x']), (error) => {
+    assert.equal(error.code, 'unreachable');
+    assert.equal(error.serverUnavailable, true);
+    assert.match(error.message, new RegExp(`no embedserve server answers at http://127.0.0.1:${port} .*ECONNREFUSED.*autoStart is off`));
+    assert.match(error.message, /no fallback: fallback is off/);
+    return true;
+  });
+  assert.ok(Date.now() - startedAt < 2000);
+  assert.ok(await portIsFree(port));
+});
+
+test('a server is never started for a remote URL', { timeout: 10_000 }, async () => {
+  // 192.0.2.0/24 is TEST-NET-1: nothing there answers.
+  const client = new EmbedServeClient({ url: 'http://192.0.2.1:8765', healthTimeoutMs: 300, retries: 1, fallback: 'never' });
+  await assert.rejects(client.embed(['x']), { code: 'unreachable', message: /only started for http:\/\/ on this machine/ });
+});
+
+test('a server that never becomes ready: start_timeout with its last output, and it is killed', { timeout: 20_000 }, async () => {
+  const port = await freePort();
+  const { path, pidFile } = neverReadyPython();
+  const client = new EmbedServeClient(clientOptions({
+    url: `http://127.0.0.1:${port}`, python: path, startTimeoutMs: 1500, fallback: 'never',
+  }));
+  const startedAt = Date.now();
+  await assert.rejects(client.embed(['x']), (error) => {
+    assert.equal(error.code, 'start_timeout');
+    assert.match(error.message, /did not become ready within \d+ ms/);
+    assert.match(error.message, /loading a very large model/);
+    assert.deepEqual(error.serverLog, ['loading a very large model...']);
+    return true;
+  });
+  assert.ok(Date.now() - startedAt < 6000);
+  const pid = Number(readFileSync(pidFile, 'utf8'));
+  await assertStopped([pid], port);
+});
+
+test('a server that exits while starting: start_failed with its error output', { timeout: 20_000 }, async () => {
+  const client = new EmbedServeClient(clientOptions({
+    url: `http://127.0.0.1:${await freePort()}`, serverArgs: ['--backend', 'no-such-backend'], fallback: 'never',
+  }));
+  await assert.rejects(client.embed(['x']), (error) => {
+    assert.equal(error.code, 'start_failed');
+    assert.match(error.message, /exited with code 2 before it was ready/);
+    assert.match(error.message, /invalid choice: 'no-such-backend'/);
+    return true;
+  });
+  assert.equal(client.ownsServer, false);
+});
+
+test('a python that does not exist: start_failed that says how to fix it', { timeout: 10_000 }, async () => {
+  const client = new EmbedServeClient(clientOptions({
+    url: `http://127.0.0.1:${await freePort()}`, python: join(scratch, 'no-python-here'), fallback: 'never',
+  }));
+  await assert.rejects(client.embed(['x']), {
+    code: 'start_failed', message: /ENOENT.*Set the `python` option or EMBEDSERVE_PYTHON/s,
+  });
+});
+
+test('a python without embedserve: start_failed that says how to fix it', { timeout: 20_000 }, async () => {
+  // python -S: no site-packages, so not even an editable install of embedserve is found.
+  const python = join(scratch, 'python-without-site');
+  writeFileSync(python, `#!/bin/sh\nexec ${clientOptions().python} -S "$@"\n`, { mode: 0o755 });
+  const client = new EmbedServeClient({ url: `http://127.0.0.1:${await freePort()}`, python, cwd: scratch, fallback: 'never' });
+  await assert.rejects(client.embed(['x']), (error) => {
+    assert.equal(error.code, 'start_failed');
+    assert.match(error.message, /exited with code 1 before it was ready/);
+    assert.match(error.message, /Install it for .* \(pip install embedserve\)/);
+    assert.match(error.message, /No module named embedserve/);
+    return true;
+  });
+});
+
+describeServer();
+
+function describeServer() {
+  let server;
+  let client;
+  before(async () => {
+    server = await startServer(['--max-batch-size', '2']);
+    client = new EmbedServeClient(clientOptions({ url: server.url, autoStart: false }));
+  });
+  after(async () => {
+    await client?.close();
+    await server?.stop();
+  });
+
+  test('a validation error from the server is raised at once, with its message', { timeout: 10_000 }, async () => {
+    let fellBack = false;
+    client.on('fallback', () => { fellBack = true; });
+    await assert.rejects(client.embed(['fine', 'texts'], { dimensions: 1000 }), (error) => {
+      assert.ok(error instanceof EmbedServeError);
+      assert.equal(error.code, 'validation');
+      assert.equal(error.serverUnavailable, false);
+      assert.equal(error.status, 422);
+      assert.equal(error.param, 'dimensions');
+      assert.equal(error.type, 'invalid_request_error');
+      assert.match(error.serverMessage, /'dimensions' must be between 1 and 384/);
+      assert.match(error.message, /^422 invalid_value: 'dimensions' must be between 1 and 384/);
+      return true;
+    });
+    assert.equal(fellBack, false); // never hidden by a fallback
+  });
+}
+
+test('something else on the port: not_embedserve, and nothing is started', { timeout: 10_000 }, async () => {
+  const peer = await fakeServer((req, res) => json(res, 404, { message: 'no such thing' }));
+  try {
+    const client = new EmbedServeClient(clientOptions({ url: peer.url, fallback: 'never' }));
+    await assert.rejects(client.embed(['x']), { code: 'not_embedserve', message: /answered 404/ });
+    assert.equal(client.ownsServer, false);
+  } finally {
+    await peer.close();
+  }
+});
+
+/** A peer that acts as a ready embedserve and answers embeddings with `onEmbed`. */
+function fakeEmbedServe(onEmbed) {
+  return fakeServer((req, res) => {
+    if (req.url === '/health') return json(res, 200, { status: 'ok' });
+    if (req.url === '/info') {
+      return json(res, 200, { backend: 'hash', model: 'hash-v1-4', dimensions: 4, max_batch_size: 8, pid: 1 });
+    }
+    let body = '';
+    req.on('data', (chunk) => { body += chunk; });
+    req.on('end', () => onEmbed(req, res, JSON.parse(body)));
+  });
+}
+
+function answer(res, input) {
+  json(res, 200, {
+    object: 'list',
+    model: 'hash-v1-4',
+    data: input.map((_, index) => ({ object: 'embedding', index, embedding: [index, 0, 0, 1] })),
+    usage: { prompt_tokens: 1, total_tokens: 1 },
+  });
+}
+
+test('429 and 503 are retried with backoff (Retry-After honoured), then succeed', { timeout: 10_000 }, async () => {
+  const seen = [];
+  const peer = await fakeEmbedServe((req, res, body) => {
+    seen.push(Date.now());
+    if (seen.length === 1) return json(res, 429, { error: { message: 'busy' } }, { 'retry-after': '1' });
+    if (seen.length === 2) return json(res, 503, { error: { message: 'draining' } });
+    return answer(res, body.input);
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, backoffMs: 20, maxBackoffMs: 2000 });
+    const vectors = await client.embed(['a', 'b']);
+    assert.deepEqual([...vectors], [[0, 0, 0, 1], [1, 0, 0, 1]]);
+    assert.equal(seen.length, 3);
+    assert.ok(seen[1] - seen[0] >= 950, 'waited Retry-After: 1');
+  } finally {
+    await peer.close();
+  }
+});
+
+test('retries are bounded: the last error is raised', { timeout: 10_000 }, async () => {
+  let calls = 0;
+  const peer = await fakeEmbedServe((req, res) => {
+    calls++;
+    json(res, 503, { error: { message: 'still loading', type: 'server_error', code: 'service_unavailable' } });
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, retries: 2, backoffMs: 10, fallback: 'never' });
+    await assert.rejects(client.embed(['a']), {
+      code: 'unavailable', status: 503, serverMessage: 'still loading',
+      message: /POST http:.*\/v1\/embeddings failed 3 times; last: HTTP 503: still loading/,
+    });
+    assert.equal(calls, 3);
+  } finally {
+    await peer.close();
+  }
+});
+
+test('4xx is not retried', { timeout: 10_000 }, async () => {
+  let calls = 0;
+  const peer = await fakeEmbedServe((req, res) => {
+    calls++;
+    json(res, 422, { error: { message: "'dimensions' must be between 1 and 4", param: 'dimensions' } });
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, retries: 5 });
+    await assert.rejects(client.embed(['a']), { code: 'validation', status: 422, param: 'dimensions' });
+    assert.equal(calls, 1);
+  } finally {
+    await peer.close();
+  }
+});
+
+test('a request that gets no answer times out (AbortSignal.timeout), retries included', { timeout: 10_000 }, async () => {
+  let calls = 0;
+  const peer = await fakeEmbedServe(() => { calls++; /* never answers */ });
+  try {
+    const client = new EmbedServeClient({
+      url: peer.url, autoStart: false, timeoutMs: 200, retries: 1, backoffMs: 10, fallback: 'never',
+    });
+    const startedAt = Date.now();
+    await assert.rejects(client.embed(['a']), { code: 'timeout', message: /failed 2 times; last: no answer from .* within 200 ms/ });
+    assert.equal(calls, 2);
+    assert.ok(Date.now() - startedAt < 2000);
+  } finally {
+    await peer.close();
+  }
+});
+
+test('a server error in one request of a split call says which texts it covered', { timeout: 10_000 }, async () => {
+  let calls = 0;
+  const peer = await fakeEmbedServe((req, res, body) => {
+    calls++;
+    if (calls === 1) return answer(res, body.input);
+    return json(res, 400, { error: { message: "'input[1]' is not acceptable", param: 'input', code: 'invalid_request' } });
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, batchSize: 2 });
+    await assert.rejects(client.embed(['a', 'b', 'c', 'd']), (error) => {
+      assert.equal(error.code, 'validation');
+      assert.equal(error.inputOffset, 2);
+      assert.match(error.message, /^400 invalid_request: 'input\[1\]' is not acceptable \(in the request for texts\[2:\]\)$/);
+      return true;
+    });
+  } finally {
+    await peer.close();
+  }
+});
+
+test('a malformed answer is a bad_response error', { timeout: 10_000 }, async () => {
+  const peer = await fakeEmbedServe((req, res) => json(res, 200, { data: [] }));
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false });
+    await assert.rejects(client.embed(['a']), { code: 'bad_response' });
+  } finally {
+    await peer.close();
+  }
+});
+
+test('a client closed while its server starts stops it and says closed', { timeout: 20_000 }, async () => {
+  const port = await freePort();
+  const client = new EmbedServeClient(clientOptions({ url: `http://127.0.0.1:${port}` }));
+  let pid;
+  client.on('serverSpawn', (event) => { pid = event.pid; });
+  const pending = client.embed(['x']);
+  await waitFor(() => pid !== undefined, 'the server to be spawned');
+  const closing = client.close();
+  await assert.rejects(pending, { code: 'closed' });
+  await closing;
+  await assertStopped([pid], port);
+});
