@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 from embedserve.backends import BackendError
-from embedserve.backends.torch_base import DEFAULT_MODEL, TorchBackend, pick_device, pick_dtype
+from embedserve.backends.torch_base import (DEFAULT_MODEL, TorchBackend, locate_model,
+                                            pick_device, pick_dtype)
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -24,7 +25,7 @@ class SentenceTransformersBackend(TorchBackend):
         self.device = pick_device(config.device)
         dtype = pick_dtype(self.device, config.fp32)
         try:
-            network = SentenceTransformer(model_id, device=self.device,
+            network = SentenceTransformer(locate_model(model_id), device=self.device,
                                           trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as exc:
             text = str(exc).strip().splitlines()

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from embedserve.backends import BackendError, Encoded, Token
 from embedserve.config import Config
@@ -19,6 +22,36 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # nomic-embed models expect a task prefix and ship no prompts of their own.
 NOMIC_PROMPTS = {"search_query": "search_query: ", "search_document": "search_document: ",
                  "classification": "classification: ", "clustering": "clustering: "}
+
+
+def locate_model(model_id: str) -> str:
+    """A local folder for `model_id` when there is one (a folder, or a cached hub snapshot:
+    then nothing touches the network); else `model_id` itself, for the library to download
+    with its progress bars -- after a quick check that the hub can be reached at all, so an
+    offline machine gets a clear error at once instead of minutes of retries."""
+    if os.path.isdir(model_id):
+        return model_id
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:  # not cached (or not a hub id): decided below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise BackendError(f"model {model_id!r} is not a folder and not in the local Hugging "
+                           f"Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set")
+    endpoint = urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or 443), timeout=5).close()
+    except OSError as exc:
+        raise BackendError(f"model {model_id!r} is not in the local Hugging Face cache "
+                           f"({constants.HF_HUB_CACHE}) and {host} cannot be reached "
+                           f"({exc}); download it once while online, or pass a local "
+                           "folder with --model") from None
+    log.info("downloading %s from %s into %s (first use only)", model_id, host,
+             constants.HF_HUB_CACHE)
+    return model_id
 
 
 def pick_device(requested: str) -> str:

@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 from embedserve.backends import BackendError
-from embedserve.backends.torch_base import (DEFAULT_MODEL, TorchBackend, pick_device,
-                                            pick_dtype, read_json)
+from embedserve.backends.torch_base import (DEFAULT_MODEL, TorchBackend, locate_model,
+                                            pick_device, pick_dtype, read_json)
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -24,17 +24,17 @@ class TransformersBackend(TorchBackend):
         self.model = model_id
         self.device = pick_device(config.device)
         dtype = pick_dtype(self.device, config.fp32)
-        local = os.path.isdir(model_id)
+        source = locate_model(model_id)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
-                model_id, trust_remote_code=config.trust_remote_code)
+                source, trust_remote_code=config.trust_remote_code)
             network = AutoModel.from_pretrained(
-                model_id, trust_remote_code=config.trust_remote_code, dtype=dtype)
+                source, trust_remote_code=config.trust_remote_code, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load model {model_id!r} with transformers: "
                                f"{_first_line(exc)}") from exc
         self.network = network.to(self.device).eval()
-        folder = model_id if local else _snapshot_folder(model_id)
+        folder = source if os.path.isdir(source) else _snapshot_folder(model_id)
         self.pooling = _pooling_mode(folder)
         st_config = read_json(folder, "sentence_bert_config.json") if folder else {}
         limits = [n for n in (st_config.get("max_seq_length"),
