@@ -100,8 +100,8 @@ def _load_ml(name: str, package: str, target: str, config: Config) -> Backend:
         backend_class = getattr(importlib.import_module(module_name), class_name)
         backend: Any = backend_class(config)
         backend.warm_up()
-    except BackendError:
-        raise
+    except BackendError as exc:
+        raise BackendError(f"installed but failed to load: {exc}") from exc
     except ImportError as exc:
         raise BackendError(f"installed but failed to import: {exc}") from exc
     except Exception as exc:  # a model that fails to load must not take the server down
