@@ -20,6 +20,11 @@ from embedserve.errors import ApiError
 
 log = logging.getLogger("embedserve.batcher")
 
+# A batch is closed before padding would make it this much bigger than its real tokens:
+# on a CPU the cost of a forward pass grows with padded tokens, so a few long texts must
+# not pad many short ones (measured: 2-4x the real tokens without this rule).
+PADDING_SLACK = 1.25
+
 
 @dataclass(eq=False)
 class _Job:
@@ -85,14 +90,17 @@ class Batcher:
             # go in batches of their own.)
             window.sort(key=lambda item: (item.left, item.tokens), reverse=True)
             batch: list[_Item] = []
+            real = 0  # tokens in the batch before padding
             for item in window:
-                longest = batch[0].tokens if batch else item.tokens
-                if batch and (longest * (len(batch) + 1) > self.max_batch_tokens
-                              or len(batch) >= self.max_batch_texts
-                              or item.left != batch[0].left):
-                    self._forward(batch)
-                    batch = []
+                if batch:
+                    padded = batch[0].tokens * (len(batch) + 1)
+                    if (padded > self.max_batch_tokens or len(batch) >= self.max_batch_texts
+                            or padded > PADDING_SLACK * (real + item.tokens)
+                            or item.left != batch[0].left):
+                        self._forward(batch)
+                        batch, real = [], 0
                 batch.append(item)
+                real += item.tokens
             if batch:
                 self._forward(batch)
 

@@ -96,7 +96,11 @@ class Supervisor:
             waitables.append(STDIN_FD)
         for child in self.children:
             waitables += [child.channel, child.process.sentinel]
-        for ready in wait(waitables, TICK):
+        # Wake in time for a restart that is due before the next tick.
+        timeout = TICK
+        if len(self.children) < self.config.workers:
+            timeout = min(TICK, max(0.0, self.next_spawn - time.monotonic()))
+        for ready in wait(waitables, timeout):
             if ready is self._wakeup_r:
                 try:
                     self._wakeup_r.recv(64)

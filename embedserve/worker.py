@@ -25,6 +25,7 @@ from embedserve.service import EmbeddingService, SharedInt
 log = logging.getLogger("embedserve.worker")
 
 EXIT_CONFIG_ERROR = 3
+LOADING_GRACE = 0.3  # seconds of loading before a lone worker answers 503 "loading"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Worker:
         self.stop_reason: list[str] = []
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._accepting = False
+        self._accept_lock = threading.Lock()
 
     def run(self) -> int:
         self._wakeup_w.setblocking(False)
@@ -70,15 +72,19 @@ class Worker:
                          daemon=True).start()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
-        # Answer 503 "loading" while the model loads, but only when no other worker is
-        # serving: otherwise connections are better left to the ready ones.
-        if self.link.ready_workers.value == 0:
-            self._start_accepting()
+        # A load that takes a while (a model) answers 503 "loading" meanwhile, but only when
+        # no other worker is serving: otherwise connections are better left to the ready
+        # ones. A quick load (the hash tier) just starts serving when it is done.
+        early = threading.Timer(LOADING_GRACE, self._accept_while_loading)
+        early.daemon = True
+        early.start()
         try:
             loaded = load_backend(self.config)
         except BackendError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_CONFIG_ERROR
+        finally:
+            early.cancel()
         self.service.attach(loaded)
         self._start_accepting()
         backend = loaded.backend
@@ -92,8 +98,14 @@ class Worker:
             self._wakeup_r.recv(64)
         return self._drain(self.stop_reason[0])
 
+    def _accept_while_loading(self) -> None:
+        if self.link.ready_workers.value == 0:
+            self._start_accepting()
+
     def _start_accepting(self) -> None:
-        if not self._accepting:
+        with self._accept_lock:
+            if self._accepting:
+                return
             self._accepting = True
             # A short poll interval: shutdown() waits up to one interval for the loop.
             threading.Thread(target=self.server.serve_forever, args=(0.1,), name="accept",

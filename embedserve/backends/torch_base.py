@@ -4,10 +4,12 @@ the forward-pass contract the batcher drives. Imported only when an ML tier is t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,16 +108,29 @@ class TorchBackend:
     tokenizer: Any
     prompts: dict[str, str]
     default_prompt_name: str | None
+    # Request threads take turns on their tokenizer; the model thread has its own.
+    _tokenizer_lock = threading.Lock()
+
+    @property
+    def _handler_tokenizer(self) -> Any:
+        """A tokenizer of its own for the request threads. A fast tokenizer keeps its
+        truncation and padding settings as state: shared with the model thread, which
+        tokenizes with padding and truncation, the two raced and batches failed."""
+        tokenizer = self.__dict__.get("_counting")
+        if tokenizer is None:
+            tokenizer = self.__dict__["_counting"] = copy.deepcopy(self.tokenizer)
+        return tokenizer
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated token counts, special tokens included."""
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False,
-                                 verbose=False)
+        with self._tokenizer_lock:
+            encoded = self._handler_tokenizer(list(texts), add_special_tokens=True,
+                                              truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def forward(self, texts: Sequence[str], truncate_left: bool = False) -> Any:
         """Pooled, unnormalised float32 embeddings on the CPU, one row per text. Only the
-        model thread calls this, so setting the tokenizer's truncation side is safe."""
+        model thread uses self.tokenizer, so setting its truncation side is safe."""
         import torch
 
         self.tokenizer.truncation_side = "left" if truncate_left else "right"
@@ -124,14 +139,15 @@ class TorchBackend:
 
     def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
                  ) -> list[list[Token]]:
-        encoded = self.tokenizer(list(texts), add_special_tokens=add_special_tokens,
-                                 truncation=False, return_offsets_mapping=True,
-                                 return_special_tokens_mask=True, verbose=False)
+        with self._tokenizer_lock:
+            encoded = self._handler_tokenizer(
+                list(texts), add_special_tokens=add_special_tokens, truncation=False,
+                return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False)
         result = []
         for text, ids, offsets, special in zip(texts, encoded["input_ids"],
                                                encoded["offset_mapping"],
                                                encoded["special_tokens_mask"]):
-            tokens = self.tokenizer.convert_ids_to_tokens(ids)
+            tokens = self._handler_tokenizer.convert_ids_to_tokens(ids)
             result.append([
                 Token(i, piece, True, None, None) if is_special else
                 Token(i, text[start:stop], False, start, stop)
