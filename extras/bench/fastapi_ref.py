@@ -9,12 +9,15 @@ ways depending on a return annotation that users add or leave out freely:
   /typed/v1/embeddings  `-> dict[str, Any]`: FastAPI (>= 0.12x) validates the dict and
                         serialises it straight to JSON bytes in pydantic-core (Rust)
 
+bench_supervisor.py also runs it with `--workers 2`, as the reference for worker restarts.
+
 Run: python -m uvicorn fastapi_ref:app --app-dir extras/bench --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
 
 import base64
+import os
 from array import array
 from typing import Any, Literal
 
@@ -38,6 +41,12 @@ class EmbeddingRequest(BaseModel):
 @app.get("/health")
 def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@app.get("/info")
+def info() -> dict[str, int]:
+    # bench_supervisor.py asks which worker answered, to see a replacement worker serve.
+    return {"pid": os.getpid()}
 
 
 @app.post("/v1/embeddings")
