@@ -7,8 +7,7 @@ import logging
 from typing import Any
 
 from embedserve.backends import BackendError
-from embedserve.backends.torch_base import (DEFAULT_MODEL, TorchBackend, locate_model,
-                                            pick_device, pick_dtype)
+from embedserve.backends.torch_base import TorchBackend
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -20,12 +19,10 @@ class SentenceTransformersBackend(TorchBackend):
     def __init__(self, config: Config) -> None:
         from sentence_transformers import SentenceTransformer
 
-        model_id = config.model or DEFAULT_MODEL
-        self.model = model_id
-        self.device = pick_device(config.device)
-        dtype = pick_dtype(self.device, config.fp32)
+        source, dtype = self._locate(config)
+        model_id = self.model
         try:
-            network = SentenceTransformer(locate_model(model_id), device=self.device,
+            network = SentenceTransformer(source, device=self.device,
                                           trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as exc:
             text = str(exc).strip().splitlines()

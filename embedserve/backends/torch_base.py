@@ -121,6 +121,12 @@ class TorchBackend:
             tokenizer = self.__dict__["_counting"] = copy.deepcopy(self.tokenizer)
         return tokenizer
 
+    def _locate(self, config: Config) -> tuple[str, Any]:
+        """Set model and device; return where to load the model from, and the dtype."""
+        self.model = config.model or DEFAULT_MODEL
+        self.device = pick_device(config.device)
+        return locate_model(self.model), pick_dtype(self.device, config.fp32)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated token counts, special tokens included."""
         with self._tokenizer_lock:

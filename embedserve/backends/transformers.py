@@ -8,8 +8,7 @@ import os
 from typing import Any
 
 from embedserve.backends import BackendError
-from embedserve.backends.torch_base import (DEFAULT_MODEL, TorchBackend, locate_model,
-                                            pick_device, pick_dtype, read_json)
+from embedserve.backends.torch_base import TorchBackend, read_json
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -20,11 +19,8 @@ class TransformersBackend(TorchBackend):
     def __init__(self, config: Config) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        model_id = config.model or DEFAULT_MODEL
-        self.model = model_id
-        self.device = pick_device(config.device)
-        dtype = pick_dtype(self.device, config.fp32)
-        source = locate_model(model_id)
+        source, dtype = self._locate(config)
+        model_id = self.model
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=config.trust_remote_code)
