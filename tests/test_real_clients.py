@@ -3,6 +3,8 @@ against /openapi.json (a bounded run)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,13 +37,24 @@ def test_ollama_client(server: Server) -> None:
 
 
 def test_huggingface_hub_feature_extraction(server: Server) -> None:
-    hub = pytest.importorskip("huggingface_hub")
-    client = hub.InferenceClient(model=server.url)
-    vectors = client.feature_extraction(TEXTS[0])
-    assert vectors.shape == (1, 384) and close(vectors[0].tolist(), EMBEDDER.embed_one(TEXTS[0]))
-    vectors = client.feature_extraction(TEXTS[1], normalize=True, truncate=True,
-                                        truncation_direction="left")
-    assert close(vectors[0].tolist(), EMBEDDER.embed_one(TEXTS[1]))
+    pytest.importorskip("huggingface_hub")
+    # In a process of its own without HF_HUB_OFFLINE (which CI sets, and which makes
+    # huggingface_hub refuse every URL, even this loopback one).
+    script = (
+        "import json, sys\n"
+        "from huggingface_hub import InferenceClient\n"
+        "client = InferenceClient(model=sys.argv[1])\n"
+        "a = client.feature_extraction(sys.argv[2])\n"
+        "b = client.feature_extraction(sys.argv[3], normalize=True, truncate=True,\n"
+        "                              truncation_direction='left')\n"
+        "print(json.dumps([list(a.shape), a[0].tolist(), b[0].tolist()]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", script, server.url, *TEXTS],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shape, first, second = json.loads(done.stdout)
+    assert shape == [1, 384] and close(first, EMBEDDER.embed_one(TEXTS[0]))
+    assert close(second, EMBEDDER.embed_one(TEXTS[1]))
 
 
 def test_langchain_openai_embeddings(server: Server) -> None:
