@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from embedserve.hashing import HashEmbedder
+from embedserve.hashing import HashEmbedder  # noqa: F401 (public API)
 
 _CLIENT_NAMES = frozenset({"AuthenticationError", "Client", "EmbedServeError", "Embeddings",
                            "ServerError", "ServerStartError", "ServerUnavailable",

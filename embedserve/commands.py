@@ -36,10 +36,11 @@ def run(argv: Sequence[str]) -> int:
                          help="seconds to wait for a response (default 60)")
     args = parser.parse_args(argv)
 
-    from embedserve.client import Client, EmbedServeError
+    from embedserve.client import Client, EmbedServeError, FallbackPolicy
 
     autostart = args.command != "health" and not args.no_autostart
-    fallback = "never" if args.command != "embed" or args.no_fallback else "same-model"
+    fallback: FallbackPolicy = ("never" if args.command != "embed" or args.no_fallback
+                                else "same-model")
     try:
         with Client(args.url, autostart=autostart, timeout=args.timeout,
                     fallback=fallback) as client:

@@ -143,7 +143,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
+        kind: Any = type(f.default)
         env = env_name(f.name)
         default = f.default
         if env in environ:

@@ -179,7 +179,7 @@ class Handler(BaseHTTPRequestHandler):
         server, conn = self.server, self.connection
         conn.settimeout(0)
         try:
-            if self.rfile.peek(1):  # already here (pipelined, or arrived with the last one)
+            if self.rfile.peek(1):  # type: ignore[attr-defined]  # already here (pipelined, or arrived with the last one)
                 return True
         except (BlockingIOError, TimeoutError):
             pass
@@ -221,8 +221,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("unhandled error in %s %s", self.command, path)
             self.close_connection = True
-            error = ApiError(500, "internal server error (details in the server log)")
-            self.send_json(500, dialect.error_body(error))
+            failure = ApiError(500, "internal server error (details in the server log)")
+            self.send_json(500, dialect.error_body(failure))
         else:
             status = 200
             if reply.content_type == "application/json":

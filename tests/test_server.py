@@ -15,7 +15,7 @@ import pytest
 from embedserve.encoding import decode_float32_base64
 from embedserve.hashing import HashEmbedder
 
-from conftest import Server, request, server_env, start_server
+from conftest import Server, server_env, start_server
 
 EMBEDDER = HashEmbedder(384)
 TEXTS = ["The cat sat on the mat.", "Feature hashing is deterministic", "naïve café ☕"]

@@ -13,8 +13,8 @@ from embedserve.hashing import WORD_PATTERN, HashEmbedder
 class HashBackend:
     name = "hash"
     device = "cpu"
-    max_input_tokens = None
-    default_prompt_name = None
+    max_input_tokens: int | None = None
+    default_prompt_name: str | None = None
 
     def __init__(self, dimensions: int) -> None:
         self._embedder = HashEmbedder(dimensions)
