@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ from typing import Any
 
 from common import (BENCH_DIR, HOST, SERVER_START_TIMEOUT, Child, Endpoint, LoadResult, Report,
                     Row, Scenario, Target, free_port, git_revision, load_corpus,
-                    maps_mention, markdown_table, progress, read_ready_port, run_load, timed,
+                    emit, maps_mention, progress, read_ready_port, run_load, timed,
                     wait_healthy, worker_rss_mb)
 
 DIMENSIONS = 384
@@ -302,14 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in report.facts.items():
         if key.startswith("numpy_loaded") and value:
             progress(f"WARNING: {key}: the stdlib-only claim does not hold")
-    print(markdown_table(report.rows))
-    print(f"\nratio: how many times better embedserve is (> 1: embedserve wins). "
-          f"{FASTAPI}: a plain dict returned, no return annotation; {FASTAPI_TYPED}: the same "
-          f"route annotated `-> dict[str, Any]`. {len(texts)} texts, {report.facts['cpus']} "
-          f"CPUs, Python {report.facts['python']}, {report.facts['wall_s']} s.")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": [row.as_json() for row in report.rows],
-                                         "facts": report.facts}, indent=2) + "\n")
+    emit(report, f"\nratio: how many times better embedserve is (> 1: embedserve wins). "
+         f"{FASTAPI}: a plain dict returned, no return annotation; {FASTAPI_TYPED}: the same "
+         f"route annotated `-> dict[str, Any]`. {len(texts)} texts, {report.facts['cpus']} "
+         f"CPUs, Python {report.facts['python']}, {report.facts['wall_s']} s.", args.json)
     return 0
 
 

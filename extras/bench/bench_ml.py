@@ -42,7 +42,7 @@ from typing import Any
 
 from common import (BENCH_DIR, HOST, Child, CpuMeter, Endpoint, LoadResult, Report, Row,
                     Scenario, Target, exit_on_sigterm, free_port, git_revision, load_corpus,
-                    markdown_table, percentile, progress, read_ready_port, run_load, stop_tree,
+                    emit, percentile, progress, read_ready_port, run_load, stop_tree,
                     timed, wait_healthy)
 
 DIMENSIONS = 384
@@ -485,11 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report.facts["others_cpu_percent"] = meter.others_percent()
     report.facts["wall_s"] = round(time.perf_counter() - began, 1)
-    print(markdown_table(report.rows))
-    print(footer(report, rates, settings))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": [row.as_json() for row in report.rows],
-                                         "facts": report.facts}, indent=2) + "\n")
+    emit(report, footer(report, rates, settings), args.json)
     return 0
 
 

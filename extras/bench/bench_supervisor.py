@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import (BENCH_DIR, HOST, SERVER_START_TIMEOUT, Child, CpuMeter, Report, Row,
-                    age_s, child_pids, exit_on_sigterm, free_port, git_revision, markdown_table,
+                    age_s, child_pids, emit, exit_on_sigterm, free_port, git_revision,
                     progress, read_ready_port, start_ticks, stop_tree, wait_healthy)
 from embedserve.supervisor import BACKOFF_START, STABLE_AFTER
 
@@ -344,8 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.facts["wall_s"] = round(time.perf_counter() - began, 1)
 
     others = report.facts["others_cpu_percent"]
-    print(markdown_table(report.rows))
-    print("\n".join([
+    emit(report, "\n".join([
         "",
         "ratio: how many times better embedserve is (> 1: embedserve wins), here reference "
         "time / embedserve time. Polls: every 2 ms, each on a fresh connection, timeout "
@@ -359,10 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Other processes used {'n/a' if others is None else f'{others:.0f} %'} of the CPUs "
         f"during the run. {report.facts['cpus']} CPUs, Python {report.facts['python']}, "
         f"{report.facts['wall_s']} s.",
-    ]))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": [row.as_json() for row in report.rows],
-                                         "facts": report.facts}, indent=2) + "\n")
+    ]), args.json)
     return 0
 
 

@@ -101,6 +101,15 @@ class Report:
         self.rows.append(row)
 
 
+def emit(report: Report, footer: str, json_path: Path | None) -> None:
+    """Print the table and its footer; also write them as JSON when asked to."""
+    print(markdown_table(report.rows))
+    print(footer)
+    if json_path:
+        json_path.write_text(json.dumps({"rows": [row.as_json() for row in report.rows],
+                                         "facts": report.facts}, indent=2) + "\n")
+
+
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
