@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from http import HTTPStatus
-
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
@@ -13,7 +11,3 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.headers = headers or {}
-
-    @property
-    def phrase(self) -> str:
-        return HTTPStatus(self.status).phrase

@@ -49,11 +49,6 @@ def model_name(dimensions: int) -> str:
     return f"hash-v{HASH_VERSION}-{dimensions}"
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens; also the hash tier's notion of a "token" for usage counts."""
-    return WORD_PATTERN.findall(text.lower())
-
-
 def word_features(word: str) -> list[str]:
     """The padded word itself, then its character n-grams for n in NGRAM_SIZES."""
     padded = f" {word} "

@@ -17,7 +17,8 @@ def build_openapi(service: EmbeddingService) -> dict[str, Any]:
     text = {"type": "string", "minLength": 1}
     texts = {"oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": batch}]}
     dimensions = {"type": "integer", "minimum": 1, "maximum": dims}
-    model = {"type": "string", "enum": names + [f"{n}:latest" for n in names]}
+    model = {"type": "string", "enum": names}
+    ollama_model = {"type": "string", "enum": names + [f"{n}:latest" for n in names]}
     prompts = sorted(info["prompts"])  # type: ignore[call-overload]
     vector = {"type": "array", "items": {"type": "number"}}
     ref = _ref
@@ -61,13 +62,13 @@ def build_openapi(service: EmbeddingService) -> dict[str, Any]:
             "stop": {"type": ["integer", "null"]}},
             required=["id", "text", "special", "start", "stop"])}},
         "OllamaEmbedRequest": _object({
-            "model": model, "input": texts, "truncate": {"type": "boolean"},
+            "model": ollama_model, "input": texts, "truncate": {"type": "boolean"},
             "dimensions": dimensions, "keep_alive": {"type": ["string", "number"]},
             "options": {"type": "object"}}, required=["model", "input"]),
         "OllamaEmbedResponse": _object({
             "model": {"type": "string"}, "embeddings": {"type": "array", "items": vector},
             "prompt_eval_count": {"type": "integer"}}, required=["model", "embeddings"]),
-        "OllamaEmbeddingsRequest": _object({"model": model, "prompt": text},
+        "OllamaEmbeddingsRequest": _object({"model": ollama_model, "prompt": text},
                                            required=["model", "prompt"]),
         "OllamaEmbeddingsResponse": _object({"embedding": vector}, required=["embedding"]),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"]),

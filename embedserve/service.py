@@ -120,11 +120,9 @@ class EmbeddingService:
         return [model] if short in ("", model) else [model, short]
 
     def check_model(self, name: str) -> None:
-        # A request for another model must not silently get this one's vectors. Ollama
-        # clients add a tag; ":latest" names the one version there is.
-        wanted = name[: -len(":latest")] if name.endswith(":latest") else name
+        # A request for another model must not silently get this one's vectors.
         names = self.model_names()
-        if wanted.lower() not in (n.lower() for n in names):
+        if name.lower() not in (n.lower() for n in names):
             raise ApiError(404, f"model {name!r} is not served here; this server serves "
                                 f"{names[0]!r}", param="model")
 

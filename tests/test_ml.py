@@ -338,3 +338,41 @@ def test_token_counting_in_request_threads_does_not_disturb_the_model_thread(
     for t in counters:
         t.join(30)
     assert forwards > 0 and errors == []
+
+
+def test_health_answers_503_loading_until_the_model_is_ready(tiny: tuple[str, str]) -> None:
+    """A lone worker whose model takes a while to load answers 503 "loading" instead of
+    leaving health checks hanging in the listen backlog."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "--port", str(port),
+                             "--backend", "sentence-transformers", "--model", tiny[1]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=server_env())
+    seen: list[tuple[int, object]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                status, _, body = request("127.0.0.1", port, "GET", "/health", timeout=5)
+            except OSError:  # not bound yet
+                time.sleep(0.02)
+                continue
+            seen.append((status, body))
+            if status == 200:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+    assert seen and seen[-1][0] == 200
+    loading = [body for status, body in seen if status == 503]
+    assert loading and "loading" in loading[0]["error"]

@@ -38,6 +38,8 @@ class Backend(Protocol):
     prompts: dict[str, str]
     default_prompt_name: str | None
 
+    # Backends cheap enough to run in the request thread (hash) implement encode; the ML
+    # tiers instead implement count_tokens and forward, which the Batcher drives.
     def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded: ...
 
     def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True

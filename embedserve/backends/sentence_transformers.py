@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from embedserve.backends import BackendError
-from embedserve.backends.torch_base import TorchBackend
+from embedserve.backends.torch_base import TorchBackend, first_line
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -25,9 +25,8 @@ class SentenceTransformersBackend(TorchBackend):
             network = SentenceTransformer(source, device=self.device,
                                           trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as exc:
-            text = str(exc).strip().splitlines()
             raise BackendError(f"cannot load model {model_id!r} with sentence-transformers: "
-                               f"{text[0] if text else type(exc).__name__}") from exc
+                               f"{first_line(exc)}") from exc
         if dtype != next(network.parameters()).dtype:
             network = network.to(dtype)
         self.network = network.eval()

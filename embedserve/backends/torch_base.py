@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from embedserve.backends import BackendError, Encoded, Token
+from embedserve.backends import BackendError, Token
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -54,6 +54,12 @@ def locate_model(model_id: str) -> str:
     log.info("downloading %s from %s into %s (first use only)", model_id, host,
              constants.HF_HUB_CACHE)
     return model_id
+
+
+def first_line(exc: BaseException) -> str:
+    """The gist of a library's (often many-line) exception, for a one-line reason."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def pick_device(requested: str) -> str:
@@ -162,17 +168,6 @@ class TorchBackend:
 
     def _forward(self, texts: list[str]) -> Any:
         raise NotImplementedError
-
-    def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded:
-        """Unbatched convenience path (warm-up, direct use); serving goes through Batcher."""
-        import torch
-
-        rows = self.forward(texts)
-        if normalize:
-            rows = torch.nn.functional.normalize(rows, dim=1)
-        limit = self.max_input_tokens
-        counts = [min(n, limit) if limit else n for n in self.count_tokens(texts)]
-        return Encoded(rows.tolist(), counts)
 
     def _setup_prompts(self, model_id: str, prompts: dict[str, str] | None,
                        default_prompt_name: str | None, config: Config) -> None:

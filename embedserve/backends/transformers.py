@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from embedserve.backends import BackendError
-from embedserve.backends.torch_base import TorchBackend, read_json
+from embedserve.backends.torch_base import TorchBackend, first_line, read_json
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -28,7 +28,7 @@ class TransformersBackend(TorchBackend):
                 source, trust_remote_code=config.trust_remote_code, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load model {model_id!r} with transformers: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
         self.network = network.to(self.device).eval()
         folder = source if os.path.isdir(source) else _snapshot_folder(model_id)
         self.pooling = _pooling_mode(folder)
@@ -88,8 +88,3 @@ def _snapshot_folder(model_id: str) -> str | None:
         return snapshot_download(model_id, local_files_only=True)
     except Exception:  # pooling config is optional: mean pooling is the default
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
