@@ -58,6 +58,10 @@ class EmbedServer(ThreadingHTTPServer):
         # no reverse-DNS lookup (getfqdn) that can stall start-up.
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
         self.socket.close()
+        # Non-blocking: workers share this socket, all of them wake when a connection
+        # arrives, and only one gets it. A blocking accept() left the others stuck in it,
+        # deaf to shutdown() until the next connection came (a drain hung for good).
+        sock.setblocking(False)
         self.socket = sock
         self.server_name, self.server_port = sock.getsockname()[:2]
         self.service = service

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -61,9 +62,11 @@ def supervised() -> Iterator[list[Server]]:
             srv.proc.send_signal(signal.SIGTERM)
             try:
                 srv.proc.wait(20)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 srv.proc.kill()
                 srv.proc.wait(5)
+                raise AssertionError("supervisor did not stop within 20 s of SIGTERM; its "
+                                     "log:\n" + "".join(srv.log[-40:])) from None
         for pid in workers:
             assert wait_for(lambda: not pid_alive(pid), 10), f"worker {pid} left behind"
         assert port_is_free(srv.port)
@@ -251,3 +254,17 @@ def test_two_workers_both_serve_and_survive_losing_one(supervised: list[Server])
     assert wait_for(lambda: len(worker_pids(srv)) == 2 and workers[0] not in worker_pids(srv),
                     10)
     assert srv.request("GET", "/info")[2]["restarts"] == 1
+
+
+def test_two_workers_stop_promptly_after_serving(supervised: list[Server]) -> None:
+    """Regression: both workers wake for each new connection and only one gets it; with a
+    blocking accept() the other stayed stuck in it, and the drain at SIGTERM waited for a
+    connection that never came."""
+    srv = start_server("--workers", "2", "--graceful-timeout", "30")
+    workers = worker_pids(srv)
+    for _ in range(20):  # fresh connections: each one wakes both workers
+        assert srv.request("GET", "/health")[0] == 200
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(10) == 0  # well inside the 30 s grace: nothing was in flight
+    for pid in workers:
+        assert wait_for(lambda: not pid_alive(pid), 5)
