@@ -1,11 +1,12 @@
 """Dynamic batching for the ML tiers: one thread owns the model; concurrent requests queue
-their texts here and are merged into batches bounded by a token budget, sorted by length so
-little is spent on padding, and each request gets its own vectors back in order.
+their texts here and are merged into batches bounded by a token budget, grouped by length at
+the least cost in padding and passes, and each request gets its own vectors back in order.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -19,11 +20,6 @@ from embedserve.config import Config
 from embedserve.errors import ApiError
 
 log = logging.getLogger("embedserve.batcher")
-
-# A batch is closed before padding would make it this much bigger than its real tokens:
-# on a CPU the cost of a forward pass grows with padded tokens, so a few long texts must
-# not pad many short ones (measured: 2-4x the real tokens without this rule).
-PADDING_SLACK = 1.25
 
 
 @dataclass(eq=False)
@@ -53,6 +49,11 @@ class Batcher:
         self.max_batch_texts = config.max_batch_texts
         self.max_queue = config.max_queue
         self.wait = config.batch_wait_ms / 1000.0
+        # A pass that costs as much as a full batch of padding (a GPU's: inf) means: fill
+        # the batches. Capped, so the costs planned with stay finite.
+        self.overhead = min(backend.pass_overhead_tokens, float(config.max_batch_tokens))
+        log.info("a forward pass costs about %.0f padded tokens more than its texts; batches "
+                 "are planned with that", self.overhead)
         self._track_call = track_call
         self._observe_batch = observe_batch
         self._pending: deque[_Item] = deque()
@@ -84,24 +85,8 @@ class Batcher:
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            window = self._take()
-            # Longest first, then cut into batches under the budget: texts of similar
-            # length share a batch, so padding stays small. (Texts to be cut from the left
-            # go in batches of their own.)
-            window.sort(key=lambda item: (item.left, item.tokens), reverse=True)
-            batch: list[_Item] = []
-            real = 0  # tokens in the batch before padding
-            for item in window:
-                if batch:
-                    padded = batch[0].tokens * (len(batch) + 1)
-                    if (padded > self.max_batch_tokens or len(batch) >= self.max_batch_texts
-                            or padded > PADDING_SLACK * (real + item.tokens)
-                            or item.left != batch[0].left):
-                        self._forward(batch)
-                        batch, real = [], 0
-                batch.append(item)
-                real += item.tokens
-            if batch:
+            for batch in plan_batches(self._take(), self.overhead, self.max_batch_texts,
+                                      self.max_batch_tokens):
                 self._forward(batch)
 
     def _take(self) -> list[_Item]:
@@ -144,9 +129,11 @@ class Batcher:
             return
         self.batches += 1
         self._observe_batch(len(batch))
-        normalized = torch.nn.functional.normalize(rows, dim=1)
-        for row, plain, item in zip(normalized.tolist(), rows.tolist(), batch):
-            self._finish(item, row if item.job.normalize else plain, None)
+        unit = torch.nn.functional.normalize(rows, dim=1).tolist() \
+            if any(item.job.normalize for item in batch) else []
+        plain = rows.tolist() if not all(item.job.normalize for item in batch) else []
+        for i, item in enumerate(batch):
+            self._finish(item, unit[i] if item.job.normalize else plain[i], None)
 
     @staticmethod
     def _finish(item: _Item, vector: list[float] | None, error: BaseException | None) -> None:
@@ -157,3 +144,36 @@ class Batcher:
         job.remaining -= 1  # only the model thread writes jobs: no lock needed
         if job.remaining == 0:
             job.done.set()
+
+
+def plan_batches(window: list[_Item], overhead: float, max_texts: int, max_tokens: int
+                 ) -> list[list[_Item]]:
+    """Cut `window` into batches at the least total cost, a batch costing its padded tokens
+    (texts x the longest) plus `overhead`, the fixed cost of a forward pass in tokens. Few
+    big batches waste padding and many small ones waste passes; sorted by length, the best
+    cut is found exactly by dynamic programming over where each batch starts. Shortest
+    batches first: their requests are answered soonest. (Texts cut from the left are planned
+    apart: a batch is truncated from one side.)"""
+    batches: list[list[_Item]] = []
+    for left in (False, True):
+        items = sorted((item for item in window if item.left == left),
+                       key=lambda item: item.tokens)
+        # best[end]: the least cost of items[:end]; start[end]: where its last batch starts.
+        best = [0.0] + [math.inf] * len(items)
+        start = [0] * (len(items) + 1)
+        for end in range(1, len(items) + 1):
+            longest = items[end - 1].tokens
+            for first in range(end - 1, max(0, end - max_texts) - 1, -1):
+                padded = (end - first) * longest
+                if padded > max_tokens and first < end - 1:
+                    break  # and larger batches only grow: a single text always goes
+                cost = best[first] + overhead + padded
+                if cost <= best[end]:  # a tie goes to the bigger batch: fewer passes
+                    best[end], start[end] = cost, first
+        cuts: list[list[_Item]] = []
+        end = len(items)
+        while end:
+            cuts.append(items[start[end]:end])
+            end = start[end]
+        batches += reversed(cuts)
+    return batches

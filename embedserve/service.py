@@ -191,6 +191,8 @@ class EmbeddingService:
             "prompts": sorted(backend.prompts),
             "max_batch_tokens": config.max_batch_tokens if self._batcher else None,
             "batches": self._batcher.batches if self._batcher else None,
+            # What a forward pass was measured to cost beyond its tokens (see batcher.py).
+            "pass_overhead_tokens": round(self._batcher.overhead) if self._batcher else None,
             "default_prompt_name": backend.default_prompt_name,
             # The names TEI clients read.
             "model_id": backend.model,

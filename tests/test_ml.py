@@ -40,7 +40,7 @@ def reference(tiny: tuple[str, str]):  # type: ignore[no-untyped-def]
     return SentenceTransformer(tiny[1], device="cpu")
 
 
-def hf_reference(folder: str, texts: list[str]) -> list[list[float]]:
+def hf_reference(folder: str, texts: list[str], normalize: bool = True) -> list[list[float]]:
     """transformers in-process, written out: tokenize, forward, masked mean, L2."""
     from transformers import AutoModel, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -51,7 +51,7 @@ def hf_reference(folder: str, texts: list[str]) -> list[list[float]]:
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1)
-    return torch.nn.functional.normalize(pooled, dim=1).tolist()
+    return (torch.nn.functional.normalize(pooled, dim=1) if normalize else pooled).tolist()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -79,6 +79,7 @@ def test_served_vectors_equal_the_libraries_in_process(ml_server: Server, refere
     info = ml_server.request("GET", "/info")[2]
     assert info["backend"] in BACKENDS and info["dimensions"] == 32
     assert info["max_input_tokens"] == MAX_SEQ_LENGTH and info["device"] == "cpu"
+    assert info["pass_overhead_tokens"] >= 0  # measured at warm-up
 
 
 def test_concurrent_clients_get_their_own_vectors_in_order(ml_server: Server, reference
@@ -116,6 +117,38 @@ def test_concurrent_clients_get_their_own_vectors_in_order(ml_server: Server, re
                 assert cosine(got, want) >= 0.9999
     batches = ml_server.request("GET", "/info")[2]["batches"] - before
     assert batches < 16 * 5, "requests were never merged into shared forward passes"
+
+
+def test_unnormalised_vectors_when_asked_even_sharing_a_batch(ml_server: Server, reference,
+                                                              tiny: tuple[str, str]) -> None:
+    """TEI's normalize=false gets what the backend's library gives unnormalised (mean pooling
+    for transformers; encode, whose pipeline here ends in a Normalize module, for
+    sentence-transformers), also when its texts share a forward pass with a normalised
+    request's."""
+    backend = ml_server.request("GET", "/info")[2]["backend"]
+    raw = (reference.encode(TEXTS).tolist() if backend == "sentence-transformers"
+           else hf_reference(tiny[1], TEXTS, normalize=False))
+    unit = reference.encode(TEXTS, normalize_embeddings=True).tolist()
+    results: dict[bool, list[list[list[float]]]] = {True: [], False: []}
+
+    def client(normalize: bool) -> None:
+        for _ in range(5):
+            results[normalize].append(embed(ml_server, TEXTS, normalize=normalize))
+
+    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results[True]) == len(results[False]) == 20
+    for normalize, want in ((True, unit), (False, raw)):
+        for vectors in results[normalize]:
+            for got, expected in zip(vectors, want):
+                assert cosine(got, expected) >= 0.9999
+                norm, expected_norm = (sum(x * x for x in v) ** 0.5 for v in (got, expected))
+                assert norm == pytest.approx(expected_norm, rel=1e-4)
+    if backend == "transformers":  # mean pooling alone is not unit length
+        assert abs(sum(x * x for x in raw[0]) ** 0.5 - 1) > 0.01
 
 
 def test_truncation_by_default_and_422_when_refused(ml_server: Server, reference) -> None:
@@ -300,6 +333,26 @@ def test_out_of_memory_splits_the_batch_instead_of_failing(tiny: tuple[str, str]
     # One batch of 5 failed; halves were retried until every text got through.
     assert SmallDevice.sizes[0] == len(texts)
     assert sum(n for n in SmallDevice.sizes if n <= 2) == len(texts)
+
+
+def test_what_a_forward_pass_costs_is_measured_at_warm_up(tiny: tuple[str, str]) -> None:
+    """A device whose passes cost 20 ms plus 0.1 ms a padded token: the batcher must plan
+    with about 200 tokens of overhead a pass (sleeps only overrun, and the fastest of three
+    timings is kept, so the band is wide for a busy machine, not a speed threshold)."""
+    import time
+
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+    from embedserve.config import Config
+
+    class SlowDevice(SentenceTransformersBackend):
+        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
+            padded = len(texts) * min(max(self.count_tokens(texts)), MAX_SEQ_LENGTH)
+            time.sleep(0.020 + 0.0001 * padded)
+            return torch.zeros(len(texts), self.dimensions)
+
+    backend = SlowDevice(Config(backend="sentence-transformers", model=tiny[1], device="cpu"))
+    backend.warm_up()
+    assert 100 <= backend.pass_overhead_tokens <= 400
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

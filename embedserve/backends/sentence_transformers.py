@@ -40,7 +40,9 @@ class SentenceTransformersBackend(TorchBackend):
                  dtype, self.max_input_tokens)
 
     def _forward(self, texts: list[str]) -> Any:
-        features = self.network.tokenize(texts)
+        # preprocess is tokenize's name since sentence-transformers 6 (tokenize warns).
+        prepare = getattr(self.network, "preprocess", None) or self.network.tokenize
+        features = prepare(texts)
         features = {k: v.to(self.device) if hasattr(v, "to") else v
                     for k, v in features.items()}
         return self.network(features)["sentence_embedding"]

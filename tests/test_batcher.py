@@ -1,0 +1,90 @@
+"""How the batcher plans forward passes: the cut of a window into batches (pure logic, so
+checked exhaustively here; the batcher driving a real model is tested in test_ml.py)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from embedserve.batcher import _Item, _Job, plan_batches
+
+
+def items(lengths: list[int], left: list[bool] | None = None) -> list[_Item]:
+    job = _Job(normalize=True, vectors=[None] * len(lengths), remaining=len(lengths))
+    sides = left or [False] * len(lengths)
+    return [_Item(job, i, f"text {i}", n, side) for i, (n, side) in enumerate(zip(lengths, sides))]
+
+
+def cost(batches: list[list[_Item]], overhead: float) -> float:
+    return sum(overhead + len(b) * max(i.tokens for i in b) for b in batches)
+
+
+def partitions(pool: list[_Item]) -> Iterator[list[list[_Item]]]:
+    """Every way to split `pool` into batches, order ignored."""
+    if not pool:
+        yield []
+        return
+    first, rest = pool[0], pool[1:]
+    for smaller in partitions(rest):
+        yield [[first], *smaller]
+        for i in range(len(smaller)):
+            yield [*smaller[:i], [first, *smaller[i]], *smaller[i + 1:]]
+
+
+def valid(batches: list[list[_Item]], max_texts: int, max_tokens: int) -> bool:
+    return all(len(b) <= max_texts and (len(b) == 1 or len(b) * max(i.tokens for i in b)
+                                        <= max_tokens) for b in batches)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_plan_costs_least_of_every_possible_split(seed: int) -> None:
+    rng = random.Random(seed)
+    window = items([rng.choice([3, 5, 8, 12, 30, 64, 200]) for _ in range(rng.randint(1, 7))])
+    overhead = rng.choice([0.0, 10.0, 60.0, 1000.0])
+    max_texts, max_tokens = rng.choice([(32, 16384), (3, 16384), (32, 100)])
+    planned = plan_batches(window, overhead, max_texts, max_tokens)
+    assert sorted(i.index for b in planned for i in b) == list(range(len(window)))
+    assert valid(planned, max_texts, max_tokens)
+    cheapest = min(cost(p, overhead) for p in partitions(window)
+                   if valid(p, max_texts, max_tokens))
+    assert cost(planned, overhead) == pytest.approx(cheapest)
+
+
+def test_a_long_text_does_not_pad_many_short_ones() -> None:
+    # About what a forward pass costs for all-MiniLM-L6-v2 on two CPU cores: 60 tokens.
+    planned = plan_batches(items([200] + [10] * 12), 60.0, 32, 16384)
+    assert sorted(len(b) for b in planned) == [1, 12]
+    # Shortest first: those requests are answered soonest.
+    assert [i.tokens for i in planned[0]] == [10] * 12
+
+
+def test_when_passes_cost_more_than_padding_batches_are_filled() -> None:
+    # A GPU: a pass costs about the same whatever it holds.
+    planned = plan_batches(items(list(range(1, 101))), 16384.0, 32, 16384)
+    assert len(planned) == 4  # the fewest that 32 texts a pass allow (then least padding)
+    planned = plan_batches(items([100] * 10), 16384.0, 32, 300)
+    assert [len(b) for b in planned] == [1, 3, 3, 3]
+
+
+def test_limits_hold_and_a_text_over_the_token_limit_still_goes_alone() -> None:
+    planned = plan_batches(items([500, 40, 40, 40, 40]), 1e9, 2, 100)
+    assert sorted(len(b) for b in planned) == [1, 2, 2]
+    assert any([i.tokens for i in b] == [500] for b in planned)
+
+
+def test_texts_cut_from_the_left_never_share_a_batch_with_the_others() -> None:
+    left = [False, True] * 5
+    planned = plan_batches(items([10] * 10, left), 1000.0, 32, 16384)
+    assert len(planned) == 2
+    assert all(len({i.left for i in b}) == 1 for b in planned)
+
+
+def test_equal_lengths_share_a_pass_even_when_passes_cost_nothing() -> None:
+    planned = plan_batches(items([7] * 5), 0.0, 32, 16384)
+    assert [len(b) for b in planned] == [5]
+
+
+def test_an_empty_window_plans_nothing() -> None:
+    assert plan_batches([], 60.0, 32, 16384) == []
