@@ -38,6 +38,7 @@ class _Item:
     text: str
     tokens: int
     left: bool
+    skipped: int = 0  # forward passes run without this text since it was first planned
 
 
 class Batcher:
@@ -85,9 +86,14 @@ class Batcher:
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            for batch in plan_batches(self._take(), self.overhead, self.max_batch_texts,
-                                      self.max_batch_tokens):
-                self._forward(batch)
+            self._forward(self._next_batch())
+
+    def _next_batch(self) -> list[_Item]:
+        batch, rest = pick_batch(self._take(), self.overhead, self.max_batch_texts,
+                                 self.max_batch_tokens)
+        with self._ready:
+            self._pending.extendleft(reversed(rest))  # still ahead of newer texts
+        return batch
 
     def _take(self) -> list[_Item]:
         with self._ready:
@@ -101,8 +107,8 @@ class Batcher:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._ready.wait(left):
                         break
-            # Take a few batches' worth at a time: enough to sort by length, few enough
-            # that a request arriving now is not kept waiting behind a long backlog.
+            # The oldest few batches' worth: enough to group by length; a longer backlog
+            # waits its turn in order.
             count = min(len(self._pending), 4 * self.max_batch_texts)
             return [self._pending.popleft() for _ in range(count)]
 
@@ -144,6 +150,32 @@ class Batcher:
         job.remaining -= 1  # only the model thread writes jobs: no lock needed
         if job.remaining == 0:
             job.done.set()
+
+
+def pick_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: int
+               ) -> tuple[list[_Item], list[_Item]]:
+    """The next forward pass out of `pool` (oldest first), and the texts left for later.
+
+    Plan the pool, and run the planned batch that costs least per text: the texts left over
+    wait for company of their length (measured: +6% texts/s under 32 one-text clients over
+    running every planned batch in turn). A text passed over once goes next, with its batch,
+    so none waits behind a stream of better fits."""
+    plan = plan_batches(pool, overhead, max_texts, max_tokens)
+    waited = max(pool, key=lambda item: item.skipped)  # the oldest among equals
+    if waited.skipped:
+        batch = next(b for b in plan if any(item is waited for item in b))
+    else:
+        batch = min(plan, key=lambda b: batch_cost(b, overhead) / len(b))
+    chosen = {id(item) for item in batch}
+    rest = [item for item in pool if id(item) not in chosen]
+    for item in rest:
+        item.skipped += 1
+    return batch, rest
+
+
+def batch_cost(batch: Sequence[_Item], overhead: float) -> float:
+    """What a forward pass over `batch` costs, in padded tokens."""
+    return overhead + len(batch) * max(item.tokens for item in batch)
 
 
 def plan_batches(window: list[_Item], overhead: float, max_texts: int, max_tokens: int

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from embedserve.batcher import _Item, _Job, plan_batches
+from embedserve.batcher import _Item, _Job, pick_batch, plan_batches
 
 
 def items(lengths: list[int], left: list[bool] | None = None) -> list[_Item]:
@@ -88,3 +88,35 @@ def test_equal_lengths_share_a_pass_even_when_passes_cost_nothing() -> None:
 
 def test_an_empty_window_plans_nothing() -> None:
     assert plan_batches([], 60.0, 32, 16384) == []
+
+
+def test_each_pass_takes_the_cheapest_batch_per_text_and_keeps_the_rest_in_order() -> None:
+    pool = items([200, 10, 10, 10, 10, 10, 10, 10, 10])
+    batch, rest = pick_batch(pool, 60.0, 32, 16384)
+    assert [i.tokens for i in batch] == [10] * 8
+    assert rest == [pool[0]] and rest[0].skipped == 1
+    # Passed over once, the long text goes next, though newer short texts fit better.
+    batch, rest = pick_batch(rest + items([10] * 8), 60.0, 32, 16384)
+    assert batch == [pool[0]] and len(rest) == 8 and all(i.skipped == 1 for i in rest)
+
+
+def test_no_length_is_starved_under_a_stream_of_better_fits() -> None:
+    """Closed loop: each pass's texts are replaced by new ones of random lengths, as clients
+    that got their answer send the next request. Every length waits about as many passes as
+    the others (the longest included), none waits long, and passes carry several texts."""
+    rng = random.Random(7)
+    lengths = [8, 10, 12, 14, 20, 25, 30, 40, 60, 90, 140, 256]
+    pool = items([rng.choice(lengths) for _ in range(32)])
+    waits: dict[int, list[int]] = {n: [] for n in lengths}
+    passes = 300
+    for _ in range(passes):
+        batch, rest = pick_batch(pool, 60.0, 32, 16384)
+        for item in batch:
+            waits[item.tokens].append(item.skipped)
+        pool = rest + items([rng.choice(lengths) for _ in batch])
+    every = [n for per_length in waits.values() for n in per_length]
+    mean = sum(every) / len(every)
+    assert max(every) <= 10  # 32 texts waiting, several a pass
+    for per_length in waits.values():
+        assert sum(per_length) / len(per_length) <= 1.5 * mean
+    assert len(every) / passes > 4

@@ -153,31 +153,26 @@ def fastapi_command(port: int) -> list[str]:
 @contextmanager
 def running_servers(folder: str, extra: Sequence[str], facts: dict[str, Any]
                     ) -> Iterator[list[Server]]:
-    """All three servers at once (they load their models in parallel; idle, they cost nothing),
-    each stopped with everything it started when the block ends, however it ends."""
+    """All three servers, started one after another as each would start alone in production
+    (embedserve times forward passes while it warms up: a neighbour loading its model at the
+    same moment would skew that), each stopped with everything it started when the block
+    ends, however it ends. Idle, they cost nothing."""
     children: list[Child] = []
     try:
         begin = time.perf_counter()
-        spawned: list[tuple[str, Child, int | None, str | None]] = []
+        servers: list[Server] = []
         for backend in BACKENDS:
             child = Child.spawn(embedserve_command(backend, folder, extra),
                                 stdout=subprocess.PIPE)
             children.append(child)
-            spawned.append((embedserve_name(backend), child, None, backend))
+            port = read_ready_port(child, ML_START_TIMEOUT)
+            model = get_json(port, "/v1/models")["data"][0]["id"]
+            servers.append(Server(embedserve_name(backend), child, port, backend, model))
         port = free_port()
         child = Child.spawn(fastapi_command(port))
         children.append(child)
-        spawned.append((FASTAPI, child, port, None))
-        servers: list[Server] = []
-        for name, child, port, backend in spawned:
-            if backend is not None:
-                port = read_ready_port(child, ML_START_TIMEOUT)
-                model = get_json(port, "/v1/models")["data"][0]["id"]
-            else:
-                assert port is not None
-                wait_healthy(port, child, ML_START_TIMEOUT)
-                model = FASTAPI_MODEL
-            servers.append(Server(name, child, port, backend, model))
+        wait_healthy(port, child, ML_START_TIMEOUT)
+        servers.append(Server(FASTAPI, child, port, None, FASTAPI_MODEL))
         facts["servers_ready_s"] = round(time.perf_counter() - begin, 1)
         yield servers
     finally:
@@ -401,6 +396,8 @@ def footer(report: Report, rates: dict[int, float], settings: Settings) -> str:
         for scenario, per_server in facts["best_rounds"].items()
         for name, rounds_best in per_server.items() if rounds_best["texts_per_forward"])
     disturbed = facts.get("others_cpu_percent")
+    overheads = ", ".join(f"{name}: {info.get('pass_overhead_tokens')}"
+                          for name, info in facts["embedserve_info"].items())
     return "\n".join([
         "",
         "ratio: how many times better embedserve is (> 1: embedserve wins); for latency "
@@ -415,7 +412,8 @@ def footer(report: Report, rates: dict[int, float], settings: Settings) -> str:
         f"(torch.get_num_threads()), {facts['torch_threads_fastapi']} in the FastAPI server; "
         f"embedserve workers run torch's default, as in-process (OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}). Texts per forward pass in embedserve "
-        f"(/info batches): {per_forward}.",
+        f"(/info batches): {per_forward}. Forward-pass overhead measured at warm-up "
+        f"(/info pass_overhead_tokens): {overheads} padded tokens.",
         f"embedserve options: {facts['server_args'] or 'defaults'}. "
         f"Other processes used {fmt_percent(disturbed)} of the CPUs during the run. "
         f"{facts['cpus']} CPUs, Python {facts['python']}, torch {facts['torch']}, "
