@@ -86,14 +86,21 @@ class Batcher:
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._forward(self._next_batch())
-
-    def _next_batch(self) -> list[_Item]:
-        batch, rest = pick_batch(self._take(), self.overhead, self.max_batch_texts,
-                                 self.max_batch_tokens)
-        with self._ready:
-            self._pending.extendleft(reversed(rest))  # still ahead of newer texts
-        return batch
+            pool = self._take()
+            try:
+                batch, rest = pick_batch(pool, self.overhead, self.max_batch_texts,
+                                         self.max_batch_tokens)
+            except Exception as exc:
+                # Fail these texts' requests rather than let this thread die: with it, every
+                # request to come would wait forever (the heartbeat only sees model calls).
+                log.exception("planning a batch of %d texts failed", len(pool))
+                error = ApiError(500, f"batching failed: {type(exc).__name__}: {exc}")
+                for item in pool:
+                    self._finish(item, None, error)
+                continue
+            with self._ready:
+                self._pending.extendleft(reversed(rest))  # still ahead of newer texts
+            self._forward(batch)
 
     def _take(self) -> list[_Item]:
         with self._ready:

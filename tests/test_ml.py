@@ -355,6 +355,28 @@ def test_what_a_forward_pass_costs_is_measured_at_warm_up(tiny: tuple[str, str])
     assert 100 <= backend.pass_overhead_tokens <= 400
 
 
+def test_a_failure_while_batching_fails_those_requests_not_the_model_thread(
+        tiny: tuple[str, str], reference) -> None:
+    """Token counts the planner cannot order (a caller's bug) fail that request with a 500;
+    the model thread lives on and serves the next request."""
+    from contextlib import nullcontext
+
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+    from embedserve.batcher import Batcher
+    from embedserve.config import Config
+    from embedserve.errors import ApiError
+
+    config = Config(backend="sentence-transformers", model=tiny[1], device="cpu")
+    backend = SentenceTransformersBackend(config)
+    batcher = Batcher(backend, config, nullcontext)
+    with pytest.raises(ApiError) as failed:
+        batcher.embed(["cat", "dog"], [3, None], normalize=True)  # type: ignore[list-item]
+    assert failed.value.status == 500 and "batching failed" in str(failed.value)
+    vectors = batcher.embed(TEXTS, backend.count_tokens(TEXTS), normalize=True)
+    for got, want in zip(vectors, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
+        assert cosine(got, want) >= 0.9999
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_token_counting_in_request_threads_does_not_disturb_the_model_thread(
         backend_name: str, tiny: tuple[str, str]) -> None:
