@@ -48,7 +48,8 @@ class Config:
         16384, "ML tiers: most tokens (longest text x texts) in one forward pass", minimum=1)
     max_batch_texts: int = _option(32, "ML tiers: most texts in one forward pass", minimum=1)
     batch_wait_ms: float = _option(
-        0.0, "ML tiers: wait this long for more requests before a forward pass", minimum=0.0)
+        0.0, "ML tiers: after the model was idle, wait this long for more requests before "
+        "its next forward pass", minimum=0.0)
     max_queue: int = _option(
         4096, "ML tiers: texts waiting for the model; more are answered 429", minimum=1)
     dimensions: int = _option(384, "vector size of the hash backend", minimum=1)

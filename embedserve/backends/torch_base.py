@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import logging
+import math
 import os
 import socket
 import statistics

@@ -312,17 +312,25 @@ class SequentialClient:
         self.body = short_text_body(server.model)
 
     def latencies(self, count: int) -> list[float]:
+        # A fresh connection per chunk, opened by one untimed request: while the other
+        # contenders take their turns this one sits idle, and uvicorn closes a connection
+        # idle for 5 s (on a busy machine the turns take longer: a stale one broke the run).
+        self.connection.close()
+        self._send()
         samples = []
         for _ in range(count):
             sent = time.perf_counter()
-            self.connection.request("POST", "/v1/embeddings", self.body,
-                                    {"Content-Type": "application/json"})
-            response = self.connection.getresponse()
-            body = response.read()
+            self._send()
             samples.append(time.perf_counter() - sent)
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
         return samples
+
+    def _send(self) -> None:
+        self.connection.request("POST", "/v1/embeddings", self.body,
+                                {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
 
     def close(self) -> None:
         self.connection.close()
