@@ -23,8 +23,9 @@ from embedserve.errors import ApiError
 log = logging.getLogger("embedserve.batcher")
 
 # Texts planned together before each pass, in batches of --max-batch-texts: enough to group
-# by length. Planning is O(texts x --max-batch-texts) in Python, so not more.
-POOL_BATCHES = 2
+# by length (at 2, big requests on a CPU got 10 texts a pass instead of 14). Planning is
+# O(texts x --max-batch-texts) in Python: 0.6 ms a pass at the default 32 here.
+POOL_BATCHES = 4
 
 
 @dataclass(eq=False)
