@@ -9,9 +9,10 @@ machine, printed as one markdown table.
 What is measured (all on a fixed, seeded sample of the corpus):
   in-process  SentenceTransformer(folder, device="cpu").encode(texts, batch_size=B,
               normalize_embeddings=True) for B in 1, 8, 32, 128 (a sweep, in the footer);
-              the fastest B is then run once more in every served round, and a scenario's
-              "best in-process" is the best of those runs: measured alongside the servers,
-              so a slow spell of this shared machine hits both sides of the ratio
+              the fastest B is then run again just before every embedserve round, and a
+              row's "best in-process" is the run paired with that server's best round:
+              this shared machine's speed drifts by 10-30% within minutes, so each ratio
+              compares figures taken seconds apart
   served      python -m embedserve --backend sentence-transformers | transformers (defaults:
               --max-batch-texts 32, --batch-wait-ms 0) and FastAPI + uvicorn wrapping encode
               per request (fastapi_ml_ref.py); 8 clients x 32 texts and 32 clients x 1 text per
@@ -205,6 +206,8 @@ class Round:
     texts_per_forward: float | None  # embedserve only: texts in the window / forward passes
     failed: int  # answers other than 200 in the window (left out of the figures)
     first_failure: str
+    # embedserve only: in-process encode at the best batch size, run just before this round
+    in_process_texts_per_s: float | None = None
 
 
 def one_round(server: Server, scenario: Scenario, sample: list[str], settings: Settings
@@ -238,28 +241,28 @@ def one_round(server: Server, scenario: Scenario, sample: list[str], settings: S
 
 def bench_served(servers: list[Server], sample: list[str], settings: Settings,
                  facts: dict[str, Any], model: Any, best_size: int
-                 ) -> tuple[dict[str, dict[str, Round]], dict[str, dict[str, int]],
-                            dict[str, float]]:
-    """Best round per server and scenario, failed requests over all rounds, and per scenario
-    the best in-process encode (at the best batch size) measured in those same rounds. Rounds
-    alternate across the servers and in-process, so a slow stretch of the machine (these are
-    shared) lands on all of them, not on one, and ratios compare like with like."""
+                 ) -> tuple[dict[str, dict[str, Round]], dict[str, dict[str, int]]]:
+    """Best round per server and scenario, and failed requests over all rounds. Rounds
+    alternate across the servers, so a slow stretch of the machine (these are shared) does
+    not land on one server only; and each embedserve round is paired with an in-process
+    encode run just before it, its reference: this machine's speed drifts by 10-30% within
+    minutes, so a reference taken at another time says more about the drift than the
+    server."""
     best: dict[str, dict[str, Round]] = {}
     failed: dict[str, dict[str, int]] = {}
-    alongside: dict[str, float] = {}
     for scenario in SCENARIOS:
         per_server: dict[str, list[Round]] = {server.name: [] for server in servers}
         for number in range(settings.rounds):
-            seconds = timed(lambda: model.encode(sample, batch_size=best_size,
-                                                 normalize_embeddings=True))
-            alongside[scenario.label] = max(alongside.get(scenario.label, 0.0),
-                                            len(sample) / seconds)
-            progress(f"in-process alongside {scenario.label}, round {number + 1}: "
-                     f"{len(sample) / seconds:,.1f} texts/s at batch_size={best_size}")
             for server in servers:
+                paired = None
+                if server.backend is not None:
+                    paired = len(sample) / timed(lambda: model.encode(
+                        sample, batch_size=best_size, normalize_embeddings=True))
+                    progress(f"in-process, batch_size={best_size}: {paired:,.1f} texts/s")
                 progress(f"served: {server.name}, {scenario.label}, round {number + 1}/"
                          f"{settings.rounds}, {settings.duration / settings.rounds:g} s")
                 done = one_round(server, scenario, sample, settings)
+                done.in_process_texts_per_s = paired
                 per_server[server.name].append(done)
                 progress(f"  {done.result.texts_per_s:,.1f} texts/s, p50 "
                          f"{done.result.p50_ms:,.1f} ms; other processes "
@@ -274,7 +277,7 @@ def bench_served(servers: list[Server], sample: list[str], settings: Settings,
                                   for name, rounds in per_server.items()}
         facts.setdefault("served", {})[scenario.label] = {
             name: [asdict(r) for r in rounds] for name, rounds in per_server.items()}
-    return best, failed, alongside
+    return best, failed
 
 
 def fmt_percent(value: float | None) -> str:
@@ -372,19 +375,19 @@ def bench_short_text(model: Any, servers: list[Server], count: int, facts: dict[
 
 # --- the table -------------------------------------------------------------------------------
 
-def build_rows(report: Report, best_size: int, alongside: dict[str, float],
-               best: dict[str, dict[str, Round]], failed: dict[str, dict[str, int]],
-               short: dict[str, list[float]]) -> None:
+def build_rows(report: Report, best_size: int, best: dict[str, dict[str, Round]],
+               failed: dict[str, dict[str, int]], short: dict[str, list[float]]) -> None:
     in_process = f"best in-process (B={best_size})"
     for scenario in SCENARIOS:
         rounds = best[scenario.label]
         theirs = rounds[FASTAPI].result
         for backend in BACKENDS:
             ours = rounds[embedserve_name(backend)].result
+            paired = rounds[embedserve_name(backend)].in_process_texts_per_s
             label = f"served {scenario.label}, {backend}"
             report.add(RatioRow(
                 f"{label}: throughput", "texts/s", True, ours.texts_per_s,
-                {in_process: alongside[scenario.label], FASTAPI: theirs.texts_per_s},
+                {in_process: paired, FASTAPI: theirs.texts_per_s},
                 Target(">= 0.9x in-process, >= 2x FastAPI"),
                 min_ratios={in_process: 0.9, FASTAPI: 2.0}))
             report.add(Row(f"{label}: p50 latency", "ms", False, ours.p50_ms,
@@ -416,8 +419,10 @@ def footer(report: Report, rates: dict[int, float], settings: Settings) -> str:
         for scenario, per_server in facts["best_rounds"].items()
         for name, rounds_best in per_server.items() if rounds_best["texts_per_forward"])
     disturbed = facts.get("others_cpu_percent")
-    alongside = "; ".join(f"{label}: {rate:,.1f}" for label, rate
-                          in facts["in_process_alongside_texts_per_s"].items())
+    paired = "; ".join(
+        f"{scenario}, {name}: {rounds_best['in_process_texts_per_s']:,.1f}"
+        for scenario, per_server in facts["best_rounds"].items()
+        for name, rounds_best in per_server.items() if rounds_best["in_process_texts_per_s"])
     overheads = ", ".join(f"{name}: {info.get('pass_overhead_tokens')}"
                           for name, info in facts["embedserve_info"].items())
     return "\n".join([
@@ -425,8 +430,8 @@ def footer(report: Report, rates: dict[int, float], settings: Settings) -> str:
         "ratio: how many times better embedserve is (> 1: embedserve wins); for latency "
         "reference / embedserve, so '<= 1.2x in-process' is met at >= 0.83x.",
         f"in-process SentenceTransformer.encode over {facts['sample']} texts, texts/s (sweep, "
-        f"best of {settings.passes}): {sizes}; the best size again, in each served round: "
-        f"{alongside}. Served: base64, keep-alive client threads in this "
+        f"best of {settings.passes}): {sizes}; the best size again just before each "
+        f"embedserve round, paired with that server's best round: {paired}. Served: base64, keep-alive client threads in this "
         f"process, best of {settings.rounds} round(s) of "
         f"{settings.duration / settings.rounds:g} s per server (rounds alternated across "
         f"servers) after {settings.warmup:g} s warm-up each; p50/p99 from that round. Short "
@@ -497,15 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.facts["embedserve_info"] = {s.name: get_json(s.port, "/info")
                                            for s in servers if s.backend is not None}
         best_size = max(rates, key=rates.__getitem__)
-        best, failed, alongside = bench_served(servers, sample, settings, report.facts, model,
-                                               best_size)
-        report.facts["in_process_alongside_texts_per_s"] = alongside
+        best, failed = bench_served(servers, sample, settings, report.facts, model, best_size)
         progress(f"single short text: {settings.latency_requests} requests per contender")
         short = bench_short_text(model, servers, settings.latency_requests, report.facts)
     report.facts["best_rounds"] = {label: {name: asdict(r) for name, r in per_server.items()}
                                    for label, per_server in best.items()}
     report.facts["short_text_latencies_s"] = short
-    build_rows(report, best_size, alongside, best, failed, short)
+    build_rows(report, best_size, best, failed, short)
 
     report.facts["others_cpu_percent"] = meter.others_percent()
     report.facts["wall_s"] = round(time.perf_counter() - began, 1)
