@@ -197,9 +197,9 @@ def pick_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: i
     return next(batch for batch in plan if any(item is pool[0] for item in batch))
 
 
-def plan_batches(window: list[_Item], overhead: float, max_texts: int, max_tokens: int
+def plan_batches(pool: list[_Item], overhead: float, max_texts: int, max_tokens: int
                  ) -> list[list[_Item]]:
-    """Cut `window` into batches at the least total cost, a batch costing its padded tokens
+    """Cut `pool` into batches at the least total cost, a batch costing its padded tokens
     (texts x the longest) plus `overhead`, the fixed cost of a forward pass in tokens. Few
     big batches waste padding and many small ones waste passes; sorted by length, the best
     cut is found exactly by dynamic programming over where each batch starts. Batches come
@@ -207,7 +207,7 @@ def plan_batches(window: list[_Item], overhead: float, max_texts: int, max_token
     one side.)"""
     batches: list[list[_Item]] = []
     for left in (False, True):
-        items = sorted((item for item in window if item.left == left),
+        items = sorted((item for item in pool if item.left == left),
                        key=lambda item: item.tokens)
         # best[end]: the least cost of items[:end]; start[end]: where its last batch starts.
         best = [0.0] + [math.inf] * len(items)

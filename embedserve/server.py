@@ -183,7 +183,8 @@ class Handler(BaseHTTPRequestHandler):
         server, conn = self.server, self.connection
         conn.settimeout(0)
         try:
-            if self.rfile.peek(1):  # type: ignore[attr-defined]  # already here (pipelined, or arrived with the last one)
+            # Already here: pipelined, or arrived with the last one.
+            if self.rfile.peek(1):  # type: ignore[attr-defined]
                 return True
         except (BlockingIOError, TimeoutError):
             pass

@@ -304,69 +304,21 @@ def test_cuda_fp16_matches_cpu(backend: str, tiny: tuple[str, str], reference) -
         assert cosine(got, want) >= 0.999  # fp16
 
 
-def test_out_of_memory_splits_the_batch_instead_of_failing(tiny: tuple[str, str], reference
-                                                           ) -> None:
-    """The batcher with a real model whose device "runs out of memory" above 2 texts per
-    forward pass (as a GPU does past some batch size): every request still gets its vectors."""
+def direct_batcher(folder: str, backend_class: type | None = None, warm: bool = False,
+                   **options: object):  # type: ignore[no-untyped-def]
+    """A backend (by default sentence-transformers; a test's subclass to fake a device) on
+    the tiny model, and a Batcher driving it in this process: for what HTTP cannot reach."""
     from contextlib import nullcontext
 
     from embedserve.backends.sentence_transformers import SentenceTransformersBackend
     from embedserve.batcher import Batcher
     from embedserve.config import Config
 
-    class SmallDevice(SentenceTransformersBackend):
-        sizes: list[int] = []
-
-        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
-            self.sizes.append(len(texts))
-            if len(texts) > 2:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-            return super()._forward(texts)
-
-    texts = ["cat dog", "dog cat", "mat sat", "fox dog", "the cat"]  # one length: one batch
-    config = Config(backend="sentence-transformers", model=tiny[1], device="cpu")
-    backend = SmallDevice(config)
-    batcher = Batcher(backend, config, nullcontext)
-    vectors = batcher.embed(texts, backend.count_tokens(texts), normalize=True)
-    for got, want in zip(vectors, reference.encode(texts, normalize_embeddings=True).tolist()):
-        assert cosine(got, want) >= 0.9999
-    # One batch of 5 failed; halves were retried until every text got through.
-    assert SmallDevice.sizes[0] == len(texts)
-    assert sum(n for n in SmallDevice.sizes if n <= 2) == len(texts)
-
-
-def test_what_a_forward_pass_costs_is_measured_at_warm_up(
-        tiny: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A device whose passes take 20 ms plus 0.1 ms a padded token, on a clock of its own
-    (so the check is exact, not a race with a busy machine): warm-up must find that a pass
-    costs as much as 200 tokens, and the batcher must plan with that."""
-    from contextlib import nullcontext
-
-    import embedserve.backends.torch_base as torch_base
-    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-    from embedserve.batcher import Batcher
-    from embedserve.config import Config
-
-    class Clock:
-        now = 0.0
-
-        def perf_counter(self) -> float:
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(torch_base, "time", clock)
-
-    class KnownDevice(SentenceTransformersBackend):
-        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
-            longest = min(max(self.count_tokens(texts)), MAX_SEQ_LENGTH)
-            clock.now += 0.020 + 0.0001 * len(texts) * longest
-            return torch.zeros(len(texts), self.dimensions)
-
-    config = Config(backend="sentence-transformers", model=tiny[1], device="cpu")
-    backend = KnownDevice(config)
-    backend.warm_up()
-    assert backend.pass_overhead_tokens == pytest.approx(200)
-    assert Batcher(backend, config, nullcontext).overhead == pytest.approx(200)
+    config = Config(backend="sentence-transformers", model=folder, device="cpu", **options)
+    backend = (backend_class or SentenceTransformersBackend)(config)
+    if warm:
+        backend.warm_up()
+    return backend, Batcher(backend, config, nullcontext)
 
 
 def embed_or_hang(batcher, texts: list[str], tokens: list) -> list:  # type: ignore[no-untyped-def]
@@ -388,16 +340,67 @@ def embed_or_hang(batcher, texts: list[str], tokens: list) -> list:  # type: ign
     return outcome[0]
 
 
+def test_out_of_memory_splits_the_batch_instead_of_failing(tiny: tuple[str, str], reference
+                                                           ) -> None:
+    """The batcher with a real model whose device "runs out of memory" above 2 texts per
+    forward pass (as a GPU does past some batch size): every request still gets its vectors."""
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+
+    class SmallDevice(SentenceTransformersBackend):
+        sizes: list[int] = []
+
+        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
+            self.sizes.append(len(texts))
+            if len(texts) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return super()._forward(texts)
+
+    texts = ["cat dog", "dog cat", "mat sat", "fox dog", "the cat"]  # one length: one batch
+    backend, batcher = direct_batcher(tiny[1], SmallDevice)
+    vectors = embed_or_hang(batcher, texts, backend.count_tokens(texts))
+    for got, want in zip(vectors, reference.encode(texts, normalize_embeddings=True).tolist()):
+        assert cosine(got, want) >= 0.9999
+    # One batch of 5 failed; halves were retried until every text got through.
+    assert SmallDevice.sizes[0] == len(texts)
+    assert sum(n for n in SmallDevice.sizes if n <= 2) == len(texts)
+
+
+def test_what_a_forward_pass_costs_is_measured_at_warm_up(
+        tiny: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose passes take 20 ms plus 0.1 ms a padded token, on a clock of its own
+    (so the check is exact, not a race with a busy machine): warm-up must find that a pass
+    costs as much as 200 tokens, and the batcher must plan with that."""
+    import embedserve.backends.torch_base as torch_base
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(torch_base, "time", clock)
+
+    class KnownDevice(SentenceTransformersBackend):
+        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
+            longest = min(max(self.count_tokens(texts)), MAX_SEQ_LENGTH)
+            clock.now += 0.020 + 0.0001 * len(texts) * longest
+            return torch.zeros(len(texts), self.dimensions)
+
+    backend, batcher = direct_batcher(tiny[1], KnownDevice, warm=True)
+    assert backend.pass_overhead_tokens == pytest.approx(200)
+    assert batcher.overhead == pytest.approx(200)
+
+
+
+
 @pytest.mark.parametrize("fault", ["planning", "after the forward pass"])
 def test_a_failure_while_batching_fails_those_requests_not_the_model_thread(
         fault: str, tiny: tuple[str, str], reference) -> None:
     """Token counts the planner cannot order (a caller's bug), or a backend that returns one
     row too few: that request gets a 500; the model thread lives on and serves the next."""
-    from contextlib import nullcontext
-
     from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-    from embedserve.batcher import Batcher
-    from embedserve.config import Config
     from embedserve.errors import ApiError
 
     class Faulty(SentenceTransformersBackend):
@@ -405,9 +408,7 @@ def test_a_failure_while_batching_fails_those_requests_not_the_model_thread(
             rows = super()._forward(texts)
             return rows[1:] if texts[0] == "odd" else rows
 
-    config = Config(backend="sentence-transformers", model=tiny[1], device="cpu")
-    backend = Faulty(config)
-    batcher = Batcher(backend, config, nullcontext)
+    backend, batcher = direct_batcher(tiny[1], Faulty)
     bad = (["cat", "dog"], [3, None]) if fault == "planning" else (["odd", "odd"], [3, 3])
     with pytest.raises(ApiError) as failed:
         embed_or_hang(batcher, *bad)
@@ -415,6 +416,7 @@ def test_a_failure_while_batching_fails_those_requests_not_the_model_thread(
     vectors = embed_or_hang(batcher, TEXTS, backend.count_tokens(TEXTS))
     for got, want in zip(vectors, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
         assert cosine(got, want) >= 0.9999
+    assert embed_or_hang(batcher, [], []) == []  # nothing to embed: answered, not queued
 
 
 def test_the_wait_for_company_is_paid_once_per_busy_spell(tiny: tuple[str, str]) -> None:
@@ -422,16 +424,8 @@ def test_the_wait_for_company_is_paid_once_per_busy_spell(tiny: tuple[str, str])
     request whose texts need three passes (2 per pass under the token limit) waits once.
     (Bounds are seconds apart: a check of how often it waits, not of speed.)"""
     import time
-    from contextlib import nullcontext
 
-    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-    from embedserve.batcher import Batcher
-    from embedserve.config import Config
-
-    config = Config(backend="sentence-transformers", model=tiny[1], device="cpu",
-                    batch_wait_ms=1000.0, max_batch_tokens=20)
-    backend = SentenceTransformersBackend(config)
-    batcher = Batcher(backend, config, nullcontext)
+    backend, batcher = direct_batcher(tiny[1], batch_wait_ms=1000.0, max_batch_tokens=20)
     texts = ["the cat sat on the mat"] * 6  # 8 tokens each: two fit under 20
     began = time.monotonic()
     embed_or_hang(batcher, texts, backend.count_tokens(texts))

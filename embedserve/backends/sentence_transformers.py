@@ -35,7 +35,8 @@ class SentenceTransformersBackend(TorchBackend):
         dimension = getattr(network, "get_embedding_dimension", None) or \
             network.get_sentence_embedding_dimension
         self.dimensions = int(dimension() or 0)
-        self._setup_prompts(model_id, {k: v or "" for k, v in network.prompts.items()}, network.default_prompt_name, config)
+        prompts = {name: text or "" for name, text in network.prompts.items()}
+        self._setup_prompts(model_id, prompts, network.default_prompt_name, config)
         log.info("sentence-transformers: %s on %s (%s), max %s tokens", model_id, self.device,
                  dtype, self.max_input_tokens)
 

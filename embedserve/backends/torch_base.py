@@ -197,9 +197,10 @@ class TorchBackend:
 
     def _measure_pass_overhead(self) -> float:
         """The fixed cost of one forward pass, in padded tokens: what merging two batches
-        saves. Timed, not assumed, as it differs by orders of magnitude: about 60 tokens for
-        all-MiniLM-L6-v2 on two CPU cores (8 ms a pass + 0.14 ms a token), thousands on a
-        GPU, where a pass costs about the same whatever it holds (then: inf, fill batches)."""
+        saves. Timed, not assumed, as it depends on model and device: 56-70 tokens for
+        all-MiniLM-L6-v2 on two CPU cores (8 ms a pass + 0.14 ms a token); on a GPU, where a
+        pass should cost about the same whatever it holds, far more (inf when the long pass
+        is no slower: fill the batches)."""
 
         def seconds(texts: list[str]) -> float:
             began = time.perf_counter()

@@ -107,17 +107,21 @@ def fixed_sample(texts: list[str], size: int) -> list[str]:
 
 # --- 1. in-process ---------------------------------------------------------------------------
 
+def encode_rate(model: Any, sample: list[str], size: int) -> float:
+    """texts/s of one in-process encode over the whole sample at batch size `size`."""
+    return len(sample) / timed(lambda: model.encode(sample, batch_size=size,
+                                                    normalize_embeddings=True))
+
+
 def bench_in_process(model: Any, sample: list[str], passes: int) -> dict[int, float]:
     """texts/s of encode over the whole sample per batch size, best of `passes`."""
     model.encode(sample[:32], batch_size=8, normalize_embeddings=True)  # lazy initialisation
     rates = dict.fromkeys(BATCH_SIZES, 0.0)
     for number in range(passes):
         for size in BATCH_SIZES:  # sizes alternate within a pass: noise hits them all
-            seconds = timed(lambda: model.encode(sample, batch_size=size,
-                                                 normalize_embeddings=True))
-            rates[size] = max(rates[size], len(sample) / seconds)
-            progress(f"in-process: pass {number + 1}, batch_size={size}: "
-                     f"{len(sample) / seconds:,.1f} texts/s")
+            rate = encode_rate(model, sample, size)
+            rates[size] = max(rates[size], rate)
+            progress(f"in-process: pass {number + 1}, batch_size={size}: {rate:,.1f} texts/s")
     return rates
 
 
@@ -256,8 +260,7 @@ def bench_served(servers: list[Server], sample: list[str], settings: Settings,
             for server in servers:
                 paired = None
                 if server.backend is not None:
-                    paired = len(sample) / timed(lambda: model.encode(
-                        sample, batch_size=best_size, normalize_embeddings=True))
+                    paired = encode_rate(model, sample, best_size)
                     progress(f"in-process, batch_size={best_size}: {paired:,.1f} texts/s")
                 progress(f"served: {server.name}, {scenario.label}, round {number + 1}/"
                          f"{settings.rounds}, {settings.duration / settings.rounds:g} s")
@@ -431,8 +434,8 @@ def footer(report: Report, rates: dict[int, float], settings: Settings) -> str:
         "reference / embedserve, so '<= 1.2x in-process' is met at >= 0.83x.",
         f"in-process SentenceTransformer.encode over {facts['sample']} texts, texts/s (sweep, "
         f"best of {settings.passes}): {sizes}; the best size again just before each "
-        f"embedserve round, paired with that server's best round: {paired}. Served: base64, keep-alive client threads in this "
-        f"process, best of {settings.rounds} round(s) of "
+        f"embedserve round, paired with that server's best round: {paired}. Served: base64, "
+        f"keep-alive client threads in this process, best of {settings.rounds} round(s) of "
         f"{settings.duration / settings.rounds:g} s per server (rounds alternated across "
         f"servers) after {settings.warmup:g} s warm-up each; p50/p99 from that round. Short "
         f"text: \"{SHORT_TEXT}\", base64.",
