@@ -1,5 +1,6 @@
-"""`embedserve embed|health|info`: the Python client from a shell. Servers it has to start
-are started like the client starts them, and stopped when the command ends."""
+"""`embedserve embed|health|info`: the Python client from a shell. `embed` and `info` start
+a server the way the client does when none answers, and stop it when the command ends;
+`health` is a probe and never starts one (a started server would always answer ready)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ COMMANDS = ("embed", "health", "info")
 
 def run(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="embedserve", description=(
-        "Talk to an embedserve server (EMBEDSERVE_URL or http://127.0.0.1:8765), starting one "
-        "if nothing answers (embed, info). `embedserve --help` lists the server's options."))
+        "Talk to an embedserve server (EMBEDSERVE_URL or http://127.0.0.1:8765). embed and "
+        "info start one if nothing answers and stop it afterwards; health never starts one. "
+        "`embedserve --help` lists the server's options."))
     commands = parser.add_subparsers(dest="command", required=True)
-    embed = commands.add_parser("embed", help="print the embeddings of texts")
+    embed = commands.add_parser(
+        "embed", help="print the embeddings of texts",
+        description="Print the embeddings of texts. Starts a server if none answers (and "
+                    "stops it afterwards); with no server at all, embeds in-process when that "
+                    "gives the same vectors, unless --no-fallback.")
     embed.add_argument("texts", nargs="*", metavar="TEXT",
                        help="texts to embed; none or '-': one text per line of stdin")
     embed.add_argument("--json", action="store_true",
@@ -25,13 +31,21 @@ def run(argv: Sequence[str]) -> int:
     embed.add_argument("--dimensions", type=int, help="shorten vectors to this many values")
     embed.add_argument("--no-fallback", action="store_true",
                        help="fail instead of embedding locally when no server can be used")
-    commands.add_parser("health", help="exit 0 when the server answers ready, else 1")
-    commands.add_parser("info", help="print the server's /info")
+    health = commands.add_parser(
+        "health", help="probe: exit 0 when a server answers ready, else 1; starts nothing",
+        description="Probe the server: print its /health and exit 0 when it answers ready, "
+                    "exit 1 otherwise. Never starts a server.")
+    commands.add_parser(
+        "info", help="print the server's /info",
+        description="Print the server's /info. Starts a server if none answers (and stops "
+                    "it afterwards), unless --no-autostart.")
     for sub in commands.choices.values():
         sub.add_argument("--url", help="server address (default $EMBEDSERVE_URL or "
                                        "http://127.0.0.1:8765)")
+        # health never starts a server, so the flag means nothing there; it is still
+        # accepted, hidden, so scripts written as `health --no-autostart` keep working.
         sub.add_argument("--no-autostart", action="store_true",
-                         help="never start a server")
+                         help=argparse.SUPPRESS if sub is health else "never start a server")
         sub.add_argument("--timeout", type=float, default=60.0,
                          help="seconds to wait for a response (default 60)")
     args = parser.parse_args(argv)
