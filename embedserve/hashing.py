@@ -28,6 +28,8 @@ NGRAM_SIZES = (3, 5)
 # \w+ is "letters, digits (any Unicode numeric) and underscore": the spec spells out the
 # JavaScript equivalent, /[\p{L}\p{N}_]+/gu.
 WORD_PATTERN = re.compile(r"\w+")
+# A lone surrogate is never a word character, so only the whole-text fallback meets one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Cache bounds keep a worker's memory flat whatever it is fed: a word longer than this is
 # hashed on every call instead of cached, and the cache is dropped when it fills up.
@@ -47,6 +49,13 @@ except ImportError:  # pragma: no cover - other interpreters
 def model_name(dimensions: int) -> str:
     """The model id the hash tier reports: vectors of different sizes never share a name."""
     return f"hash-v{HASH_VERSION}-{dimensions}"
+
+
+def whole_text_word(lowered: str) -> str:
+    """The one word a text without a usable word is embedded as: all of it, with each lone
+    surrogate as U+FFFD, which is what JavaScript's TextEncoder makes of it (Python's
+    codecs would raise, or write surrogate bytes no other implementation produces)."""
+    return _LONE_SURROGATE.sub("\ufffd", lowered)
 
 
 def word_features(word: str) -> list[str]:
@@ -115,12 +124,8 @@ class HashEmbedder:
             positive[word], negative[word] = self._codes(word)
         return [w for w in unseen if len(w) > _MAX_CACHED_WORD]
 
-    def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
-        if not isinstance(text, str):
-            raise TypeError(f"expected str, got {type(text).__name__}")
-        words = WORD_PATTERN.findall(text.lower())
-        counts: dict[str, int] = {}
-        _count_elements(counts, words)
+    def _accumulate(self, counts: dict[str, int]) -> dict[int, int]:
+        """The integer buckets of distinct words with their term frequencies (spec step 6)."""
         positive, negative = self._positive, self._negative
         transient = self._learn(counts)
 
@@ -141,13 +146,30 @@ class HashEmbedder:
         get = buckets.get
         for index, value in minus.items():
             buckets[index] = get(index, 0) - value
+        return buckets
 
-        vector = [0.0] * self.dimensions
+    def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, got {type(text).__name__}")
+        lowered = text.lower()
+        words = WORD_PATTERN.findall(lowered)
+        counts: dict[str, int] = {}
+        _count_elements(counts, words)
+        buckets = self._accumulate(counts)
         values = buckets.values()
         # Integer sum of squares: exact, so no summation order can change the norm.
         squares = sum(map(mul, values, values))
-        if squares:
-            norm = math.sqrt(squares) if normalize else 1.0
-            for index, value in buckets.items():
-                vector[index] = value / norm
+        if not squares:
+            # No words (or, rarely, words whose features cancel): a zero vector would make
+            # every cosine NaN, so the text is embedded as one word. Only taken on zero.
+            if not text:
+                raise ValueError("the empty string has no hash embedding")
+            buckets = self._accumulate({whole_text_word(lowered): 1})
+            values = buckets.values()
+            squares = sum(map(mul, values, values))
+
+        vector = [0.0] * self.dimensions
+        norm = math.sqrt(squares) if normalize else 1.0
+        for index, value in buckets.items():
+            vector[index] = value / norm
         return vector, len(words)

@@ -49,6 +49,16 @@ export function tokenize(text) {
   return text.toLowerCase().match(WORD) ?? [];
 }
 
+/**
+ * The one word a text without a usable word is embedded as: all of it (lower-cased), with
+ * each lone surrogate as U+FFFD. TextEncoder would make that replacement anyway; doing it
+ * here keeps the cache key and the hashed bytes the same thing, as in Python.
+ * @param {string} lowered
+ */
+function wholeTextWord(lowered) {
+  return lowered.replace(/\p{Cs}/gu, '\ufffd');
+}
+
 const utf8 = new TextEncoder();
 
 export class HashEmbedder {
@@ -81,9 +91,28 @@ export class HashEmbedder {
     if (typeof text !== 'string') {
       throw new TypeError(`expected a string, got ${text === null ? 'null' : typeof text}`);
     }
+    const lowered = text.toLowerCase();
     const counts = new Map();
-    for (const word of tokenize(text)) counts.set(word, (counts.get(word) ?? 0) + 1);
+    for (const word of lowered.match(WORD) ?? []) counts.set(word, (counts.get(word) ?? 0) + 1);
+    let buckets = this.#accumulate(counts);
+    let squares = exactSumOfSquares(buckets);
+    if (squares === 0) {
+      // No words (or, rarely, words whose features cancel): a zero vector would make every
+      // cosine NaN, so the text is embedded as one word (the spec's whole-text rule).
+      if (text === '') throw new RangeError('the empty string has no hash embedding');
+      buckets = this.#accumulate(new Map([[wholeTextWord(lowered), 1]]));
+      squares = exactSumOfSquares(buckets);
+    }
 
+    const vector = Array.from(buckets);
+    if (!normalize) return vector;
+    const norm = Math.sqrt(squares);
+    for (let i = 0; i < vector.length; i++) vector[i] /= norm;
+    return vector;
+  }
+
+  /** Integer buckets of distinct words with their term frequencies (spec step 6). */
+  #accumulate(counts) {
     // Doubles hold every integer below 2^53 exactly: the buckets stay exact integers.
     const buckets = new Float64Array(this.dimensions);
     for (const [word, tf] of counts) {
@@ -94,13 +123,7 @@ export class HashEmbedder {
         else buckets[~code] -= weight;
       }
     }
-
-    const vector = Array.from(buckets);
-    if (!normalize) return vector;
-    const norm = Math.sqrt(exactSumOfSquares(buckets));
-    if (norm === 0) return vector; // no words: the zero vector
-    for (let i = 0; i < vector.length; i++) vector[i] /= norm;
-    return vector;
+    return buckets;
   }
 
   /** Each feature of `word` as one signed bucket code, cached per word (bounded). */

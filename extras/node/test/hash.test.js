@@ -47,11 +47,32 @@ test('words are lower-cased Unicode letter/number/underscore runs, by code point
   assert.deepEqual(tokenize('!!! ---'), []);
 });
 
-test('a text without words is the zero vector; others are unit length', () => {
-  assert.deepEqual(hashEmbed(['... !!!'], { dimensions: 8 })[0], new Array(8).fill(0));
-  const [v] = hashEmbed(['unit length please']);
-  const norm = Math.sqrt(v.reduce((s, x) => s + x * x, 0));
-  assert.ok(Math.abs(norm - 1) < 1e-12);
+test('golden vectors pin the sizes a request may ask the hash tier for', { skip }, () => {
+  const sizes = new Set(golden.cases.map((c) => c.dimensions));
+  for (const d of [16, 32, 64, 128, 384]) assert.ok(sizes.has(d), `no golden cases at D=${d}`);
+});
+
+test('a text without words is embedded as one whole-text word: unit length, never zeros', () => {
+  const embedder = new HashEmbedder(384);
+  const unit = (v) => Math.abs(Math.sqrt(v.reduce((s, x) => s + x * x, 0)) - 1) < 1e-12;
+  const cos = (a, b) => a.reduce((s, x, i) => s + x * b[i], 0);
+  const plain = embedder.embedOne('unit length please');
+  assert.ok(unit(plain));
+  for (const text of ['!!!', '???', '... !!!', '   ', '\t\n', '\ud800', '🙂🙂', '\udc00x\ud83d']) {
+    const v = embedder.embedOne(text);
+    assert.ok(unit(v), JSON.stringify(text));
+    assert.ok(Number.isFinite(cos(v, plain)), JSON.stringify(text));
+  }
+  assert.notDeepEqual(embedder.embedOne('!!!'), embedder.embedOne('???'));
+  // A lone surrogate is hashed as U+FFFD, as TextEncoder encodes it (and Python matches).
+  assert.deepEqual(embedder.embedOne('\ud800'), embedder.embedOne('\ufffd'));
+  // Every size, even D = 1: the whole-text word has an odd number of features.
+  for (let d = 1; d <= 8; d++) assert.ok(unit(new HashEmbedder(d).embedOne('!')), `D=${d}`);
+});
+
+test('the empty string has no hash embedding', () => {
+  assert.throws(() => new HashEmbedder().embedOne(''), RangeError);
+  assert.throws(() => hashEmbed(['ok', '']), RangeError);
 });
 
 test('the word cache changes no result, even when it is dropped', { skip, timeout: 10_000 }, () => {
