@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+import embedserve.backends.hash as hash_backend
 import embedserve.hashing as hashing
+from embedserve.backends.hash import HashBackend
 from embedserve.encoding import decode_float32_base64, float32_base64
 from embedserve.hashing import HashEmbedder
 
-from conftest import ROOT
+from conftest import ROOT, Server, start_server
 
 GOLDEN = json.loads((ROOT / "tests" / "data" / "hash_golden.json").read_text("utf-8"))
 # Varied English (plus some accents, other scripts, numbers and repeated words), one text a
@@ -40,6 +42,17 @@ def reference_embedding(text: str, dims: int) -> list[float]:
     tf: dict[str, int] = {}
     for word in words:
         tf[word] = tf.get(word, 0) + 1
+    buckets = reference_buckets(tf, dims)
+    total = sum(b * b for b in buckets)
+    if total == 0:  # the whole-text rule
+        whole = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text.lower())
+        buckets = reference_buckets({whole: 1}, dims)
+        total = sum(b * b for b in buckets)
+    norm = math.sqrt(float(total))
+    return [float(b) / norm for b in buckets]
+
+
+def reference_buckets(tf: dict[str, int], dims: int) -> list[int]:
     buckets = [0] * dims
     for word, count in tf.items():
         weight = 1 + int(math.floor(math.log2(count)))
@@ -50,11 +63,7 @@ def reference_embedding(text: str, dims: int) -> list[float]:
             h = zlib.crc32(feature.encode("utf-8")) & 0xFFFFFFFF
             sign = -1 if h >= 2 ** 31 else 1
             buckets[h % dims] += sign * weight
-    total = sum(b * b for b in buckets)
-    if total == 0:
-        return [0.0] * dims
-    norm = math.sqrt(float(total))
-    return [float(b) / norm for b in buckets]
+    return buckets
 
 
 @pytest.mark.parametrize("case", GOLDEN["cases"],
@@ -70,6 +79,8 @@ def test_golden_vectors_bit_for_bit(case: dict) -> None:
 def test_golden_file_matches_the_current_version() -> None:
     assert GOLDEN["hash_version"] == hashing.HASH_VERSION
     assert GOLDEN["models"]["384"] == HashEmbedder(384).model == "hash-v1-384"
+    # Sizes a request's `dimensions` may ask for are pinned too (the Node tests read them).
+    assert {16, 32, 64, 128, 384} <= {case["dimensions"] for case in GOLDEN["cases"]}
 
 
 @pytest.mark.parametrize("dims", [384, 16, 1, 1000])
@@ -121,12 +132,70 @@ def test_thread_safe_under_concurrent_use(monkeypatch: pytest.MonkeyPatch) -> No
         assert results[i] == expected[i::4]
 
 
-def test_vectors_are_unit_length_and_the_empty_text_is_zero() -> None:
+NO_WORDS = ["!!!", "???", "... !!!", "   ", " ", "\t\n", "\ud800", "\udc00x\ud83d", "🙂🙂",
+            "👍🏽", "\u0301"]
+
+
+def test_vectors_are_unit_length() -> None:
     embedder = HashEmbedder()
     for vector in embedder.embed(sample_texts()[:50]):
         assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-12)
-    assert embedder.embed_one("... !!!") == [0.0] * 384
-    assert embedder.embed_one("") == [0.0] * 384
+
+
+@pytest.mark.parametrize("dims", [384, 16, 1])
+def test_texts_without_words_are_unit_vectors_with_finite_cosines(dims: int) -> None:
+    embedder = HashEmbedder(dims)
+    others = embedder.embed(["a plain sentence", "!!!", "x"])
+    for text in NO_WORDS:
+        vector = embedder.embed_one(text)
+        assert any(vector), text
+        assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-12), text
+        for other in others:
+            assert math.isfinite(sum(p * q for p, q in zip(vector, other)))
+        # Unnormalised: the whole-text word's integer buckets, weight 1.
+        assert all(x == int(x) for x in embedder.embed_one(text, normalize=False))
+
+
+def test_texts_without_words_differ_by_their_characters() -> None:
+    embedder = HashEmbedder()
+    assert embedder.embed_one("!!!") != embedder.embed_one("???")
+    assert embedder.embed_one("   ") != embedder.embed_one("  ")
+    # Lower-cased first, like words: circled letters are symbols (So), not word
+    # characters, yet have case mappings.
+    assert embedder.embed_one("ⒶⒷ!") == embedder.embed_one("ⓐⓑ!")
+
+
+def test_a_lone_surrogate_is_hashed_as_the_replacement_character() -> None:
+    """JavaScript's TextEncoder writes a lone surrogate as U+FFFD (EF BF BD); Python must
+    hash the same bytes, not raise and not write surrogate bytes."""
+    embedder = HashEmbedder()
+    assert embedder.embed_one("\ud800") == embedder.embed_one("\ufffd")
+    assert embedder.embed_one("\udfff!") == embedder.embed_one("\ufffd!")
+    assert hashing.whole_text_word("a\ud800\udc00b") == "a\ufffd\ufffdb"
+    # With words, lone surrogates only separate them, as before.
+    assert embedder.embed_one("a\ud800b") == embedder.embed_one("a b")
+
+
+def test_words_whose_features_cancel_use_the_whole_text_rule() -> None:
+    # CRC-32 is affine over XOR: "ad" and "nx" land in the same buckets at D = 16 with
+    # opposite signs, so their buckets sum to zero.
+    embedder = HashEmbedder(16)
+    assert not any(reference_buckets({"ad": 1, "nx": 1}, 16))
+    assert embedder.embed_one("ad nx") == reference_embedding("ad nx", 16)
+    whole = reference_buckets({"ad nx": 1}, 16)
+    assert any(whole) and embedder.embed_one("ad nx", normalize=False) == whole
+    assert embedder.embed_with_counts(["ad nx"])[1] == [2]  # still two words
+
+
+def test_the_empty_string_has_no_hash_embedding() -> None:
+    # The server answers "" with a 400 and both clients refuse it before sending, so this
+    # is only reachable in-process; an error beats the one zero vector left in the spec.
+    with pytest.raises(ValueError, match="empty string"):
+        HashEmbedder().embed_one("")
+    with pytest.raises(ValueError, match="empty string"):
+        HashEmbedder().embed(["fine", ""])
+    with pytest.raises(ValueError, match="empty string"):
+        HashBackend(384).encode([""])
 
 
 def test_lexical_similarity_ranks_related_texts_first() -> None:
@@ -145,7 +214,7 @@ def test_lexical_similarity_ranks_related_texts_first() -> None:
 
 
 def test_token_counts_are_word_counts() -> None:
-    vectors, counts = HashEmbedder(8).embed_with_counts(["one two, three", "", "a a a"])
+    vectors, counts = HashEmbedder(8).embed_with_counts(["one two, three", "!!!", "a a a"])
     assert counts == [3, 0, 3]
     assert len(vectors) == 3
 
@@ -177,3 +246,97 @@ def test_float_array_json_is_byte_identical_to_json_dumps() -> None:
     assert float_array_json(dense) == json.dumps(dense, **compact)
     assert json.loads(float_array_json([1e-300, 5e300, 0.1, 0.1, 0.1, 0.1])) == [
         1e-300, 5e300, 0.1, 0.1, 0.1, 0.1]
+
+
+# --- `dimensions` on the hash tier: hash-v1-d computed directly, not a head of 384 ----------
+
+DIMENSION_TEXTS = ["single", "a b", "Feature hashing is deterministic", "!!!", "naïve café"]
+
+
+@pytest.mark.parametrize("dims", [1, 16, 32, 64, 383, 384, 1000, None])
+def test_backend_dimensions_are_the_embedder_of_that_size(dims: int | None) -> None:
+    backend = HashBackend(384)
+    for normalize in (True, False):
+        encoded = backend.encode(DIMENSION_TEXTS, normalize=normalize, dimensions=dims)
+        expected = HashEmbedder(dims or 384).embed_with_counts(DIMENSION_TEXTS,
+                                                               normalize=normalize)
+        assert (encoded.vectors, encoded.token_counts) == expected
+    assert backend.model == "hash-v1-384"  # the served model does not change
+
+
+def test_backend_keeps_a_bounded_set_of_other_sizes() -> None:
+    backend = HashBackend(384)
+    for dims in range(8, 40):
+        backend.encode(["x"], dimensions=dims)
+    assert len(backend._others) == hash_backend._MAX_OTHER_SIZES
+    assert list(backend._others) == list(range(40 - hash_backend._MAX_OTHER_SIZES, 40))
+    recent = backend._others[39]
+    backend.encode(["x"], dimensions=384)  # the default embedder, not a cached other one
+    assert 384 not in backend._others and backend._others[39] is recent
+    with pytest.raises(ValueError, match="dimensions"):
+        backend.encode(["x"], dimensions=0)
+    assert 0 not in backend._others
+
+
+def test_backend_sizes_are_thread_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hash_backend, "_MAX_OTHER_SIZES", 2)  # force evictions mid-run
+    texts = sample_texts()[:60]
+    sizes = [16, 32, 64, 128, 384]
+    expected = {d: HashEmbedder(d).embed(texts) for d in sizes}
+    backend = HashBackend(384)
+    failures: list[int] = []
+
+    def work(i: int) -> None:
+        for round_ in range(10):
+            dims = sizes[(i + round_) % len(sizes)]
+            if backend.encode(texts, dimensions=dims).vectors != expected[dims]:
+                failures.append(dims)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures and len(backend._others) <= 2
+
+
+def test_a_short_hash_vector_is_not_one_hot() -> None:
+    """What the issue was about: the first 32 of the 384 buckets of "single" hold at most
+    one non-zero value (one-hot or zero after re-normalising); its own 32 hold many."""
+    full = HashEmbedder(384).embed_one("single")
+    assert sum(1 for x in full[:32] if x) <= 1
+    assert sum(1 for x in HashEmbedder(32).embed_one("single") if x) > 3
+
+
+def test_dimensions_over_http_equal_a_server_of_that_size(server: Server,
+                                                          fresh_server: list[Server]) -> None:
+    """`dimensions=32` asked of the default server == what `--dimensions 32` serves, on
+    both the TEI and OpenAI routes. Needs service.py to pass `dimensions` to the backend."""
+    small = start_server("--dimensions", "32")
+    fresh_server.append(small)
+    expected = HashEmbedder(32).embed(DIMENSION_TEXTS)
+
+    status, _, direct = small.request("POST", "/embed", {"inputs": DIMENSION_TEXTS})
+    assert status == 200 and direct == expected
+    status, _, asked = server.request("POST", "/embed",
+                                      {"inputs": DIMENSION_TEXTS, "dimensions": 32})
+    assert status == 200 and asked == expected
+
+    status, _, direct = small.request("POST", "/v1/embeddings", {"input": DIMENSION_TEXTS})
+    assert status == 200
+    status, _, asked = server.request("POST", "/v1/embeddings",
+                                      {"input": DIMENSION_TEXTS, "dimensions": 32})
+    assert status == 200
+    assert [d["embedding"] for d in asked["data"]] == [d["embedding"] for d in direct["data"]]
+    assert [d["embedding"] for d in asked["data"]] == expected
+
+    single = asked["data"][0]["embedding"]
+    assert sum(1 for x in single if x) > 3  # "single": neither one-hot nor zero
+    assert math.isclose(sum(x * x for x in single), 1.0, rel_tol=1e-12)
+
+
+def test_texts_without_words_over_http(server: Server) -> None:
+    texts = ["!!!", "   ", "\ud800", "🙂🙂"]
+    status, _, body = server.request("POST", "/embed", {"inputs": texts})
+    assert status == 200 and body == HashEmbedder(384).embed(texts)
+    assert all(any(vector) for vector in body)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+import threading
 import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
 
 from embedserve.backends import Encoded, Token
 from embedserve.hashing import WORD_PATTERN, HashEmbedder
+
+# Embedders for request-time `dimensions` other than the served size. Each holds its own
+# word cache (up to hashing._MAX_CACHED_WORDS words), so only the few most recently asked
+# sizes are kept: memory stays bounded whatever sizes clients ask for.
+_MAX_OTHER_SIZES = 4
 
 
 class HashBackend:
@@ -21,10 +27,31 @@ class HashBackend:
         self.dimensions = dimensions
         self.model = self._embedder.model
         self.prompts: dict[str, str] = {}
+        self._others: OrderedDict[int, HashEmbedder] = OrderedDict()
+        self._others_lock = threading.Lock()
 
-    def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded:
-        vectors, token_counts = self._embedder.embed_with_counts(texts, normalize=normalize)
+    def encode(self, texts: Sequence[str], *, normalize: bool = True,
+               dimensions: int | None = None) -> Encoded:
+        """`dimensions=d` is hash-v1-d computed directly (what `--dimensions d` serves), not
+        the first d of the served vector: hash buckets are not ordered by importance, so
+        a head of them can be all zeros."""
+        embedder = self._embedder_for(dimensions)
+        vectors, token_counts = embedder.embed_with_counts(texts, normalize=normalize)
         return Encoded(vectors, token_counts)
+
+    def _embedder_for(self, dimensions: int | None) -> HashEmbedder:
+        if dimensions is None or dimensions == self.dimensions:
+            return self._embedder
+        with self._others_lock:
+            embedder = self._others.get(dimensions)
+            if embedder is not None:
+                self._others.move_to_end(dimensions)
+                return embedder
+            embedder = HashEmbedder(dimensions)  # ValueError for a bad size, before caching
+            self._others[dimensions] = embedder
+            if len(self._others) > _MAX_OTHER_SIZES:
+                self._others.popitem(last=False)
+            return embedder
 
     def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
                  ) -> list[list[Token]]:
