@@ -91,7 +91,7 @@ class Supervisor:
             self.sock.close()
 
     def _sleep(self) -> None:
-        waitables: list[Any] = [self._wakeup_r]
+        waitables: list[Any] = []
         if self.watching_stdin:
             waitables.append(STDIN_FD)
         for child in self.children:
@@ -100,14 +100,20 @@ class Supervisor:
         timeout = TICK
         if len(self.children) < self.config.workers:
             timeout = min(TICK, max(0.0, self.next_spawn - time.monotonic()))
-        for ready in wait(waitables, timeout):
-            if ready is self._wakeup_r:
-                try:
-                    self._wakeup_r.recv(64)
-                except BlockingIOError:
+        if STDIN_FD in self._wait(waitables, timeout):
+            self._read_stdin()
+
+    def _wait(self, waitables: list[Any], timeout: float) -> list[Any]:
+        """wait() on `waitables` and the signal wake-up socket, which it empties: a byte
+        left in it would make every later wait return at once, a busy loop."""
+        ready = wait([self._wakeup_r, *waitables], timeout)
+        if self._wakeup_r in ready:
+            try:
+                while self._wakeup_r.recv(4096):
                     pass
-            elif ready == STDIN_FD:
-                self._read_stdin()
+            except BlockingIOError:
+                pass
+        return ready
 
     def _read_stdin(self) -> None:
         # EOF on stdin: the process that started us is gone, however it went (kill -9
@@ -155,7 +161,9 @@ class Supervisor:
             try:
                 while child.channel.poll():
                     kind, detail = child.channel.recv()
-                    if kind == "ready" and not child.ready:
+                    # A worker told to drain while it loaded may still finish loading:
+                    # it does not count as serving.
+                    if kind == "ready" and not child.ready and not child.draining:
                         child.ready = True
                         self.ready_workers.value += 1
                         self._on_ready(detail)
@@ -252,21 +260,36 @@ class Supervisor:
             self._signal(child, signal.SIGTERM)
 
     def _stop(self) -> int:
+        """Drain every worker, for up to graceful_timeout; a second SIGTERM or SIGINT
+        meanwhile forces the stop."""
         for child in self.children:
             self._drain(child)
         deadline = time.monotonic() + self.config.graceful_timeout + 1.0
-        while self.children and time.monotonic() < deadline:
-            if len(self.signals) > 0 and any(s != signal.SIGHUP for s in self.signals):
-                log.warning("second signal: forcing the stop")
+        while self.children and not self._forced_by_signal():
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            wait([c.process.sentinel for c in self.children] + [self._wakeup_r], TICK)
+            self._wait([c.process.sentinel for c in self.children], min(TICK, left))
             self.children = [c for c in self.children if c.process.is_alive()]
-        forced = bool(self.children)
-        if forced:
-            log.warning("killing %d workers that did not stop in time", len(self.children))
+        if self.children:
+            log.warning("killing %d workers still draining", len(self.children))
         self._kill_all()
         log.info("stopped")
         return 0
+
+    def _forced_by_signal(self) -> bool:
+        """Handle the signals that came during a stop: True if one forces it."""
+        forced = False
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                # No new generation while stopping: it would be drained straight away.
+                log.info("received SIGHUP while stopping: ignored")
+            else:
+                log.warning("received %s again: forcing the stop",
+                            signal.Signals(signum).name)
+                forced = True
+        return forced
 
     def _kill_all(self) -> None:
         for child in self.children:

@@ -176,7 +176,8 @@ def test_sigterm_during_a_slow_request_lets_it_finish(supervised: list[Server]) 
     workers = worker_pids(srv)
     body = json.dumps({"inputs": ["slow but complete"]}).encode()
     with socket.create_connection((srv.host, srv.port), timeout=20) as sock:
-        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: %s:%d\r\n" % (srv.host.encode(), srv.port) +
+                     b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
         time.sleep(0.3)  # the request is in flight in the worker
         srv.proc.send_signal(signal.SIGTERM)
@@ -266,5 +267,99 @@ def test_two_workers_stop_promptly_after_serving(supervised: list[Server]) -> No
         assert srv.request("GET", "/health")[0] == 200
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(10) == 0  # well inside the 30 s grace: nothing was in flight
+    for pid in workers:
+        assert wait_for(lambda: not pid_alive(pid), 5)
+
+
+# --- stopping: signals during a drain, and no listening while draining ----------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` from /proc/<pid>/stat (fields 14 and 15)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_has(srv: Server, text: str, timeout: float = 10) -> bool:
+    return wait_for(lambda: any(text in line for line in srv.log), timeout)
+
+
+class InFlight:
+    """A request held in flight in a worker: the connection is first proven accepted (a
+    complete GET /health answered on it), then a POST is sent all but its last bytes. The
+    worker has the request on an open connection and waits for the rest of the body."""
+
+    BODY = json.dumps({"inputs": ["held in flight"]}).encode()
+
+    def __init__(self, srv: Server) -> None:
+        self.sock = socket.create_connection((srv.host, srv.port), timeout=30)
+        host = f"Host: {srv.host}:{srv.port}\r\n".encode()
+        self.sock.sendall(b"GET /health HTTP/1.1\r\n" + host + b"\r\n")
+        assert self._reply().startswith(b"HTTP/1.1 200")
+        self.sock.sendall(b"POST /embed HTTP/1.1\r\n" + host + b"Content-Type: application/json"
+                          b"\r\nContent-Length: %d\r\n\r\n" % len(self.BODY) + self.BODY[:5])
+
+    def _reply(self) -> bytes:
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return reply
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    def finish(self) -> bytes:
+        """Send the rest of the body; the whole reply."""
+        self.sock.sendall(self.BODY[5:])
+        return self._reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sighup_during_a_drain_neither_spins_nor_restarts(supervised: list[Server]) -> None:
+    """Regression: the stop loop waited on the signal wake-up socket without reading it, so
+    a SIGHUP during a drain made every wait return at once: 100% CPU until the end."""
+    srv = start_server("--graceful-timeout", "10")
+    supervised.append(srv)
+    held = InFlight(srv)
+    try:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert log_has(srv, "received SIGTERM")
+        srv.proc.send_signal(signal.SIGHUP)
+        before, began = cpu_seconds(srv.pid), time.monotonic()
+        time.sleep(2.0)  # the window measured, not a wait for anything
+        used = cpu_seconds(srv.pid) - before
+        wall = time.monotonic() - began
+        assert used < 0.5, f"the supervisor used {used:.2f} s of CPU in {wall:.2f} s of drain"
+        reply = held.finish()
+    finally:
+        held.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert srv.proc.wait(15) == 0
+    assert not any("rolling restart" in line for line in srv.log), "".join(srv.log)
+
+
+def test_a_second_signal_during_a_drain_forces_the_stop(supervised: list[Server]) -> None:
+    srv = start_server("--graceful-timeout", "60")
+    supervised.append(srv)
+    workers = worker_pids(srv)
+    held = InFlight(srv)
+    try:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert log_has(srv, "received SIGTERM")
+        srv.proc.send_signal(signal.SIGHUP)  # ignored while stopping: not a second signal
+        srv.proc.send_signal(signal.SIGINT)
+        assert srv.proc.wait(20) == 0  # far inside the 60 s of grace: forced
+    finally:
+        held.close()
+    assert log_has(srv, "forcing the stop", 5)
     for pid in workers:
         assert wait_for(lambda: not pid_alive(pid), 5)
