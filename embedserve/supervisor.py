@@ -262,6 +262,10 @@ class Supervisor:
     def _stop(self) -> int:
         """Drain every worker, for up to graceful_timeout; a second SIGTERM or SIGINT
         meanwhile forces the stop."""
+        # Stop listening first. Once the workers have closed their copies too, new clients
+        # are refused at once instead of queued by the kernel for a server that will never
+        # accept them (they hung, then got a reset). A rolling restart keeps the socket.
+        self.sock.close()
         for child in self.children:
             self._drain(child)
         deadline = time.monotonic() + self.config.graceful_timeout + 1.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -59,15 +58,21 @@ class Worker:
         self.link = link
         self.service = EmbeddingService(config, link.restarts)
         self.server = EmbedServer(sock, self.service)
-        self.stop_reason: list[str] = []
+        self.stop_reason = ""
+        self._stopping = threading.Event()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._accepting = False
+        self._listening = True
         self._accept_lock = threading.Lock()
 
     def run(self) -> int:
         self._wakeup_w.setblocking(False)
         signal.set_wakeup_fd(self._wakeup_w.fileno())
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.stop_reason.append("SIGTERM"))
+        # The Python-level handler only keeps SIGTERM from killing us. The work is done by
+        # _watch_for_stop, woken by the byte set_wakeup_fd writes the moment the signal
+        # arrives: the main thread may be busy loading a model for minutes.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        threading.Thread(target=self._watch_for_stop, name="stop-watch", daemon=True).start()
         threading.Thread(target=self._watch_supervisor, name="supervisor-watch",
                          daemon=True).start()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
@@ -86,38 +91,68 @@ class Worker:
         finally:
             early.cancel()
         self.service.attach(loaded)
-        self._start_accepting()
-        backend = loaded.backend
-        self.link.channel.send(("ready", {"pid": os.getpid(), "backend": backend.name,
-                                          "model": backend.model,
-                                          "dimensions": backend.dimensions}))
-        log.info("serving %s (%s) on %s", backend.model, backend.name, self.config.url)
-
-        while not self.stop_reason:
-            select.select([self._wakeup_r], [], [])
-            self._wakeup_r.recv(64)
-        return self._drain(self.stop_reason[0])
+        if self._start_accepting():
+            backend = loaded.backend
+            self.link.channel.send(("ready", {"pid": os.getpid(), "backend": backend.name,
+                                              "model": backend.model,
+                                              "dimensions": backend.dimensions}))
+            log.info("serving %s (%s) on %s", backend.model, backend.name, self.config.url)
+        self._stopping.wait()
+        return self._drain()
 
     def _accept_while_loading(self) -> None:
         if self.link.ready_workers.value == 0:
             self._start_accepting()
 
-    def _start_accepting(self) -> None:
+    def _start_accepting(self) -> bool:
+        """Start the accept loop (once); False when the socket is already closed."""
         with self._accept_lock:
-            if self._accepting:
-                return
-            self._accepting = True
-            # A short poll interval: shutdown() waits up to one interval for the loop.
-            threading.Thread(target=self.server.serve_forever, args=(0.1,), name="accept",
-                             daemon=True).start()
+            if not self._listening:
+                return False
+            if not self._accepting:
+                self._accepting = True
+                # A short poll interval: shutdown() waits up to one interval for the loop.
+                threading.Thread(target=self.server.serve_forever, args=(0.1,),
+                                 name="accept", daemon=True).start()
+            return True
 
-    def _drain(self, reason: str) -> int:
-        log.info("%s: draining (up to %gs for requests in flight)", reason,
+    def _stop_listening(self) -> None:
+        """Stop the accept loop and close this process's copy of the listening socket;
+        connections already accepted are served on."""
+        with self._accept_lock:
+            if not self._listening:
+                return
+            self._listening = False
+            self.server.draining = True
+            if self._accepting:
+                self.server.shutdown()
+            self.server.socket.close()
+
+    def _watch_for_stop(self) -> None:
+        # A stop request is SIGTERM's number (written here by the interpreter's C-level
+        # handler) or _stop's zero byte; a library's own signal would write another.
+        data = b""
+        while signal.SIGTERM not in data and 0 not in data:
+            data = self._wakeup_r.recv(64)
+        if not self.stop_reason:
+            self.stop_reason = "SIGTERM" if signal.SIGTERM in data else "stop requested"
+        # Stop listening now, not once loading is done: until then the kernel would keep
+        # queueing new clients on a socket this process no longer means to serve.
+        self._stop_listening()
+        if self.service.ready:
+            self._stopping.set()  # the main thread drains what is in flight
+            return
+        # Still loading: nothing of ours is in flight but 503 "loading" answers, and the
+        # load may take minutes (a download). Leave now rather than when it ends.
+        log.info("%s while loading: exiting", self.stop_reason)
+        self.server.wait_idle(min(1.0, self.config.graceful_timeout))
+        logging.shutdown()
+        os._exit(0)
+
+    def _drain(self) -> int:
+        log.info("%s: draining (up to %gs for requests in flight)", self.stop_reason,
                  self.config.graceful_timeout)
-        self.server.draining = True
-        if self._accepting:
-            self.server.shutdown()
-        self.server.socket.close()
+        self._stop_listening()
         if self.server.wait_idle(self.config.graceful_timeout):
             return 0
         log.warning("requests still in flight after %gs; exiting anyway",
@@ -125,7 +160,7 @@ class Worker:
         return 1
 
     def _stop(self, reason: str) -> None:
-        self.stop_reason.append(reason)
+        self.stop_reason = self.stop_reason or reason
         try:
             self._wakeup_w.send(b"\0")
         except OSError:
@@ -146,7 +181,9 @@ class Worker:
         interval = min(1.0, self.config.worker_timeout / 4)
         while True:
             now = time.monotonic()
-            loop_alive = not self._accepting or now - self.server.loop_tick < 5.0
+            # A closed accept loop no longer ticks: that is a drain, not a hang.
+            loop_alive = (not self._accepting or not self._listening
+                          or now - self.server.loop_tick < 5.0)
             if loop_alive and self.service.oldest_call_age() < self.config.worker_timeout:
                 self.link.heartbeat.value = now
             time.sleep(interval)

@@ -324,6 +324,16 @@ class InFlight:
         self.sock.close()
 
 
+def connection_refused(srv: Server) -> bool:
+    try:
+        socket.create_connection((srv.host, srv.port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # a timeout: the kernel queued it and nobody accepts
+        return False
+    return False
+
+
 def test_sighup_during_a_drain_neither_spins_nor_restarts(supervised: list[Server]) -> None:
     """Regression: the stop loop waited on the signal wake-up socket without reading it, so
     a SIGHUP during a drain made every wait return at once: 100% CPU until the end."""
@@ -363,3 +373,60 @@ def test_a_second_signal_during_a_drain_forces_the_stop(supervised: list[Server]
     assert log_has(srv, "forcing the stop", 5)
     for pid in workers:
         assert wait_for(lambda: not pid_alive(pid), 5)
+
+
+def test_a_draining_server_refuses_new_connections(supervised: list[Server]) -> None:
+    """Regression: the supervisor kept its copy of the listening socket open through the
+    drain, so new clients were queued by the kernel, hung, and were reset at the end."""
+    srv = start_server("--graceful-timeout", "20")
+    supervised.append(srv)
+    held = InFlight(srv)
+    try:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: connection_refused(srv), 10), \
+            "a new connection was still queued during the drain"
+        reply = held.finish()
+    finally:
+        held.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert b"Connection: close" in reply
+    assert srv.proc.wait(15) == 0
+
+
+def test_sigterm_while_a_model_loads_stops_listening_and_exits(
+        supervised: list[Server], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker still loading its model held the listening socket (and answered 503
+    "loading") until the load ended, however long that took. Here the load never ends: a
+    stand-in sentence_transformers package whose import blocks."""
+    import subprocess
+    import sys
+
+    from conftest import request, server_env
+
+    for package, code in (("torch", ""), ("sentence_transformers",
+                                          "import time\nwhile True:\n    time.sleep(1)\n")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(code)
+    env = server_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "--port", str(port),
+                             "--backend", "sentence-transformers", "--graceful-timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    srv = Server(proc, f"http://127.0.0.1:{port}", proc.pid)
+    supervised.append(srv)
+
+    def loading() -> bool:
+        try:
+            status, _, body = request("127.0.0.1", port, "GET", "/health", timeout=2)
+        except OSError:
+            return False
+        return status == 503 and "loading" in body["error"]
+
+    assert wait_for(loading, 30), "the worker never answered 503 loading"
+    proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: connection_refused(srv), 10), \
+        "the loading worker still accepted connections after SIGTERM"
+    assert proc.wait(20) == 0, proc.stdout.read() if proc.stdout else ""
