@@ -38,6 +38,9 @@ class Config:
                            choices=BACKENDS)
     model: str = _option("", "Hugging Face model id or local folder for the ML backends "
                               "(default sentence-transformers/all-MiniLM-L6-v2; hash: unused)")
+    served_model_name: str = _option(
+        "", "comma-separated names clients may use for the model (responses carry the "
+            "first), e.g. text-embedding-3-small; the model's own names stay accepted")
     device: str = _option("auto", f"where the ML backends run: {DEVICES}")
     fp32: bool = _option(False, "keep float32 on CUDA (default there: float16)")
     trust_remote_code: bool = _option(
@@ -54,6 +57,14 @@ class Config:
         4096, "ML tiers: texts waiting for the model; more are answered 429", minimum=1)
     dimensions: int = _option(384, "vector size of the hash backend", minimum=1)
     api_key: str = _option("", "require this Bearer token on every route but /health")
+    allowed_hosts: str = _option(
+        "", "comma-separated host names accepted in the Host header besides IP addresses "
+            "and localhost ('*.example.com' matches subdomains, '*' any); checked when "
+            "bound to a loopback address, or whenever set (DNS-rebinding protection)")
+    cors_origins: str = _option(
+        "", "comma-separated origins whose web pages may call this server "
+            "(e.g. http://localhost:3000; '*' for any); other cross-origin browser "
+            "requests are refused")
     allow_insecure: bool = _option(
         False, "allow binding a non-loopback address without --api-key")
     log_level: str = _option("info", "logging level", choices=LOG_LEVELS)
@@ -138,9 +149,19 @@ def _parse_bool(text: str) -> bool:
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedserve",
-        description="Serve text embeddings over HTTP (OpenAI and TEI APIs).",
+        description="Serve text embeddings over HTTP (OpenAI, TEI and Ollama APIs). "
+                    f"Backends (--backend): {', '.join(BACKENDS)}; auto picks the best one "
+                    "installed (sentence-transformers, then transformers, then hash). "
+                    f"Log levels (--log-level): {', '.join(LOG_LEVELS)}.",
+        # The client-side commands are parsed in commands.py, not here: name them so that
+        # `embedserve --help` is where a user finds them.
         epilog="Every option can also be set with an environment variable: "
-               "--max-body-bytes is EMBEDSERVE_MAX_BODY_BYTES. Flags win over variables.")
+               "--max-body-bytes is EMBEDSERVE_MAX_BODY_BYTES. Flags win over variables. "
+               "Client commands, each with its own --help: "
+               "`embedserve embed TEXT...` prints embeddings (starts a server if none "
+               "answers, and stops it after); `embedserve info` prints the server's /info "
+               "(starts one the same way); `embedserve health` only probes: exit 0 when a "
+               "server answers ready, 1 otherwise, and it never starts one.")
     parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")

@@ -113,9 +113,11 @@ def _optional(payload: dict[str, Any], field: str, kind: type, kind_name: str) -
 # --- OpenAI --------------------------------------------------------------------------------
 
 _OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
-_OPENAI_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
-                 405: "method_not_allowed", 411: "length_required", 413: "payload_too_large",
-                 422: "invalid_value", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+_OPENAI_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden",
+                 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                 411: "length_required", 413: "payload_too_large",
+                 415: "unsupported_media_type", 422: "invalid_value",
+                 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
 
 class OpenAI:
@@ -154,9 +156,9 @@ class OpenAI:
 
 # --- Hugging Face text-embeddings-inference ------------------------------------------------
 
-_TEI_TYPES = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 405: "Validation",
-              411: "Validation", 413: "Validation", 422: "Validation", 429: "Overloaded",
-              503: "Unhealthy"}
+_TEI_TYPES = {400: "Validation", 401: "Unauthorized", 403: "Unauthorized", 404: "NotFound",
+              405: "Validation", 408: "Validation", 411: "Validation", 413: "Validation",
+              415: "Validation", 422: "Validation", 429: "Overloaded", 503: "Unhealthy"}
 
 
 class TEI:

@@ -80,13 +80,13 @@ class Metrics:
             lines += ["# HELP embedserve_requests_total HTTP requests by route and status.",
                       "# TYPE embedserve_requests_total counter"]
             for (route, method, status), count in sorted(self.requests.items()):
-                lines.append(f'embedserve_requests_total{{{pid},route="{route}",'
-                             f'method="{method}",status="{status}"}} {count}')
+                lines.append(f'embedserve_requests_total{{{pid},route="{_escape(route)}",'
+                             f'method="{_escape(method)}",status="{status}"}} {count}')
             lines += ["# HELP embedserve_request_duration_seconds Time to answer a request.",
                       "# TYPE embedserve_request_duration_seconds histogram"]
             for route, histogram in sorted(self.latency.items()):
                 lines += histogram.lines("embedserve_request_duration_seconds",
-                                         f'{pid},route="{route}"')
+                                         f'{pid},route="{_escape(route)}"')
             lines += ["# HELP embedserve_texts_embedded_total Texts embedded.",
                       "# TYPE embedserve_texts_embedded_total counter",
                       f"embedserve_texts_embedded_total{{{pid}}} {self.texts}",

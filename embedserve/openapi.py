@@ -12,7 +12,7 @@ from embedserve.service import EmbeddingService
 def build_openapi(service: EmbeddingService) -> dict[str, Any]:
     info = service.info()
     dims = int(info["dimensions"])  # type: ignore[call-overload]
-    names = service.model_names()
+    names = list(service.model_names().accepted)
     batch = service.config.max_batch_size
     text = {"type": "string", "minLength": 1}
     texts = {"oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": batch}]}

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import io
 import json
 import logging
+import math
+import re
 import select
 import socket
 import threading
@@ -24,6 +27,7 @@ from embedserve import __version__
 from embedserve.dialects import (OLLAMA, OLLAMA_LEGACY, OPENAI, TEI_DIALECT, Dialect,
                                  texts_from)
 from embedserve.errors import ApiError
+from embedserve.guards import Guards, is_json_media_type
 from embedserve.service import EmbeddingService
 
 log = logging.getLogger("embedserve.server")
@@ -33,6 +37,16 @@ _MAX_LINE = 65536
 _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
+_MAX_TRAILERS = 64
+# RFC 9112: Content-Length is 1*DIGIT, a chunk size 1*HEXDIG. int() would also take "+20",
+# " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
+# Methods worth their own metrics label; any other is counted as "other" (labels must not
+# grow with what clients invent).
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# /tokenize answers ~15x its input in JSON: its texts are bounded in characters.
+MAX_TOKENIZE_CHARS = 256 * 1024
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -47,6 +61,36 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class DeadlineReader(io.RawIOBase):
+    """The socket as a raw stream whose every read waits at most until `deadline`. A plain
+    socket timeout restarts with each byte, so a client trickling one byte at a time could
+    hold a connection open forever (slowloris); the deadline bounds the whole request --
+    line, headers and body. `deadline` None: don't wait at all (non-blocking)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline: float | None = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is None:
+            self._sock.settimeout(0)
+        elif self.deadline == math.inf:
+            self._sock.settimeout(None)
+        else:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request not received within request_timeout")
+            self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
 
 
 class EmbedServer(ThreadingHTTPServer):
@@ -66,10 +110,14 @@ class EmbedServer(ThreadingHTTPServer):
         self.server_name, self.server_port = sock.getsockname()[:2]
         self.service = service
         self.config = service.config
+        self.guards = Guards.from_config(self.config)
         self.draining = False
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._connections = 0
+        # Connections waiting for their next request, oldest first: at the connection
+        # limit one of them is closed to make room, so idle sockets cannot lock clients out.
+        self._waiting: dict[socket.socket, float] = {}
         self._date: tuple[int, str] = (0, "")
         self.loop_tick = time.monotonic()
 
@@ -81,9 +129,17 @@ class EmbedServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
             full = self._connections >= self.config.max_connections
-            if not full:
+            idle = next(iter(self._waiting), None) if full else None
+            if idle is not None:
+                del self._waiting[idle]
+            if not full or idle is not None:
                 self._connections += 1
-        if full:
+        if idle is not None:
+            # Its thread wakes on the shutdown, reads EOF and closes; this one takes its
+            # place (counted at once, so the limit is exceeded by at most the handovers).
+            log.debug("at the connection limit: closing the longest idle connection")
+            _shutdown(idle)
+        elif full:
             self._refuse(request)
             return
         try:
@@ -103,6 +159,14 @@ class EmbedServer(ThreadingHTTPServer):
             self._connections -= 1
             if not self._connections:
                 self._idle.notify_all()
+
+    def waiting(self, conn: socket.socket, waits: bool) -> None:
+        """Mark a connection as waiting for its next request (closable at the limit)."""
+        with self._lock:
+            if waits:
+                self._waiting[conn] = time.monotonic()
+            else:
+                self._waiting.pop(conn, None)
 
     def wait_idle(self, timeout: float) -> bool:
         """While draining: wait until every connection is closed; False on timeout."""
@@ -129,6 +193,13 @@ class EmbedServer(ThreadingHTTPServer):
         return text
 
 
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _dialect_for(path: str) -> Dialect:
     if path.startswith(("/v1/", "/embeddings")):
         return OPENAI
@@ -143,17 +214,23 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: EmbedServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader, _READ_CHUNK)
+
     def handle_one_request(self) -> None:
-        # The stdlib version with two timeouts: keep_alive_timeout while an idle connection
-        # waits for its next request, and a deadline for receiving the request itself.
+        # The stdlib version with two bounds: keep_alive_timeout while an idle connection
+        # waits for its next request, and one deadline for receiving all of the request.
         config = self.server.config
         if not self._next_request_arrives():
             self.close_connection = True
             return
         self.started = time.monotonic()
-        self.deadline = self.started + config.request_timeout
+        self.reader.deadline = self.started + config.request_timeout
         self.body_read = False
-        self.connection.settimeout(config.request_timeout)
+        self.body_length: int | None = 0  # None: chunked
+        self.cors: dict[str, str] = {}
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
             if not self.raw_requestline:
@@ -174,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
         except ConnectionError as exc:
             log.debug("connection from %s dropped: %r", self.client_address[0], exc)
             self.close_connection = True
+        finally:
+            self.reader.deadline = math.inf
 
     def _next_request_arrives(self) -> bool:
         """Wait for the next request on this connection: up to keep_alive_timeout, or, once
@@ -181,7 +260,7 @@ class Handler(BaseHTTPRequestHandler):
         draining starts would reset a request the client has just sent; lingering lets
         such a request in, and it is then answered with `Connection: close`."""
         server, conn = self.server, self.connection
-        conn.settimeout(0)
+        self.reader.deadline = None
         try:
             # Already here: pipelined, or arrived with the last one.
             if self.rfile.peek(1):  # type: ignore[attr-defined]
@@ -192,52 +271,131 @@ class Handler(BaseHTTPRequestHandler):
             return False
         now = time.monotonic()
         give_up = now + server.config.keep_alive_timeout
-        while now < give_up:
-            if server.draining:
-                give_up = min(give_up, now + _DRAIN_LINGER)
-            readable, _, _ = select.select([conn], [], [], min(_POLL, give_up - now))
-            if readable:
-                return True
-            now = time.monotonic()
-        return False
+        server.waiting(conn, True)
+        try:
+            while now < give_up:
+                if server.draining:
+                    give_up = min(give_up, now + _DRAIN_LINGER)
+                readable, _, _ = select.select([conn], [], [], min(_POLL, give_up - now))
+                if readable:
+                    return True
+                now = time.monotonic()
+            return False
+        finally:
+            server.waiting(conn, False)
 
     def dispatch(self) -> None:
         path = self.path.split("?", 1)[0]
         dialect = _dialect_for(path)
+        route_label = path if path in ROUTES else "(unknown)"
         status = 500
         try:
+            self._check_framing()
+            self._check_browser(path)
             methods = ROUTES.get(path)
             if methods is None:
                 raise ApiError(404, f"no route {path!r}; see GET /info for the API")
-            route = methods.get(self.command)
-            if route is None:
-                raise ApiError(405, f"{self.command} is not allowed on {path}",
-                               headers={"Allow": ", ".join(sorted(methods))})
-            self._authorize(path)
-            reply = route(self)
+            if self.command == "OPTIONS":
+                reply = self._options(methods)
+            else:
+                route = methods.get(self.command)
+                if route is None:
+                    raise ApiError(405, f"{self.command} is not allowed on {path}",
+                                   headers={"Allow": ", ".join(sorted(methods))})
+                try:
+                    self._authorize(path)
+                except ApiError:
+                    route_label = "(unauthenticated)"  # nothing of the request is kept
+                    raise
+                reply = route(self)
         except (TimeoutError, ConnectionError):
             raise  # the connection is unusable: handle_one_request closes it
         except ApiError as error:
-            if error.status >= 500:
-                log.error("%s %s: %s", self.command, path, error.message)
             status = error.status
+            if status >= 500 and status != 503:
+                log.error("%s %s: %s", self.command, path, error.message)
+            else:  # a client's mistake, or an expected state (loading, draining, busy)
+                log.debug("%s %s: %d %s", self.command, path, status, error.message)
             self._skip_unread_body()
             self.send_json(status, dialect.error_body(error), error.headers)
+        except RecursionError:
+            # Deeply nested JSON, from the C parser or anything walking its result.
+            status = 400
+            self.close_connection = True
+            log.debug("%s %s: input nested too deeply", self.command, path)
+            self.send_json(400, dialect.error_body(ApiError(
+                400, "request body is nested too deeply")))
         except Exception:
             log.exception("unhandled error in %s %s", self.command, path)
             self.close_connection = True
             failure = ApiError(500, "internal server error (details in the server log)")
             self.send_json(500, dialect.error_body(failure))
         else:
-            status = 200
+            status = reply.status
+            self._skip_unread_body()
             if reply.content_type == "application/json":
-                self.send_json(200, reply.body, reply.headers)
+                self.send_json(status, reply.body, reply.headers)
             else:
-                self.send_body(200, reply.body, reply.content_type, reply.headers)
+                self.send_body(status, reply.body, reply.content_type, reply.headers)
         finally:
+            method = self.command if self.command in _KNOWN_METHODS else "other"
             self.server.service.metrics.observe_request(
-                path if path in ROUTES else "(unknown)", self.command, status,
-                time.monotonic() - self.started)
+                route_label, method, status, time.monotonic() - self.started)
+
+    def _check_framing(self) -> None:
+        """How long the body is, decided once and strictly (RFC 9112 §6): a request whose
+        length two parties could read differently is refused and its connection closed,
+        so no body is ever parsed as the next request (request smuggling)."""
+        lengths = self.headers.get_all("Content-Length") or []
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        if encodings:
+            self.body_length = None
+            if lengths:
+                raise self._bad_framing("both Transfer-Encoding and Content-Length")
+            if len(encodings) > 1 or encodings[0].strip().lower() != "chunked":
+                raise self._bad_framing(f"unsupported Transfer-Encoding "
+                                        f"{', '.join(encodings)!r}; only chunked is")
+            return
+        if not lengths:
+            self.body_length = 0
+            return
+        values = {value.encode("latin-1", "replace") for value in lengths}
+        if len(values) > 1:
+            raise self._bad_framing("conflicting Content-Length headers")
+        value = values.pop()
+        if not _DIGITS.fullmatch(value):
+            raise self._bad_framing(f"invalid Content-Length {value.decode('latin-1')!r}")
+        self.body_length = int(value)
+
+    def _bad_framing(self, what: str) -> ApiError:
+        self.close_connection = True
+        self.body_read = True  # unreadable: never skip it, the connection closes
+        return ApiError(400, f"malformed request: {what}")
+
+    def _check_browser(self, path: str) -> None:
+        """Host (DNS rebinding) and Origin (other web pages) checks; see guards.py."""
+        guards = self.server.guards
+        host = self.headers.get("Host")
+        if not guards.host_allowed(host):
+            raise ApiError(403, f"Host {host!r} is not one of this server's names; start it "
+                                "with --allowed-hosts to accept it")
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        if not guards.origin_allowed(origin, host):
+            raise ApiError(403, f"cross-origin requests from {origin!r} are not allowed; "
+                                "start the server with --cors-origins to allow them")
+        self.cors = guards.cors_headers(origin)
+
+    def _options(self, methods: dict[str, Any]) -> Reply:
+        """A CORS preflight (an allowed Origin was checked already), or a plain OPTIONS."""
+        allowed = ", ".join(sorted({*methods, "OPTIONS"}))
+        origin = self.headers.get("Origin")
+        if origin is not None and self.headers.get("Access-Control-Request-Method"):
+            self.cors = {}
+            return Reply(b"", "text/plain", self.server.guards.preflight_headers(
+                origin, allowed), status=204)
+        return Reply(b"", "text/plain", {"Allow": allowed}, status=204)
 
     def _authorize(self, path: str) -> None:
         key = self.server.config.api_key
@@ -252,22 +410,34 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- reading ---------------------------------------------------------------------------
     def _skip_unread_body(self) -> None:
-        """After an error answered before the body was read (404, 405, 401...): the body is
-        still in the stream, where it would be misread as the next request. Read it away
-        if it is small, else close the connection after this response."""
+        """Before answering a request whose body was not read (a GET with a body, 404, 401,
+        429...): the body is still in the stream, where it would be misread as the next
+        request. Read it away, without keeping it, if it is within the body limit; else
+        close the connection after this response."""
         if self.body_read or self.close_connection:
             return
-        length = self.headers.get("Content-Length", "0")
-        if self.headers.get("Transfer-Encoding") or not length.isdigit() or \
-                int(length) > self.server.config.max_body_bytes:
+        self.body_read = True
+        size = self.body_length
+        if size is None or size > self.server.config.max_body_bytes:
             self.close_connection = True
-        elif int(length):
-            try:
-                self._read_exactly(int(length))
-            except (OSError, TimeoutError):
-                self.close_connection = True
+            return
+        try:
+            while size:
+                chunk = self.rfile.read1(min(size, _READ_CHUNK))
+                if not chunk:
+                    raise ConnectionError("client closed the connection mid-body")
+                size -= len(chunk)
+        except (OSError, TimeoutError):
+            self.close_connection = True
 
     def read_json(self) -> Any:
+        """The request body as JSON; the caller holds a slot from service.admit()."""
+        if not is_json_media_type(self.headers.get("Content-Type")):
+            # Also what a web page cannot send cross-site without asking first (a CORS
+            # preflight): text/plain and form posts are refused before they are read.
+            got = self.headers.get("Content-Type")
+            raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'"
+                                + (f" (got {got!r})" if got else ""))
         body = self._read_body()
         try:
             text = body.decode("utf-8")
@@ -275,40 +445,30 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
         try:
             return json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply") from None
         except (json.JSONDecodeError, ValueError) as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
     def _read_body(self) -> bytes:
         self.body_read = True  # from here on, whatever happens, don't try to skip it again
         limit = self.server.config.max_body_bytes
-        encoding = self.headers.get("Transfer-Encoding")
-        if encoding is not None:
-            if encoding.strip().lower() != "chunked":
-                self.close_connection = True
-                raise ApiError(400, f"unsupported Transfer-Encoding {encoding!r}")
+        if self.body_length is None:
             return self._read_chunked(limit)
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if not self.headers.get("Content-Length"):
             self.close_connection = True
             raise ApiError(411, "a Content-Length header is required")
-        try:
-            size = int(length)
-            if size < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, f"invalid Content-Length {length!r}") from None
-        if size > limit:
+        if self.body_length > limit:
             # The body stays unread: this connection cannot be reused.
             self.close_connection = True
-            raise ApiError(413, f"request body is {size} bytes; the limit is {limit}")
-        return self._read_exactly(size)
+            raise ApiError(413, f"request body is {self.body_length} bytes; the limit is "
+                                f"{limit}")
+        return self._read_exactly(self.body_length)
 
     def _read_exactly(self, size: int) -> bytes:
         parts: list[bytes] = []
         remaining = size
         while remaining:
-            self._check_deadline()
             chunk = self.rfile.read1(min(remaining, _READ_CHUNK))
             if not chunk:
                 raise ConnectionError("client closed the connection mid-body")
@@ -320,27 +480,32 @@ class Handler(BaseHTTPRequestHandler):
         parts: list[bytes] = []
         total = 0
         while True:
-            self._check_deadline()
-            line = self.rfile.readline(_MAX_LINE + 1)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise ApiError(400, "malformed chunked body") from None
+            line = self._read_line()
+            size_text = line.split(b";", 1)[0]
+            if not _HEX_DIGITS.fullmatch(size_text):
+                raise self._bad_framing(f"invalid chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
-                while self.rfile.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
-                    self._check_deadline()  # skip trailers
-                return b"".join(parts)
+                for _ in range(_MAX_TRAILERS):
+                    if not self._read_line():
+                        return b"".join(parts)
+                raise self._bad_framing("too many trailer fields")
             total += size
             if total > limit:
                 self.close_connection = True
                 raise ApiError(413, f"request body is over the limit of {limit} bytes")
             parts.append(self._read_exactly(size))
-            self.rfile.readline(_MAX_LINE + 1)  # the CRLF after each chunk
+            if self._read_line():
+                raise self._bad_framing("chunk data longer than its size")
 
-    def _check_deadline(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise TimeoutError("request took longer than request_timeout to arrive")
+    def _read_line(self) -> bytes:
+        """One CRLF-terminated line of chunked framing, without its CRLF."""
+        line = self.rfile.readline(_MAX_LINE + 1)
+        if not line:
+            raise ConnectionError("client closed the connection mid-body")
+        if not line.endswith(b"\r\n") or len(line) > _MAX_LINE:
+            raise self._bad_framing("chunked body lines must end in CRLF")
+        return line[:-2]
 
     # -- writing ---------------------------------------------------------------------------
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None
@@ -356,14 +521,17 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
                  f"Server: {self.server_version}",
-                 f"Date: {self.server.http_date()}",
-                 f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}"]
-        if headers:
-            lines.extend(f"{name}: {value}" for name, value in headers.items())
+                 f"Date: {self.server.http_date()}"]
+        if status != 204:  # RFC 9110: a 204 carries neither
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        for extra in (headers, getattr(self, "cors", None)):
+            if extra:
+                lines.extend(f"{name}: {value}" for name, value in extra.items())
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # A reader that takes its time gets request_timeout for the whole response too.
+        self.connection.settimeout(self.server.config.request_timeout)
         # One write: headers and body leave in the same segment.
         self.wfile.write(head + body if self.command != "HEAD" else head)
         if self.server.config.access_log:
@@ -402,8 +570,8 @@ class Handler(BaseHTTPRequestHandler):
     def models(self) -> Reply:
         service = self.server.service
         return Reply({"object": "list", "data": [
-            {"id": service.model_names()[0], "object": "model",
-             "created": int(service.started), "owned_by": "embedserve"}]})
+            {"id": name, "object": "model", "created": int(service.started),
+             "owned_by": "embedserve"} for name in service.model_names().listed]})
 
     def metrics(self) -> Reply:
         text = self.server.service.render_metrics()
@@ -420,31 +588,36 @@ class Handler(BaseHTTPRequestHandler):
 
     def ollama_tags(self) -> Reply:
         service = self.server.service
-        info = service.info()
-        name = service.model_names()[-1]
+        backend = service.info()["backend"]
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(service.started))
         return Reply({"models": [{
-            "name": f"{name}:latest", "model": f"{name}:latest",
-            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(service.started)),
+            "name": f"{name}:latest", "model": f"{name}:latest", "modified_at": modified,
             "size": 0, "digest": "",
-            "details": {"format": info["backend"], "family": info["backend"],
-                        "families": [info["backend"]], "parameter_size": "",
-                        "quantization_level": ""}}]})
+            "details": {"format": backend, "family": backend, "families": [backend],
+                        "parameter_size": "", "quantization_level": ""}}
+            for name in service.model_names().listed]})
 
     def ollama_version(self) -> Reply:
         return Reply({"version": __version__})
 
     def tokenize(self) -> Reply:
-        body = self.read_json()
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
         service = self.server.service
-        texts = texts_from(body.get("inputs"), "inputs", service.config.max_batch_size)
-        special = body.get("add_special_tokens")
-        special = True if special is None else special
-        if not isinstance(special, bool):
-            raise ApiError(400, "'add_special_tokens' must be a boolean")
-        return Reply([[dataclasses.asdict(t) for t in tokens]
-                      for tokens in service.tokenize(texts, special)])
+        with service.admit():
+            body = self.read_json()
+            if not isinstance(body, dict):
+                raise ApiError(400, "request body must be a JSON object")
+            texts = texts_from(body.get("inputs"), "inputs", service.config.max_batch_size)
+            special = body.get("add_special_tokens")
+            special = True if special is None else special
+            if not isinstance(special, bool):
+                raise ApiError(400, "'add_special_tokens' must be a boolean")
+            # Each token becomes a JSON object many times its size: bound the input.
+            chars = sum(map(len, texts))
+            if chars > MAX_TOKENIZE_CHARS:
+                raise ApiError(413, f"'inputs' hold {chars} characters; /tokenize takes at "
+                                    f"most {MAX_TOKENIZE_CHARS} per request", param="inputs")
+            return Reply([[dataclasses.asdict(t) for t in tokens]
+                          for tokens in service.tokenize(texts, special)])
 
     def openai_embeddings(self) -> Reply:
         return self._embed(OPENAI)
@@ -460,10 +633,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _embed(self, dialect: Dialect) -> Reply:
         service = self.server.service
-        request = dialect.parse(self.read_json(), service.config.max_batch_size)
-        computing = time.monotonic()
-        result = service.embed(request)
-        body = dialect.render(request, result)
+        with service.admit():
+            request = dialect.parse(self.read_json(), service.config.max_batch_size)
+            computing = time.monotonic()
+            result = service.embed(request)
+            body = dialect.render(request, result)
         now = time.monotonic()
         # TEI's timing headers, for clients and proxies that log them.
         return Reply(body, headers={
@@ -481,6 +655,7 @@ class Reply:
     body: Any
     content_type: str = "application/json"
     headers: dict[str, str] | None = None
+    status: int = 200
 
 
 def _reject_constant(name: str) -> Any:

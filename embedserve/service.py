@@ -19,6 +19,7 @@ from embedserve.config import Config
 from embedserve.dialects import EmbedRequest, EmbedResult
 from embedserve.errors import ApiError
 from embedserve.metrics import Metrics
+from embedserve.names import ModelNames, served_names
 
 if TYPE_CHECKING:
     from embedserve.batcher import Batcher
@@ -44,6 +45,11 @@ class EmbeddingService:
         self.skipped: dict[str, str] = {}
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        # The in-thread encoder (hash) runs one call at a time anyway (its caches are
+        # locked); queueing here, outside backend_call, keeps a call's measured age to the
+        # call itself, so a worker busy with a queue of big requests is not taken for hung.
+        self._encode_lock = threading.Lock()
+        self._names = ModelNames(("",), ("",))
         self.metrics = Metrics()
         self._batcher: Batcher | None = None
         self._calls_lock = threading.Lock()
@@ -62,7 +68,21 @@ class EmbeddingService:
 
             self._batcher = Batcher(backend, self.config, self.backend_call,  # type: ignore
                                     self.metrics.observe_batch)
+        self._names = served_names(backend.model, self.config.served_model_name)
         self.backend = backend
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """A slot among max_concurrent_requests for one request's work, taken before its
+        body is read: a flood of large bodies is refused before it is buffered."""
+        if not self._slots.acquire(blocking=False):
+            raise ApiError(429, "server is at its limit of "
+                                f"{self.config.max_concurrent_requests} concurrent requests; "
+                                "retry shortly", headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     @contextmanager
     def backend_call(self) -> Iterator[None]:
@@ -83,6 +103,7 @@ class EmbeddingService:
         return 0.0 if started is None else time.monotonic() - started
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Run one request; callers hold a slot from `admit` around it."""
         backend = self._ready_backend()
         if request.model is not None:
             self.check_model(request.model)
@@ -91,40 +112,33 @@ class EmbeddingService:
             raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
                                 f"for model {backend.model}, got {dims}", param="dimensions")
         texts = self._prompted(backend, request)
-        if not self._slots.acquire(blocking=False):
-            raise ApiError(429, "server is at its limit of "
-                                f"{self.config.max_concurrent_requests} concurrent requests; "
-                                "retry shortly", headers={"Retry-After": "1"})
-        try:
-            if self._batcher is None:
-                with self.backend_call():
-                    encoded = backend.encode(texts, normalize=request.normalize)
-                vectors, tokens = encoded.vectors, sum(encoded.token_counts)
-            else:
-                counts = self._token_counts(backend, texts, request.truncate)
-                vectors = self._batcher.embed(texts, counts, request.normalize,
-                                              request.truncate_left)
-                tokens = sum(counts)
-        finally:
-            self._slots.release()
-        if dims is not None and dims < backend.dimensions:
-            vectors = [shorten(v, dims, request.normalize) for v in vectors]
+        if self._batcher is None:
+            # The hash tier computes `dimensions` buckets directly: its features carry no
+            # order of importance, so a shortened 384-d vector would be mostly zeros.
+            with self._encode_lock, self.backend_call():
+                encoded = backend.encode(texts, normalize=request.normalize, dimensions=dims)
+            vectors, tokens = encoded.vectors, sum(encoded.token_counts)
+        else:
+            counts = self._token_counts(backend, texts, request.truncate)
+            vectors = self._batcher.embed(texts, counts, request.normalize,
+                                          request.truncate_left)
+            tokens = sum(counts)
+            if dims is not None and dims < backend.dimensions:
+                vectors = [shorten(v, dims, request.normalize) for v in vectors]
         self.metrics.observe_embedding(len(vectors), tokens)
-        return EmbedResult(vectors, backend.model, tokens)
+        return EmbedResult(vectors, self._names.primary, tokens)
 
-    def model_names(self) -> list[str]:
-        """The names a request may use for the served model: its id, and the last part of
-        the id or folder ("all-MiniLM-L6-v2" for "sentence-transformers/all-MiniLM-L6-v2")."""
-        model = self._ready_backend().model
-        short = os.path.basename(model.rstrip("/\\"))
-        return [model] if short in ("", model) else [model, short]
+    def model_names(self) -> ModelNames:
+        self._ready_backend()
+        return self._names
 
     def check_model(self, name: str) -> None:
         # A request for another model must not silently get this one's vectors.
         names = self.model_names()
-        if name.lower() not in (n.lower() for n in names):
+        if name.lower() not in (n.lower() for n in names.accepted):
+            listed = ", ".join(repr(n) for n in names.listed)
             raise ApiError(404, f"model {name!r} is not served here; this server serves "
-                                f"{names[0]!r}", param="model")
+                                f"{listed}", param="model")
 
     def render_metrics(self) -> str:
         backend = self.backend
