@@ -430,3 +430,24 @@ def test_sigterm_while_a_model_loads_stops_listening_and_exits(
     assert wait_for(lambda: connection_refused(srv), 10), \
         "the loading worker still accepted connections after SIGTERM"
     assert proc.wait(20) == 0, proc.stdout.read() if proc.stdout else ""
+
+
+def test_a_worker_draining_in_a_rolling_restart_keeps_its_heartbeat(
+        supervised: list[Server]) -> None:
+    """Regression: a draining worker's accept loop is closed and no longer ticks; the
+    heartbeat took that for a hang, and the supervisor killed the worker mid-request."""
+    srv = start_server("--worker-timeout", "1", "--graceful-timeout", "30")
+    supervised.append(srv)
+    [old] = worker_pids(srv)
+    held = InFlight(srv)
+    try:
+        srv.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: len(worker_pids(srv)) == 2, 10)
+        # Long enough for the stale-loop check (5 s) and the timeout (1 s) to both pass.
+        time.sleep(8)
+        reply = held.finish()
+    finally:
+        held.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert wait_for(lambda: not pid_alive(old), 10)
+    assert not any("heartbeat" in line for line in srv.log), "".join(srv.log)
