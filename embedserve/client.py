@@ -39,12 +39,27 @@ client started) and is sent again, unless `restart=False`; this does not count a
 `retries`. A server that keeps dying is not restarted more than MAX_RESTARTS times in
 RESTART_WINDOW seconds.
 
+Riding out restarts: retry_timeout. A worker that crashed is replaced by its supervisor;
+meanwhile requests in flight see their connection reset, and a replacement that loads a
+model answers 503 "loading" (Retry-After: 1) for as long as the load takes (seconds to
+minutes). So every request (one per chunk of a call, and GET /info) is retried on
+connection errors, timeouts, 408, 429, 502, 503 and 504 -- one rule for all of them, as
+each can mean "being restarted" behind a proxy -- with exponential backoff and jitter,
+honouring Retry-After (embedding is idempotent, so resending is safe), until
+`retry_timeout` (default 60 s) has passed since it was first sent. The backoff never sleeps
+past that point and a retry waits for its answer no longer than that, so one request ends
+within max(timeout, retry_timeout), plus start_timeout if it has to start a server. Only
+then does the call fail (ServerUnavailable) or fall back. `retries` (default None) can cap
+the number of retries as well. A server someone else runs that stops listening (a
+systemd or container restart) is waited for the same way, when this client may not start
+one; a URL where nothing ever answered, or where such a wait already failed, is only
+looked at `retries` (default 3) more times, so that the fallback or the error comes in
+about half a second rather than a minute.
+
 Transport. One keep-alive HTTPConnection per thread (a Client is thread-safe; share one).
 Requests go to the OpenAI route with base64 float32 vectors (`encoding_format`), split
 into chunks that respect the server's /info limits (max_batch_size, max_body_bytes);
-results come back in input order. Connection errors, timeouts, 408, 429, 502, 503 and 504
-are retried `retries` times with exponential backoff and jitter, honouring Retry-After
-(embedding is idempotent, so resending is safe). Other 4xx raise at once: ValidationError
+results come back in input order. Other 4xx raise at once: ValidationError
 (400, 413, 422) or AuthenticationError (401, 403), with the server's message. Vectors are
 decoded with `array`: numpy was measured no faster at building the lists returned here
 (list creation dominates), so it is not imported.
@@ -145,6 +160,11 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
                            http.client.RemoteDisconnected)
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+# The shortest wait for an answer a retry gets, even at its deadline (a socket timeout of 0
+# would make it non-blocking).
+MIN_WAIT = 0.05
+# Looks at a URL where nothing listens and no server may be started, when `retries` is None.
+REFUSAL_RETRIES = 3
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -469,7 +489,13 @@ class Client:
     timeout: seconds to wait for one response; connect_timeout: for one connection.
     start_timeout: from spawning a server to its ready line; stop_timeout: from SIGTERM
         to SIGKILL when stopping a server this client owns.
-    retries, backoff, max_backoff: retries after the first attempt, first delay, cap.
+    retry_timeout: how long one request keeps being retried (connection errors, timeouts,
+        408, 429, 502, 503, 504) before the call fails or falls back; long enough by
+        default (60 s) for a restarted worker to load its model. 0: no retries.
+    retries: also cap the number of retries of one request (default None: only
+        retry_timeout bounds them); also how often to look again where nothing listens and
+        no server may be started (default 3).
+    backoff, max_backoff: first retry delay (doubled each retry, with jitter), and its cap.
     fallback: "same-model" (True), "always" or "never" (False): see the module docstring.
     """
 
@@ -481,7 +507,8 @@ class Client:
                  encoding_format: EncodingFormat = "base64", batch_size: int | None = None,
                  timeout: float = 60.0, connect_timeout: float = 2.0,
                  start_timeout: float = 60.0, stop_timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.1, max_backoff: float = 2.0,
+                 retry_timeout: float = 60.0, retries: int | None = None,
+                 backoff: float = 0.1, max_backoff: float = 2.0,
                  restart: bool = True, fallback: FallbackPolicy | bool = "same-model"
                  ) -> None:
         url = url or os.environ.get(URL_ENV) or DEFAULT_URL
@@ -514,7 +541,10 @@ class Client:
                             ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        if retries < 0 or backoff < 0 or max_backoff < 0:
+        if not 0 <= retry_timeout < float("inf"):
+            raise ValueError(f"retry_timeout must be a number of seconds >= 0, got "
+                             f"{retry_timeout!r}")
+        if (retries is not None and retries < 0) or backoff < 0 or max_backoff < 0:
             raise ValueError("retries, backoff and max_backoff must not be negative")
 
         self._scheme = parts.scheme
@@ -538,6 +568,7 @@ class Client:
         self._connect_timeout = connect_timeout
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
+        self._retry_timeout = retry_timeout
         self._retries = retries
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -555,6 +586,9 @@ class Client:
         self._down_until = 0.0  # while in the future: do not retry or start, fall back
         self._down_error: ServerUnavailable | None = None
         self._info: tuple[Target, dict[str, Any]] | None = None
+        # A server this client did not start went away: whoever runs it may be restarting
+        # it, so a client that may not start one waits for it (once per loss).
+        self._foreign_lost = False
         self._served_model: str | None = None
         self._served_dimensions: int | None = None
         self._fallback_embedder: HashEmbedder | None = None
@@ -896,13 +930,21 @@ class Client:
     # -- requests with retries -------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, *, first: int = 0
                  ) -> tuple[Response, Target]:
+        started = time.monotonic()
+        # Retried until then: a restarted worker answers 503 "loading" for as long as its
+        # model takes to load, and the app must not see that.
+        deadline = started + self._retry_timeout
         failures = 0
         relocations = 0  # servers re-found or restarted for this request: not retries
         while True:
             target = self._current_target()
             retry_after: float | None = None
+            # The first attempt waits `timeout` for its answer; a retry no later than the
+            # deadline, so that one request ends within max(timeout, retry_timeout).
+            wait = self._timeout if not failures else min(
+                self._timeout, max(deadline - time.monotonic(), MIN_WAIT))
             try:
-                response = self._send(target, method, path, body)
+                response = self._send(target, method, path, body, wait)
             except TRANSPORT_ERRORS as exc:
                 self._check_open()
                 failure = f"{type(exc).__name__}: {exc}"
@@ -922,14 +964,16 @@ class Client:
                 failure = f"{response.status} {_phrase(response.status)}: {message}"
                 status = response.status
                 retry_after = _retry_after(response.headers)
-            if failures >= self._retries:
+            now = time.monotonic()
+            if now >= deadline or (self._retries is not None and failures >= self._retries):
                 raise ServerUnavailable(
-                    f"{method} {target.url}{path} failed {failures + 1} times; last: {failure}",
-                    url=target.url, status=status)
+                    f"{method} {target.url}{path} failed {failures + 1} times in "
+                    f"{now - started:.1f}s; last: {failure}", url=target.url, status=status)
             failures += 1
-            delay = self._delay(failures, retry_after)
-            log.info("%s %s%s: %s; retry %d/%d in %.2fs", method, target.url, path, failure,
-                     failures, self._retries, delay)
+            # Not past the deadline: a last try at the deadline beats giving up early.
+            delay = min(self._delay(failures, retry_after), deadline - now)
+            log.info("%s %s%s: %s; retry %d in %.2fs (retrying for up to %gs)", method,
+                     target.url, path, failure, failures, delay, self._retry_timeout)
             time.sleep(delay)
 
     def _delay(self, failures: int, retry_after: float | None) -> float:
@@ -956,7 +1000,11 @@ class Client:
             return True
         return target.server is not None and not target.server.alive()
 
-    def _send(self, target: Target, method: str, path: str, body: bytes | None) -> Response:
+    def _send(self, target: Target, method: str, path: str, body: bytes | None,
+              wait: float | None = None) -> Response:
+        """One request on this thread's connection. `wait`: seconds to wait for the answer
+        (default `timeout`); a new connection gets min(connect_timeout, wait) to connect."""
+        wait = self._timeout if wait is None else wait
         headers = {"User-Agent": f"embedserve-client/{__version__}", "Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -966,9 +1014,10 @@ class Client:
             connection, reused = self._connection(target)
             try:
                 if connection.sock is None:
+                    # Connect fast or fail fast; then wait for the answer up to `wait`.
+                    connection.timeout = min(self._connect_timeout, wait)
                     connection.connect()
-                    # Connect fast or fail fast; then wait for the answer up to `timeout`.
-                    connection.sock.settimeout(self._timeout)  # type: ignore[attr-defined]
+                connection.sock.settimeout(wait)  # type: ignore[attr-defined]
                 connection.request(method, target.base_path + path, body=body, headers=headers)
                 response = connection.getresponse()
                 data = response.read()
@@ -1050,6 +1099,7 @@ class Client:
                 server.stop(self._stop_timeout)  # reap it and its workers
             elif server is None:
                 log.warning("the server at %s went away (%s)", target.url, failure)
+                self._foreign_lost = True
 
     def _find_or_start(self) -> Target:
         """Called with the lock held and no current target."""
@@ -1066,27 +1116,43 @@ class Client:
             url = url[: -len(":0")] + " (a free port)"
         local = self._host in LOOPBACK_HOSTS or self._host.startswith("127.")
         spawns = refusals = 0
+        started = time.monotonic()
+        # A server someone else runs went away: they may be restarting it; wait for it as
+        # long as for any other restart. Otherwise (nothing was ever there, or waiting for
+        # it already failed once) look a few times only: the fallback or the error is
+        # better than a minute's wait for a server that is not coming.
+        wait_until = started + self._retry_timeout if self._foreign_lost else None
         while True:
             if not private:
                 state = self._probe(deadline)
                 if state == "ok":
                     log.info("using the embedserve server at %s", url)
+                    self._foreign_lost = False
                     return self._new_target(None)
                 if state != "refused":
                     raise ServerUnavailable(f"{url} {state}", url=url)
                 if not (may_start and local):
-                    if refusals < self._retries:  # someone else may be starting it right now
+                    now = time.monotonic()
+                    if wait_until is None:
+                        again = refusals < (self._retries if self._retries is not None
+                                            else REFUSAL_RETRIES)
+                    else:
+                        again = now < wait_until and (self._retries is None
+                                                      or refusals < self._retries)
+                    if again:  # someone else may be starting it right now
                         refusals += 1
-                        time.sleep(self._delay(refusals, None))
+                        delay = self._delay(refusals, None)
+                        time.sleep(delay if wait_until is None else min(delay, wait_until - now))
                         continue
+                    self._foreign_lost = False
                     why = ("autostart is off" if not self._autostart else
                            "restart is off" if not self._restart else
                            "autostart only starts servers on this machine (127.0.0.1, "
                            "localhost, ::1)" if not local else
                            f"a start failed less than {RECHECK_INTERVAL:g}s ago: "
                            f"{self._down_error}")
-                    raise ServerUnavailable(f"nothing answers at {url} ({refusals + 1} tries) "
-                                            f"and {why}", url=url)
+                    raise ServerUnavailable(f"nothing answers at {url} ({refusals + 1} tries in "
+                                            f"{now - started:.1f}s) and {why}", url=url)
             self._count_restart(url)
             server = self._spawn()
             spawns += 1

@@ -486,6 +486,93 @@ def test_kill_9_of_a_worker_is_invisible_to_the_client(clients: list[Client]) ->
     assert client.server_pid == supervisor and client.info()["pid"] != worker
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny sentence-transformers model (tests/tiny_models.py), made in a child process so
+    that torch is not imported into this one; skips where the ML extra is missing."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(name) for name in ("torch", "sentence_transformers")):
+        pytest.skip("needs the ml extra (torch, sentence-transformers)")
+    root = tmp_path_factory.mktemp("models")
+    code = ("import sys; from pathlib import Path; from tiny_models import make_tiny_models; "
+            "print(make_tiny_models(Path(sys.argv[1]))[1])")
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                          text=True, cwd=ROOT / "tests", env=server_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_worker_reloading_its_model_after_kill_9_loses_no_call(tiny_model: str) -> None:
+    # A model server's replacement worker answers 503 "loading" (Retry-After: 1) for the
+    # seconds its model takes to load; calls in flight when the worker died see their
+    # connection reset. Both are waited out within retry_timeout: the app notices nothing.
+    srv = start_server("--backend", "sentence-transformers", "--model", tiny_model,
+                       env=server_env(EMBEDSERVE_BACKEND="sentence-transformers"), timeout=120)
+    client = Client(srv.url, autostart=False, fallback="never")
+    try:
+        old_worker = client.info()["pid"]
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        results: dict[int, list[str]] = {i: [] for i in range(4)}
+
+        def loop(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    result = client.embed([f"the cat sat on the mat {i}", "hello world"])
+                    results[i].append(result.source)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        assert wait_for(lambda: all(len(r) >= 3 for r in results.values()), 60)
+        os.kill(old_worker, signal.SIGKILL)
+        # A 503 "loading" window really happened: the new worker answers it while loading.
+        status, headers, _ = srv.request("GET", "/health")
+        assert (status, headers.get("retry-after")) == (503, "1")
+        # Once the new worker serves, every thread gets through again.
+        seen = {i: len(r) for i, r in results.items()}
+        assert wait_for(lambda: bool(errors) or all(len(r) >= seen[i] + 2
+                                                    for i, r in results.items()), 120)
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        assert all(source == "server" for r in results.values() for source in r)
+        assert client.info()["pid"] != old_worker
+    finally:
+        stop.set()
+        client.close()
+        assert srv.stop() == 0
+
+
+def test_a_server_someone_else_restarts_is_waited_for(clients: list[Client]) -> None:
+    # autostart=False: the app's server is run by someone else (systemd, a container), who
+    # restarts it. Nothing listens for a moment; the call waits for it within retry_timeout.
+    port = free_port()
+    first = start_server("--port", str(port), env=server_env())
+    client = Client(first.url, autostart=False, fallback="never")
+    clients.append(client)
+    assert client.embed(TEXTS).source == "server"
+    assert first.stop() == 0
+    second: list[Any] = []
+    restart = threading.Timer(1.5, lambda: second.append(
+        start_server("--port", str(port), env=server_env())))
+    restart.start()
+    try:
+        result = client.embed(TEXTS)
+        assert (result.source, result) == ("server", expected(TEXTS))
+        restart.join()
+        assert client.info()["supervisor_pid"] == second[0].pid and not client.owns_server
+    finally:
+        restart.join()
+        for srv in second:
+            assert srv.stop() == 0
+
+
 def test_kill_9_without_restart_falls_back_to_identical_vectors(clients: list[Client],
                                                                  caplog: Any) -> None:
     client = Client(port=0, restart=False)
