@@ -83,7 +83,10 @@ paying for retries each time.
 Float32 consistency. base64 carries float32, so the server's vectors arrive rounded to
 float32. The fallback rounds its doubles to float32 too when the transport is base64, so
 server and fallback vectors are bit-for-bit identical (the hash tier is deterministic);
-with encoding_format="float" both are the same doubles.
+with encoding_format="float" both are the same doubles. `dimensions=N` too: like the
+server's hash tier, the fallback computes N buckets directly (HashEmbedder(N)) and labels
+the result with the served model's name (hash-v1-384 for a default server), as the server
+does for that request.
 """
 
 from __future__ import annotations
@@ -119,7 +122,6 @@ from embedserve import __version__
 from embedserve.config import DEFAULT_PORT, Config, env_name
 from embedserve.encoding import decode_float32_base64
 from embedserve.hashing import HashEmbedder, model_name
-from embedserve.service import shorten
 
 log = logging.getLogger("embedserve.client")
 server_log = logging.getLogger("embedserve.client.server")
@@ -165,6 +167,8 @@ TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
 MIN_WAIT = 0.05
 # Looks at a URL where nothing listens and no server may be started, when `retries` is None.
 REFUSAL_RETRIES = 3
+# Fallback embedders kept for request-time `dimensions` other than the model's own size.
+MAX_FALLBACK_SIZES = 4
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -592,6 +596,8 @@ class Client:
         self._served_model: str | None = None
         self._served_dimensions: int | None = None
         self._fallback_embedder: HashEmbedder | None = None
+        self._sized_embedders: dict[int, HashEmbedder] = {}  # for `dimensions`, oldest first
+        self._sized_lock = threading.Lock()
         self._in_fallback = False
         # One keep-alive connection per thread; all of them listed for close().
         self._local = threading.local()
@@ -604,8 +610,10 @@ class Client:
 
     # -- public API ------------------------------------------------------------------------
     def embed(self, texts: Sequence[str], *, dimensions: int | None = None) -> Embeddings:
-        """Embed `texts` (a list of non-empty strings), in order. `dimensions` shortens the
-        vectors (Matryoshka-style, re-normalised) where the model allows it."""
+        """Embed `texts` (a list of non-empty strings), in order. `dimensions` asks for
+        shorter vectors where the model allows it: the hash tier computes that many buckets
+        directly (the vectors of hash-v1-<dimensions>, still labelled with the served
+        model's name, as the server does); ML models keep the first values, re-normalised."""
         texts = self._checked(texts)
         if dimensions is not None and (not isinstance(dimensions, int)
                                        or isinstance(dimensions, bool) or dimensions < 1):
@@ -852,13 +860,24 @@ class Client:
         if not self._in_fallback:
             self._in_fallback = True
             log.warning("embedding in-process with %s: %s", embedder.model, cause)
-        vectors = embedder.embed(texts)
-        if dimensions is not None and dimensions < embedder.dimensions:
-            vectors = [shorten(v, dimensions, True) for v in vectors]
+        # As the server's hash tier answers `dimensions`: that many buckets computed directly
+        # (not the first values of the full vector), labelled with the served model's name.
+        vectors = self._sized_embedder(embedder, dimensions).embed(texts)
         if self._encoding_format == "base64":
             # What the server's base64 transport would have delivered: bit-identical.
             vectors = [array("f", v).tolist() for v in vectors]
         return Embeddings(vectors, model=embedder.model, backend="hash", source="fallback")
+
+    def _sized_embedder(self, embedder: HashEmbedder, dimensions: int | None) -> HashEmbedder:
+        if dimensions is None or dimensions == embedder.dimensions:
+            return embedder
+        with self._sized_lock:  # not _lock: that one is held while a server starts
+            # A few recent sizes only: each embedder keeps its own word cache.
+            sized = self._sized_embedders.pop(dimensions, None) or HashEmbedder(dimensions)
+            self._sized_embedders[dimensions] = sized
+            while len(self._sized_embedders) > MAX_FALLBACK_SIZES:
+                del self._sized_embedders[next(iter(self._sized_embedders))]
+            return sized
 
     def _fallback_plan(self) -> tuple[HashEmbedder | None, str]:
         """The in-process embedder the policy allows, or None and why not."""

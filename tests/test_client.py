@@ -681,22 +681,46 @@ def stubbed_then_stopped(clients: list[Client], fallback: Any) -> Client:
 
 @pytest.mark.parametrize("encoding_format", ["base64", "float"])
 def test_fallback_vectors_equal_server_vectors(encoding_format: Any) -> None:
-    texts = TEXTS + [f"sentence number {i} of the corpus" for i in range(100)]
+    # "single": the first 32 of its 384 buckets are all zero, so only a vector computed
+    # into 32 buckets (what the server's hash tier answers) can match.
+    texts = TEXTS + ["single", "a b"] + [f"sentence number {i} of the corpus"
+                                         for i in range(100)]
     srv = start_server("--backend", "hash", env=server_env())
     try:
         with Client(srv.url, encoding_format=encoding_format) as client:
             served = client.embed(texts)
-            shortened = client.embed(texts, dimensions=100)
+            sized = {dims: client.embed(texts, dimensions=dims) for dims in (32, 100)}
     finally:
         assert srv.stop() == 0
     with Client(srv.url, autostart=False, encoding_format=encoding_format) as client:
         local = client.embed(texts)
-        local_shortened = client.embed(texts, dimensions=100)
+        local_sized = {dims: client.embed(texts, dimensions=dims) for dims in (32, 100)}
     assert (served.source, local.source) == ("server", "fallback")
-    assert local == served and local_shortened == shortened
-    assert len(local_shortened[0]) == 100
+    assert local == served
+    for dims in (32, 100):
+        assert local_sized[dims] == sized[dims]  # bit for bit, float32 rounding included
+        assert local_sized[dims].source == "fallback"
+        # Labelled as the server labels them: the served model's name.
+        assert local_sized[dims].model == sized[dims].model == "hash-v1-384"
+        want = HashEmbedder(dims).embed(texts)
+        assert local_sized[dims] == (want if encoding_format == "float" else
+                                     [array("f", v).tolist() for v in want])
     if encoding_format == "float":
         assert served == EMBEDDER.embed(texts)  # doubles, not rounded
+
+
+def test_fallback_dimensions_match_a_server_started_with_them() -> None:
+    srv = start_server("--backend", "hash", "--dimensions", "32", env=server_env())
+    try:
+        with Client(srv.url) as client:
+            served = client.embed(TEXTS + ["single"])
+    finally:
+        assert srv.stop() == 0
+    # A client that never reached that server, asked for 32 dimensions of the default size.
+    local = Client(f"http://{HOST}:{free_port()}", autostart=False).embed(
+        TEXTS + ["single"], dimensions=32)
+    assert (served.model, served.source, local.source) == ("hash-v1-32", "server", "fallback")
+    assert local == served
 
 
 # --- transport --------------------------------------------------------------------------------
