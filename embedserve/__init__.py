@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 
 from embedserve.hashing import HashEmbedder  # noqa: F401 (public API)
 
-_CLIENT_NAMES = frozenset({"AuthenticationError", "Client", "EmbedServeError", "Embeddings",
-                           "ServerError", "ServerStartError", "ServerUnavailable",
-                           "ValidationError"})
+# Every class embedserve.client exports: what a call returns (Embeddings, Embedding) and
+# every error it raises, so that `except embedserve.ModelMismatch` needs no submodule.
+_CLIENT_NAMES = frozenset({"AuthenticationError", "Client", "EmbedServeError", "Embedding",
+                           "Embeddings", "ModelMismatch", "ServerError", "ServerStartError",
+                           "ServerUnavailable", "ValidationError"})
 
 __all__ = sorted(_CLIENT_NAMES | {"HashEmbedder", "__version__"})
 

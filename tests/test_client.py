@@ -833,3 +833,16 @@ def test_results_and_errors_survive_pickling() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert (type(copy), copy.status, copy.message, copy.param, str(copy)) == (
         ValidationError, 422, "bad", "dimensions", str(error))
+
+
+def test_every_result_and_error_class_is_importable_from_embedserve() -> None:
+    import embedserve
+    from embedserve import client as client_module
+    from embedserve import Embedding, ModelMismatch
+
+    assert (Embedding, ModelMismatch) == (client_module.Embedding, client_module.ModelMismatch)
+    classes = {name for name in client_module.__all__
+               if isinstance(getattr(client_module, name), type)}
+    assert classes <= set(embedserve.__all__)
+    for name in classes:
+        assert getattr(embedserve, name) is getattr(client_module, name)
