@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -93,10 +94,35 @@ def load_backend(config: Config) -> Loaded:
     return Loaded(HashBackend(config.dimensions), skipped)
 
 
+def looks_like_path(model: str) -> bool:
+    """Whether --model names a folder rather than a Hugging Face id. An id is `name` or
+    `org/name` (neither part starts with a dot), so ./ ../ / ~ a backslash, a drive letter,
+    a trailing slash or a second slash all mean a path."""
+    return (model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+            or model.endswith("/") or (len(model) > 1 and model[1] == ":"))
+
+
+def model_folder_problem(model: str) -> str | None:
+    """What is wrong with a --model that names a folder, or None (an id, or a folder)."""
+    if not model or not looks_like_path(model):
+        return None
+    folder = os.path.expanduser(model)
+    if os.path.isdir(folder):
+        return None
+    if os.path.exists(folder):
+        return f"model folder {model!r} is a file, not a folder"
+    return f"model folder {model!r} does not exist"
+
+
 def _load_ml(name: str, package: str, target: str, config: Config) -> Backend:
     if importlib.util.find_spec(package) is None or importlib.util.find_spec("torch") is None:
         missing = package if importlib.util.find_spec(package) is None else "torch"
         raise BackendError(f"not installed ({missing} is missing; pip install 'embedserve[ml]')")
+    # Before importing anything heavy (seconds): a folder that is not there is not worth
+    # it, and is better said in those words than as advice about the Hugging Face cache.
+    problem = model_folder_problem(config.model)
+    if problem:
+        raise BackendError(f"installed but failed to load: {problem}")
     module_name, class_name = target.split(":")
     try:
         backend_class = getattr(importlib.import_module(module_name), class_name)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from embedserve.backends import BackendError, Token
+from embedserve.backends import BackendError, Token, model_folder_problem
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -36,8 +36,12 @@ def locate_model(model_id: str) -> str:
     then nothing touches the network); else `model_id` itself, for the library to download
     with its progress bars -- after a quick check that the hub can be reached at all, so an
     offline machine gets a clear error at once instead of minutes of retries."""
-    if os.path.isdir(model_id):
-        return model_id
+    problem = model_folder_problem(model_id)
+    if problem:  # a path, not an id: neither the cache nor the hub can help
+        raise BackendError(problem)
+    folder = os.path.expanduser(model_id)  # ~ stays literal when set through the env
+    if os.path.isdir(folder):
+        return folder
     from huggingface_hub import constants, snapshot_download
 
     try:
