@@ -69,3 +69,26 @@ def test_package_metadata_declares_no_runtime_dependencies() -> None:
     parser.read(Path(ROOT, "setup.cfg"))
     assert parser["options"]["install_requires"].strip() == ""
     assert sys.version_info >= (3, 10)
+
+
+def test_a_model_asked_for_without_the_ml_packages_is_a_warning(bare_python: str) -> None:
+    srv = start_server("--model", "BAAI/bge-small-en-v1.5", python=bare_python,
+                       env=server_env(EMBEDSERVE_BACKEND="auto"))
+    try:
+        assert srv.request("GET", "/info")[2]["backend"] == "hash"
+    finally:
+        assert srv.stop() == 0
+    warnings = [line for line in srv.log if " WARNING " in line and "bge-small" in line]
+    assert warnings, "".join(srv.log)
+    assert "ignored" in warnings[0] and "hash" in warnings[0]
+    assert "pip install 'embedserve[ml]'" in warnings[0]
+
+
+def test_an_ml_backend_asked_for_without_the_ml_packages_is_a_boot_error(
+        bare_python: str) -> None:
+    done = subprocess.run([bare_python, "-m", "embedserve", "--port", "0", "--backend",
+                           "transformers", "--model", "BAAI/bge-small-en-v1.5"],
+                          capture_output=True, text=True, env=server_env(), cwd=ROOT,
+                          timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "not installed" in done.stderr and "pip install 'embedserve[ml]'" in done.stderr

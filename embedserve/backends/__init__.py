@@ -91,6 +91,14 @@ def load_backend(config: Config) -> Loaded:
         return Loaded(backend, skipped)
     from embedserve.backends.hash import HashBackend
 
+    if config.model and config.backend == "auto":
+        # The model was asked for and will not be used: never silently.
+        if all(reason.startswith("not installed") for reason in skipped.values()):
+            why = "the ML packages are not installed (pip install 'embedserve[ml]')"
+        else:
+            why = "no ML backend could load it (see above)"
+        log.warning("--model %s is ignored: serving the hash tier instead, because %s",
+                    config.model, why)
     return Loaded(HashBackend(config.dimensions), skipped)
 
 
