@@ -109,7 +109,7 @@ import threading
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from json.encoder import encode_basestring, encode_basestring_ascii
@@ -460,6 +460,27 @@ def _error_fields(body: bytes) -> tuple[str, str | None, str | None, str | None]
     return json.dumps(payload)[:500], None, None, None
 
 
+def _env_setting(name: str, environ: Mapping[str, str]) -> Any:
+    """EMBEDSERVE_<NAME> from `environ` as the server reads it (embedserve.config: the
+    Config field's type, then its choices and minimum), or None when unset. A bad value is
+    a ValueError naming the variable and the value."""
+    variable = env_name(name)
+    text = environ.get(variable)
+    if text is None:
+        return None
+    option = next(f for f in fields(Config) if f.name == name)
+    try:
+        value = type(option.default)(text)  # as config.build_parser does (no bools here)
+    except ValueError as exc:
+        raise ValueError(f"{variable}={text!r}: {exc}") from None
+    choices, minimum = option.metadata["choices"], option.metadata["minimum"]
+    if choices and value not in choices:
+        raise ValueError(f"{variable}={text!r}: {name} must be one of {', '.join(choices)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{variable}={text!r}: {name} must be at least {minimum}")
+    return value
+
+
 def _child_pythonpath(environ: Mapping[str, str]) -> str | None:
     """PYTHONPATH for the server child so it runs this very embedserve. An installed
     package is found anyway (and putting site-packages first could shadow the stdlib);
@@ -501,6 +522,11 @@ class Client:
         no server may be started (default 3).
     backoff, max_backoff: first retry delay (doubled each retry, with jitter), and its cap.
     fallback: "same-model" (True), "always" or "never" (False): see the module docstring.
+
+    EMBEDSERVE_DIMENSIONS, EMBEDSERVE_BACKEND, EMBEDSERVE_MODEL and EMBEDSERVE_API_KEY (from
+    `env`, over os.environ: what a started server sees) are read once, here, and parsed as
+    the server parses them: a bad value (EMBEDSERVE_DIMENSIONS=abc or 0) raises ValueError
+    naming the variable and the value.
     """
 
     def __init__(self, url: str | None = None, *, autostart: bool = True,
@@ -515,16 +541,18 @@ class Client:
                  backoff: float = 0.1, max_backoff: float = 2.0,
                  restart: bool = True, fallback: FallbackPolicy | bool = "same-model"
                  ) -> None:
+        # Where a bad URL came from, for the error: the argument or the variable.
+        source = "url" if url else URL_ENV
         url = url or os.environ.get(URL_ENV) or DEFAULT_URL
         if any(c.isspace() or not c.isprintable() for c in url):
-            raise ValueError(f"url must look like http://HOST:PORT, got {url!r}")
+            raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"url must look like http://HOST:PORT, got {url!r}")
+            raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
         try:
             url_port = parts.port
         except ValueError as exc:
-            raise ValueError(f"url {url!r}: {exc}") from None
+            raise ValueError(f"{source} {url!r}: {exc}") from None
         if port is not None and not 0 <= port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {port}")
         if encoding_format not in ("base64", "float"):
@@ -564,8 +592,15 @@ class Client:
         self._server_args = list(server_args)
         self._env = dict(env or {})
         self._python = python or sys.executable
+        # The EMBEDSERVE_* settings the client itself needs, read once, from what a server it
+        # starts would see, and parsed as that server parses them: a bad value is an error
+        # now, not a server that fails to start later or a fallback of a silently other size.
+        environ = {**os.environ, **self._env}
+        self._env_dimensions: int | None = _env_setting("dimensions", environ)
+        self._env_backend: str | None = _env_setting("backend", environ)
+        self._env_model: str | None = _env_setting("model", environ) or None
         self._api_key = api_key if api_key is not None else (
-            self._env.get(env_name("api_key")) or os.environ.get(env_name("api_key")) or None)
+            _env_setting("api_key", environ) or None)
         self._encoding_format: EncodingFormat = encoding_format
         self._batch_size = batch_size
         self._timeout = timeout
@@ -902,17 +937,12 @@ class Client:
     def _configured_dimensions(self) -> int:
         if self._dimensions is not None:
             return self._dimensions
-        value = self._env.get(env_name("dimensions")) or os.environ.get(env_name("dimensions"))
-        try:
-            return int(value) if value else Config.dimensions
-        except ValueError:
-            return Config.dimensions
+        return self._env_dimensions if self._env_dimensions is not None else Config.dimensions
 
     def _requested_model(self, dims: int) -> str | None:
         """The model a started server would serve, where the options say: None if unknown."""
-        backend = (self._backend or self._env.get(env_name("backend"))
-                   or os.environ.get(env_name("backend")) or "auto")
-        model = self._model or self._env.get(env_name("model")) or os.environ.get(env_name("model"))
+        backend = self._backend or self._env_backend or "auto"
+        model = self._model or self._env_model
         if backend == "hash":
             return model_name(dims)
         if backend in ML_BACKENDS or model:

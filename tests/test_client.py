@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -768,6 +769,35 @@ def test_bad_input_is_caught_before_sending() -> None:
         client.embed(["ok", 3])  # type: ignore[list-item]
     with pytest.raises(ValidationError, match=r"texts\[1\] is an empty string"):
         client.embed(["ok", ""])
+
+
+BAD_SETTINGS = [("EMBEDSERVE_DIMENSIONS", value) for value in ("abc", "0", "-3", "1.5", "")] + [
+    ("EMBEDSERVE_BACKEND", "bogus"), ("EMBEDSERVE_BACKEND", "")]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_SETTINGS)
+def test_a_bad_environment_setting_is_an_error_at_construction(
+        monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    url = f"http://{HOST}:{free_port()}"
+    named = re.escape(f"{variable}={value!r}")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=named):
+        Client(url, autostart=False)
+    monkeypatch.delenv(variable)
+    with pytest.raises(ValueError, match=named):  # the same through the env= option
+        Client(url, autostart=False, env={variable: value})
+    # Parsed as the server parses it: the server refuses the same value.
+    done = subprocess.run([sys.executable, "-m", "embedserve", "--port", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30,
+                          env=server_env(**{variable: value}))
+    assert done.returncode == 2, done.stderr
+
+
+def test_a_good_environment_setting_is_used_as_the_server_reads_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDSERVE_DIMENSIONS", " 32 ")  # int() takes the spaces, as there
+    result = Client(f"http://{HOST}:{free_port()}", autostart=False).embed(TEXTS)
+    assert (result.model, result.source, result) == ("hash-v1-32", "fallback", expected(TEXTS, 32))
 
 
 def test_429_and_503_are_retried_then_succeed(stubs: list[Stub]) -> None:
