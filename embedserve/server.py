@@ -38,6 +38,11 @@ _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
 _MAX_TRAILERS = 64
+# An unread body up to this size is read away to keep the connection; a bigger one closes
+# it, after a short lingering drain so that the close does not reset the connection before
+# the client has read the answer (a client still sending gets an RST otherwise).
+_SKIP_BODY_BYTES = 64 * 1024
+_LINGER_SECONDS = 2.0
 # RFC 9112: Content-Length is 1*DIGIT, a chunk size 1*HEXDIG. int() would also take "+20",
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
 _DIGITS = re.compile(rb"[0-9]{1,18}")
@@ -218,6 +223,30 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, _READ_CHUNK)
+        self.linger = False
+
+    def finish(self) -> None:
+        super().finish()
+        if self.linger:
+            self._linger_close()
+
+    def _linger_close(self) -> None:
+        conn = self.connection
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            give_up = time.monotonic() + _LINGER_SECONDS
+            drained = 0
+            while drained <= self.server.config.max_body_bytes:
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    break
+                conn.settimeout(remaining)
+                data = conn.recv(_READ_CHUNK)
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
 
     def handle_one_request(self) -> None:
         # The stdlib version with two bounds: keep_alive_timeout while an idle connection
@@ -368,7 +397,7 @@ class Handler(BaseHTTPRequestHandler):
         self.body_length = int(value)
 
     def _bad_framing(self, what: str) -> ApiError:
-        self.close_connection = True
+        self.close_connection = self.linger = True
         self.body_read = True  # unreadable: never skip it, the connection closes
         return ApiError(400, f"malformed request: {what}")
 
@@ -412,14 +441,15 @@ class Handler(BaseHTTPRequestHandler):
     def _skip_unread_body(self) -> None:
         """Before answering a request whose body was not read (a GET with a body, 404, 401,
         429...): the body is still in the stream, where it would be misread as the next
-        request. Read it away, without keeping it, if it is within the body limit; else
-        close the connection after this response."""
-        if self.body_read or self.close_connection:
+        request. A small one is read away (without keeping it); a bigger one, or one of
+        unknown length, closes the connection after the answer, which is sent at once
+        rather than after waiting for a body the server will not use."""
+        if self.body_read:
             return
         self.body_read = True
         size = self.body_length
-        if size is None or size > self.server.config.max_body_bytes:
-            self.close_connection = True
+        if size is None or size > _SKIP_BODY_BYTES:
+            self.close_connection = self.linger = True
             return
         try:
             while size:
@@ -460,7 +490,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "a Content-Length header is required")
         if self.body_length > limit:
             # The body stays unread: this connection cannot be reused.
-            self.close_connection = True
+            self.close_connection = self.linger = True
             raise ApiError(413, f"request body is {self.body_length} bytes; the limit is "
                                 f"{limit}")
         return self._read_exactly(self.body_length)
@@ -492,7 +522,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise self._bad_framing("too many trailer fields")
             total += size
             if total > limit:
-                self.close_connection = True
+                self.close_connection = self.linger = True
                 raise ApiError(413, f"request body is over the limit of {limit} bytes")
             parts.append(self._read_exactly(size))
             if self._read_line():

@@ -1,0 +1,337 @@
+"""A hostile client against the real server: framing tricks, slow and abandoned sockets,
+floods, label injection, deep nesting, browsers on other origins. Each test failed before
+the fix it pins."""
+
+from __future__ import annotations
+
+import json
+import random
+import select
+import socket
+import string
+import threading
+import time
+
+import pytest
+
+from embedserve.hashing import HashEmbedder
+
+from conftest import Server, request, start_server
+
+EMBEDDER = HashEmbedder(384)
+JSON = b"Content-Type: application/json\r\n"
+
+
+def connect(srv: Server) -> socket.socket:
+    return socket.create_connection((srv.host, srv.port), timeout=10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response (Content-Length framed) from a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a full response: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def exchange(srv: Server, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    with connect(srv) as sock:
+        sock.sendall(data)
+        return read_response(sock)
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 5) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+def assert_serving(srv: Server) -> None:
+    status, _, body = srv.request("POST", "/embed", {"inputs": "still serving"})
+    assert status == 200 and body == [EMBEDDER.embed_one("still serving")]
+
+
+# -- framing: lengths, chunks, smuggling ------------------------------------------------------
+
+def test_negative_chunk_size_is_refused_not_read_forever(server: Server) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                     b"Transfer-Encoding: chunked\r\n\r\n-1\r\n")
+        # Before: int("-1", 16) read the body without end; keep feeding it to show it.
+        status, headers, _ = read_response(sock)
+        assert status == 400 and headers.get("connection") == "close"
+    assert_serving(server)
+
+
+@pytest.mark.parametrize("value", [b"+20", b"20 ", b"2_0", b"0x14", b"-0", b"\xd9\xa2"])
+def test_content_length_is_digits_only(server: Server, value: bytes) -> None:
+    body = b'{"inputs": "twenty chars"}'[:20]
+    status, headers, reply = exchange(server, b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" +
+                                      JSON + b"Content-Length: " + value + b"\r\n\r\n" + body)
+    assert status == 400 and b"Content-Length" in reply
+    assert headers.get("connection") == "close"
+
+
+@pytest.mark.parametrize("size", [b"+e", b"0xe", b" e", b"e ", b"0_e", b"f" * 19])
+def test_chunk_size_is_hex_digits_only(server: Server, size: bytes) -> None:
+    payload = b'{"inputs":"x"}'  # 0xe bytes: every size above but the last reads as 14
+    status, _, reply = exchange(server, b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                                b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" +
+                                payload + b"\r\n0\r\n\r\n")
+    assert status == 400 and b"chunk size" in reply
+
+
+def test_chunked_body_limit_holds(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-body-bytes", "1000")
+    fresh_server.append(srv)
+    chunk = b"%x\r\n%s\r\n" % (400, b" " * 400)
+    with connect(srv) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                     b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 3)
+        status, headers, _ = read_response(sock)
+    assert status == 413 and headers.get("connection") == "close"
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+    b"Content-Length: 3\r\nContent-Length: 30\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+])
+def test_ambiguous_framing_is_400_and_closes(server: Server, framing: bytes) -> None:
+    # RFC 9112 6.3: a message two parties could frame differently is refused and its
+    # connection closed, so nothing after it can be read as another request.
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON + framing +
+                     b"\r\n0\r\n\r\n" + smuggled)
+        status, headers, _ = read_response(sock)
+        assert status == 400 and headers.get("connection") == "close"
+        assert closed_by_server(sock)  # no second response: the smuggled GET never ran
+
+
+def test_body_on_get_is_never_parsed_as_the_next_request(server: Server) -> None:
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+                     % len(smuggled) + smuggled)
+        time.sleep(0.5)
+        received = b""
+        while select.select([sock], [], [], 0.2)[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        assert received.count(b"HTTP/1.1 ") == 1, "the GET's body was answered as a request"
+        assert received.startswith(b"HTTP/1.1 200")
+        # The connection is still good for a real next request.
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_response(sock)[0] == 200
+
+
+# -- slots before bodies ------------------------------------------------------------------------
+
+def test_a_full_server_refuses_before_reading_the_body(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-concurrent-requests", "1", "--request-timeout", "20")
+    fresh_server.append(srv)
+    body = json.dumps({"inputs": "held"}).encode()
+    with connect(srv) as holder, connect(srv) as flood:
+        # The holder's request is admitted and its body still on its way: it holds the slot.
+        holder.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.3)
+        # A big body announced, none sent: answered 429 at once, not after buffering it
+        # (before: the server waited for all of it, then timed out with 408).
+        flood.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                      b"Content-Length: 8000000\r\n\r\n")
+        status, headers, _ = read_response(flood)
+        assert status == 429 and headers.get("connection") == "close"
+        holder.sendall(body[5:])
+        status, _, reply = read_response(holder)
+        assert status == 200 and json.loads(reply) == [EMBEDDER.embed_one("held")]
+
+
+def test_tokenize_takes_a_slot_and_has_an_input_limit(fresh_server: list[Server]) -> None:
+    srv = start_server("--max-concurrent-requests", "1")
+    fresh_server.append(srv)
+    status, _, body = srv.request("POST", "/tokenize", {"inputs": "word " * 60_000})
+    assert status == 413 and "/tokenize" in body["error"]
+    status, _, body = srv.request("POST", "/tokenize", {"inputs": "two words"})
+    assert status == 200 and [t["text"] for t in body[0]] == ["two", "words"]
+    with connect(srv) as holder:
+        holder.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                       b"Content-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        status, _, _ = srv.request("POST", "/tokenize", {"inputs": "two words"})
+        assert status == 429
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def test_metrics_labels_are_bounded_and_escaped(fresh_server: list[Server]) -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    srv = start_server("--api-key", "sesame")
+    fresh_server.append(srv)
+    auth = {"Authorization": "Bearer sesame"}
+    rng = random.Random(7)
+    for _ in range(200):
+        method = "".join(rng.choices(string.ascii_uppercase, k=12)).encode()
+        exchange(srv, method + b" /info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    exchange(srv, b'X"}\\n /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')
+    srv.request("GET", "/info?secret=" + "s" * 50, headers={"Authorization": "Bearer wrong"})
+    status, _, _ = srv.request("GET", "/no/such/route", headers=auth)
+    assert status == 404
+    import http.client
+
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+    conn.request("GET", "/metrics", headers=auth)
+    text = conn.getresponse().read().decode()
+    conn.close()
+    families = list(parser.text_string_to_metric_families(text))  # the format holds
+    methods = {s.labels.get("method") for f in families for s in f.samples
+               if s.name == "embedserve_requests_total"}
+    routes = {s.labels.get("route") for f in families for s in f.samples
+              if s.name == "embedserve_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+    assert "other" in methods and "(unauthenticated)" in routes and "(unknown)" in routes
+    assert "secret" not in text and len(text) < 20_000
+
+
+# -- deep nesting ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/embed", "/v1/embeddings", "/api/embed", "/tokenize", "/"])
+def test_deeply_nested_json_is_400_without_a_traceback(server: Server, path: str) -> None:
+    nested = "[" * 5000 + "]" * 5000
+    for body in (nested, '{"inputs": %s, "input": %s}' % (nested, nested)):
+        status, _, reply = server.request("POST", path, raw=body.encode())
+        assert status == 400, reply
+    assert not any("Traceback" in line for line in server.log)
+    assert_serving(server)
+
+
+# -- browsers: Host, Origin, content types -------------------------------------------------------
+
+@pytest.mark.parametrize("host", [b"evil.example", b"evil.example:8765", b"127.0.0.1.nip.io",
+                                  b"localhost.evil.example", b"[::1", b"a:b:c"])
+def test_foreign_host_names_are_refused(server: Server, host: bytes) -> None:
+    # DNS rebinding: a name the attacker controls, pointed at 127.0.0.1.
+    status, _, body = exchange(server, b"GET /info HTTP/1.1\r\nHost: " + host +
+                               b"\r\nConnection: close\r\n\r\n")
+    assert status == 403 and b"allowed-hosts" in body
+
+
+@pytest.mark.parametrize("host", [b"localhost", b"localhost:8765", b"127.0.0.1:1", b"[::1]:80",
+                                  b"10.1.2.3", b"api.localhost"])
+def test_own_names_and_addresses_are_served(server: Server, host: bytes) -> None:
+    status, _, _ = exchange(server, b"GET /info HTTP/1.1\r\nHost: " + host +
+                            b"\r\nConnection: close\r\n\r\n")
+    assert status == 200
+
+
+def test_allowed_hosts_adds_names(fresh_server: list[Server]) -> None:
+    srv = start_server("--allowed-hosts", "embed.internal, *.corp.example")
+    fresh_server.append(srv)
+    for host, expected in ((b"embed.internal", 200), (b"a.corp.example:9", 200),
+                           (b"corp.example", 403), (b"evil.example", 403)):
+        status, _, _ = exchange(srv, b"GET /health HTTP/1.1\r\nHost: " + host +
+                                b"\r\nConnection: close\r\n\r\n")
+        assert status == expected, host
+
+
+def test_cross_origin_pages_are_refused_by_default(server: Server) -> None:
+    origin = {"Origin": "https://evil.example"}
+    status, headers, body = server.request("POST", "/embed", {"inputs": "x"}, headers=origin)
+    assert status == 403 and "cors-origins" in body["error"]
+    assert "access-control-allow-origin" not in headers
+    status, _, _ = server.request("GET", "/info", headers=origin)
+    assert status == 403
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_posts_must_declare_json(server: Server, content_type: str | None) -> None:
+    # What a page can send cross-site without a CORS preflight is never taken as JSON.
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = b'{"inputs": "x"}'
+    import http.client
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/embed", skip_accept_encoding=True)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 415 and "application/json" in reply["error"]
+
+
+def test_cors_origins_allows_a_page_with_preflight(fresh_server: list[Server]) -> None:
+    srv = start_server("--cors-origins", "http://app.example:3000", "--api-key", "k")
+    fresh_server.append(srv)
+    origin = "http://app.example:3000"
+    # The preflight carries no credentials: it must not need the API key.
+    status, headers, _ = srv.request("OPTIONS", "/v1/embeddings", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert status == 204
+    assert headers["access-control-allow-origin"] == origin
+    assert "POST" in headers["access-control-allow-methods"]
+    allowed = headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed and "content-type" in allowed
+    assert "content-length" not in headers
+    status, headers, body = srv.request("POST", "/v1/embeddings", {"input": "x"}, headers={
+        "Origin": origin, "Authorization": "Bearer k"})
+    assert status == 200 and headers["access-control-allow-origin"] == origin
+    assert headers["vary"] == "Origin"
+    status, _, _ = srv.request("OPTIONS", "/v1/embeddings", headers={
+        "Origin": "http://other.example", "Access-Control-Request-Method": "POST"})
+    assert status == 403
+
+
+# -- a busy hash worker is not a hung one --------------------------------------------------------
+
+def test_queued_big_requests_do_not_get_the_worker_killed(fresh_server: list[Server]) -> None:
+    rng = random.Random(3)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=7)) for _ in range(40_000)]
+    texts = [" ".join(rng.choices(words, k=60)) for _ in range(1500)]
+    began = time.perf_counter()
+    HashEmbedder(384).embed(texts)
+    one_call = time.perf_counter() - began
+    # Each call alone is well within the timeout; five queued behind each other are not.
+    timeout = max(1.0, 2.5 * one_call)
+    srv = start_server("--worker-timeout", f"{timeout:.2f}")
+    fresh_server.append(srv)
+    pid = srv.request("GET", "/info")[2]["pid"]
+    statuses: list[int] = []
+
+    def send() -> None:
+        statuses.append(request(srv.host, srv.port, "POST", "/embed", {"inputs": texts},
+                                timeout=120)[0])
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    info = srv.request("GET", "/info")[2]
+    assert statuses == [200] * 6
+    assert info["pid"] == pid and info["restarts"] == 0
