@@ -7,14 +7,24 @@ import socket
 import subprocess
 import sys
 
+from embedserve.commands import COMMANDS
+from embedserve.config import BACKENDS
 from embedserve.hashing import HashEmbedder
 
 from conftest import Server, server_env
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    # COLUMNS: argparse wraps help to the terminal's width and may break a line at a hyphen
+    # ("sentence-" / "transformers"); a wide fixed width keeps the phrases tests look for whole.
     return subprocess.run([sys.executable, "-m", "embedserve", *args], input=stdin,
-                          capture_output=True, text=True, env=server_env(), timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env=server_env(COLUMNS="200", **env))
+
+
+def unwrapped(text: str) -> str:
+    """Help text with argparse's line wrapping undone, so phrases can be searched."""
+    return " ".join(text.split())
 
 
 def free_port() -> int:
@@ -66,3 +76,33 @@ def test_embed_auto_starts_a_server_and_stops_it() -> None:
 def test_bad_url_is_a_usage_error() -> None:
     done = run("embed", "--url", "not a url", "x")
     assert done.returncode == 2 and "url must look like" in done.stderr
+
+
+def test_help_lists_the_commands_and_the_backends() -> None:
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    text = unwrapped(done.stdout)
+    for command in COMMANDS:
+        assert f"`embedserve {command}" in text, f"--help does not name {command}"
+    # --backend's metavar hides argparse's own list of choices: the text must give them.
+    assert f"Backends (--backend): {', '.join(BACKENDS)}" in text
+    assert "`embedserve health` only probes" in text and "never starts one" in text
+
+
+def test_health_help_says_it_is_a_probe() -> None:
+    done = run("health", "--help")
+    assert done.returncode == 0, done.stderr
+    text = unwrapped(done.stdout)
+    assert "Never starts a server." in text
+    assert "--no-autostart" not in text  # it would suggest health could start one
+
+
+def test_health_never_starts_a_server() -> None:
+    # Through EMBEDSERVE_URL, the way the README's shell examples find a server. Had health
+    # started one, it would have answered ready and the exit status would be 0.
+    url = f"http://127.0.0.1:{free_port()}"
+    done = run("health", EMBEDSERVE_URL=url)
+    assert done.returncode == 1 and "no answer from" in done.stderr, done.stderr
+    # The old spelling is still accepted (status 1, not a usage error's 2).
+    done = run("health", "--no-autostart", EMBEDSERVE_URL=url)
+    assert done.returncode == 1 and "no answer from" in done.stderr, done.stderr
