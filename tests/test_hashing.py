@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import zlib
-from pathlib import Path
 
 import pytest
 
