@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT, server_env, start_server
 from embedserve.backends import looks_like_path
 
-MISSING = ["./no/such/folder", "no/such/folder", "../no-such-folder", "~/no-such-embedserve-model"]
+MISSING = ["./no/such/folder", "no/such/folder", "../no-such-folder",
+           "~/no-such-embedserve-model"]
 
 
 @pytest.mark.parametrize("model", ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",

@@ -176,8 +176,8 @@ def test_sigterm_during_a_slow_request_lets_it_finish(supervised: list[Server]) 
     workers = worker_pids(srv)
     body = json.dumps({"inputs": ["slow but complete"]}).encode()
     with socket.create_connection((srv.host, srv.port), timeout=20) as sock:
-        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: %s:%d\r\n" % (srv.host.encode(), srv.port) +
-                     b"Content-Type: application/json\r\n"
+        host = b"Host: %s:%d\r\n" % (srv.host.encode(), srv.port)
+        sock.sendall(b"POST /embed HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
         time.sleep(0.3)  # the request is in flight in the worker
         srv.proc.send_signal(signal.SIGTERM)
@@ -414,7 +414,8 @@ def test_sigterm_while_a_model_loads_stops_listening_and_exits(
         port = probe.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "embedserve", "--port", str(port),
                              "--backend", "sentence-transformers", "--graceful-timeout", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     srv = Server(proc, f"http://127.0.0.1:{port}", proc.pid)
     supervised.append(srv)
 
