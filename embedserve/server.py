@@ -404,6 +404,8 @@ class Handler(BaseHTTPRequestHandler):
     def _check_browser(self, path: str) -> None:
         """Host (DNS rebinding) and Origin (other web pages) checks; see guards.py."""
         guards = self.server.guards
+        if len(self.headers.get_all("Host") or ()) > 1:
+            raise self._bad_framing("more than one Host header")  # RFC 9112 3.2
         host = self.headers.get("Host")
         if not guards.host_allowed(host):
             raise ApiError(403, f"Host {host!r} is not one of this server's names; start it "
@@ -507,8 +509,8 @@ class Handler(BaseHTTPRequestHandler):
         return b"".join(parts)
 
     def _read_chunked(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        total = 0
+        # One growing buffer: a list of parts would cost an object per 1-byte chunk.
+        body = bytearray()
         while True:
             line = self._read_line()
             size_text = line.split(b";", 1)[0]
@@ -518,13 +520,12 @@ class Handler(BaseHTTPRequestHandler):
             if size == 0:
                 for _ in range(_MAX_TRAILERS):
                     if not self._read_line():
-                        return b"".join(parts)
+                        return bytes(body)
                 raise self._bad_framing("too many trailer fields")
-            total += size
-            if total > limit:
+            if len(body) + size > limit:
                 self.close_connection = self.linger = True
                 raise ApiError(413, f"request body is over the limit of {limit} bytes")
-            parts.append(self._read_exactly(size))
+            body += self._read_exactly(size)
             if self._read_line():
                 raise self._bad_framing("chunk data longer than its size")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -119,6 +120,7 @@ class EmbeddingService:
                 encoded = backend.encode(texts, normalize=request.normalize, dimensions=dims)
             vectors, tokens = encoded.vectors, sum(encoded.token_counts)
         else:
+            texts = well_formed(texts)
             counts = self._token_counts(backend, texts, request.truncate)
             vectors = self._batcher.embed(texts, counts, request.normalize,
                                           request.truncate_left)
@@ -149,7 +151,8 @@ class EmbeddingService:
             restarts=self._restarts.value if self._restarts is not None else 0)
 
     def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
-        return self._ready_backend().tokenize(texts, add_special_tokens=add_special_tokens)
+        return self._ready_backend().tokenize(well_formed(texts),
+                                              add_special_tokens=add_special_tokens)
 
     @staticmethod
     def _prompted(backend: Backend, request: EmbedRequest) -> list[str]:
@@ -213,6 +216,17 @@ class EmbeddingService:
             "max_input_length": backend.max_input_tokens,
             "max_client_batch_size": config.max_batch_size,
         }
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def well_formed(texts: list[str]) -> list[str]:
+    """Lone surrogates (JSON can carry "\\ud800") replaced by U+FFFD, as a UTF-8 round trip
+    would: tokenizers cannot take them. The hash tier needs no such step (its spec gives
+    them the same meaning)."""
+    return [text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            if _SURROGATE.search(text) else text for text in texts]
 
 
 def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:

@@ -112,6 +112,7 @@ def test_chunked_body_limit_holds(fresh_server: list[Server]) -> None:
     b"Content-Length: 3\r\nContent-Length: 30\r\n",
     b"Transfer-Encoding: gzip, chunked\r\n",
     b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Host: evil.example\r\nContent-Length: 0\r\n",
 ])
 def test_ambiguous_framing_is_400_and_closes(server: Server, framing: bytes) -> None:
     # RFC 9112 6.3: a message two parties could frame differently is refused and its

@@ -68,6 +68,16 @@ def embed(srv: Server, texts: list[str], **options: object) -> list[list[float]]
     return body
 
 
+def test_lone_surrogates_are_read_as_replacement_characters(ml_server: Server) -> None:
+    # JSON can carry a lone surrogate ("\ud800"); tokenizers cannot take one (it was a 500).
+    raw = b'{"inputs": ["\\ud800", "the \\udfff cat"]}'
+    status, _, body = ml_server.request("POST", "/embed", raw=raw)
+    assert status == 200, body
+    assert body == embed(ml_server, ["\ufffd", "the \ufffd cat"])
+    status, _, tokens = ml_server.request("POST", "/tokenize", raw=b'{"inputs": "\\ud800 cat"}')
+    assert status == 200 and tokens[0]
+
+
 def test_served_vectors_equal_the_libraries_in_process(ml_server: Server, reference,
                                                        tiny: tuple[str, str]) -> None:
     served = embed(ml_server, TEXTS)
