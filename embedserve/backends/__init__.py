@@ -41,7 +41,9 @@ class Backend(Protocol):
 
     # Backends cheap enough to run in the request thread (hash) implement encode; the ML
     # tiers instead implement count_tokens and forward, which the Batcher drives.
-    def encode(self, texts: Sequence[str], *, normalize: bool = True) -> Encoded: ...
+    # `dimensions`: vectors of that size, computed as such (the hash tier) -- None: full size.
+    def encode(self, texts: Sequence[str], *, normalize: bool = True,
+               dimensions: int | None = None) -> Encoded: ...
 
     def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
                  ) -> list[list[Token]]: ...
