@@ -10,7 +10,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import re
 import select
 import socket
@@ -72,12 +71,12 @@ class DeadlineReader(io.RawIOBase):
     """The socket as a raw stream whose every read waits at most until `deadline`. A plain
     socket timeout restarts with each byte, so a client trickling one byte at a time could
     hold a connection open forever (slowloris); the deadline bounds the whole request --
-    line, headers and body. `deadline` None: don't wait at all (non-blocking)."""
+    line, headers and body. `deadline` None (between requests): don't wait at all."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self._sock = sock
-        self.deadline: float | None = math.inf
+        self.deadline: float | None = None
 
     def readable(self) -> bool:
         return True
@@ -85,16 +84,17 @@ class DeadlineReader(io.RawIOBase):
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int | None:
         if self.deadline is None:
             self._sock.settimeout(0)
-        elif self.deadline == math.inf:
-            self._sock.settimeout(None)
-        else:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("request not received within request_timeout")
-            self._sock.settimeout(remaining)
+            try:
+                return self._sock.recv_into(buffer)
+            except BlockingIOError:
+                return None  # RawIOBase's "nothing yet"; peek() then gives b""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received within request_timeout")
+        self._sock.settimeout(remaining)
         return self._sock.recv_into(buffer)
 
 
@@ -281,7 +281,7 @@ class Handler(BaseHTTPRequestHandler):
             log.debug("connection from %s dropped: %r", self.client_address[0], exc)
             self.close_connection = True
         finally:
-            self.reader.deadline = math.inf
+            self.reader.deadline = None
 
     def _next_request_arrives(self) -> bool:
         """Wait for the next request on this connection: up to keep_alive_timeout, or, once
