@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from embedserve.encoding import float32_base64_json, float_array_json
-from embedserve.errors import ApiError
+from embedserve.errors import ApiError, quoted
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class OpenAI:
         encoding_format = _optional(body, "encoding_format", str, "a string") or "float"
         if encoding_format not in ("float", "base64"):
             raise ApiError(400, "'encoding_format' must be 'float' or 'base64', got "
-                                f"{encoding_format!r}", param="encoding_format")
+                                f"{quoted(encoding_format)}", param="encoding_format")
         _optional(body, "user", str, "a string")
         return EmbedRequest(
             texts=texts,

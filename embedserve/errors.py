@@ -11,3 +11,13 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.headers = headers or {}
+
+
+ECHO_LIMIT = 80
+
+
+def quoted(value: object) -> str:
+    """A client's value as an error message echoes it: repr'd and cut, so a megabyte
+    model name does not come back as a megabyte error."""
+    text = repr(value)
+    return text if len(text) <= ECHO_LIMIT else text[:ECHO_LIMIT] + f"... ({len(text)} chars)"

@@ -25,7 +25,7 @@ from typing import Any
 from embedserve import __version__
 from embedserve.dialects import (OLLAMA, OLLAMA_LEGACY, OPENAI, TEI_DIALECT, Dialect,
                                  texts_from)
-from embedserve.errors import ApiError
+from embedserve.errors import ApiError, quoted
 from embedserve.guards import Guards, is_json_media_type
 from embedserve.service import EmbeddingService
 
@@ -323,13 +323,13 @@ class Handler(BaseHTTPRequestHandler):
             self._check_browser(path)
             methods = ROUTES.get(path)
             if methods is None:
-                raise ApiError(404, f"no route {path!r}; see GET /info for the API")
+                raise ApiError(404, f"no route {quoted(path)}; see GET /info for the API")
             if self.command == "OPTIONS":
                 reply = self._options(methods)
             else:
                 route = methods.get(self.command)
                 if route is None:
-                    raise ApiError(405, f"{self.command} is not allowed on {path}",
+                    raise ApiError(405, f"{quoted(self.command)} is not allowed on {path}",
                                    headers={"Allow": ", ".join(sorted(methods))})
                 try:
                     self._authorize(path)
@@ -383,7 +383,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise self._bad_framing("both Transfer-Encoding and Content-Length")
             if len(encodings) > 1 or encodings[0].strip().lower() != "chunked":
                 raise self._bad_framing(f"unsupported Transfer-Encoding "
-                                        f"{', '.join(encodings)!r}; only chunked is")
+                                        f"{quoted(', '.join(encodings))}; only chunked is")
             return
         if not lengths:
             self.body_length = 0
@@ -393,7 +393,7 @@ class Handler(BaseHTTPRequestHandler):
             raise self._bad_framing("conflicting Content-Length headers")
         value = values.pop()
         if not _DIGITS.fullmatch(value):
-            raise self._bad_framing(f"invalid Content-Length {value.decode('latin-1')!r}")
+            raise self._bad_framing(f"invalid Content-Length {quoted(value.decode('latin-1'))}")
         self.body_length = int(value)
 
     def _bad_framing(self, what: str) -> ApiError:
@@ -408,13 +408,13 @@ class Handler(BaseHTTPRequestHandler):
             raise self._bad_framing("more than one Host header")  # RFC 9112 3.2
         host = self.headers.get("Host")
         if not guards.host_allowed(host):
-            raise ApiError(403, f"Host {host!r} is not one of this server's names; start it "
+            raise ApiError(403, f"Host {quoted(host)} is not one of this server's names; start it "
                                 "with --allowed-hosts to accept it")
         origin = self.headers.get("Origin")
         if origin is None:
             return
         if not guards.origin_allowed(origin, host):
-            raise ApiError(403, f"cross-origin requests from {origin!r} are not allowed; "
+            raise ApiError(403, f"cross-origin requests from {quoted(origin)} are not allowed; "
                                 "start the server with --cors-origins to allow them")
         self.cors = guards.cors_headers(origin)
 
@@ -469,7 +469,7 @@ class Handler(BaseHTTPRequestHandler):
             # preflight): text/plain and form posts are refused before they are read.
             got = self.headers.get("Content-Type")
             raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'"
-                                + (f" (got {got!r})" if got else ""))
+                                + (f" (got {quoted(got)})" if got else ""))
         body = self._read_body()
         try:
             text = body.decode("utf-8")

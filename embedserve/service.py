@@ -18,7 +18,7 @@ from embedserve import __version__
 from embedserve.backends import Backend, Loaded, Token
 from embedserve.config import Config
 from embedserve.dialects import EmbedRequest, EmbedResult
-from embedserve.errors import ApiError
+from embedserve.errors import ApiError, quoted
 from embedserve.metrics import Metrics
 from embedserve.names import ModelNames, served_names
 
@@ -120,7 +120,7 @@ class EmbeddingService:
                 encoded = backend.encode(texts, normalize=request.normalize, dimensions=dims)
             vectors, tokens = encoded.vectors, sum(encoded.token_counts)
         else:
-            texts = well_formed(texts)
+            check_well_formed(texts)
             counts = self._token_counts(backend, texts, request.truncate)
             vectors = self._batcher.embed(texts, counts, request.normalize,
                                           request.truncate_left)
@@ -139,7 +139,7 @@ class EmbeddingService:
         names = self.model_names()
         if name.lower() not in (n.lower() for n in names.accepted):
             listed = ", ".join(repr(n) for n in names.listed)
-            raise ApiError(404, f"model {name!r} is not served here; this server serves "
+            raise ApiError(404, f"model {quoted(name)} is not served here; this server serves "
                                 f"{listed}", param="model")
 
     def render_metrics(self) -> str:
@@ -151,8 +151,10 @@ class EmbeddingService:
             restarts=self._restarts.value if self._restarts is not None else 0)
 
     def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
-        return self._ready_backend().tokenize(well_formed(texts),
-                                              add_special_tokens=add_special_tokens)
+        backend = self._ready_backend()
+        if self._batcher is not None:
+            check_well_formed(texts)
+        return backend.tokenize(texts, add_special_tokens=add_special_tokens)
 
     @staticmethod
     def _prompted(backend: Backend, request: EmbedRequest) -> list[str]:
@@ -162,7 +164,7 @@ class EmbeddingService:
         prompt = backend.prompts.get(name)
         if prompt is None:
             known = ", ".join(sorted(backend.prompts)) or "none"
-            raise ApiError(422, f"model {backend.model} has no prompt {name!r} "
+            raise ApiError(422, f"model {backend.model} has no prompt {quoted(name)} "
                                 f"(its prompts: {known})", param="prompt_name")
         return [prompt + text for text in request.texts]
 
@@ -221,12 +223,14 @@ class EmbeddingService:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def well_formed(texts: list[str]) -> list[str]:
-    """Lone surrogates (JSON can carry "\\ud800") replaced by U+FFFD, as a UTF-8 round trip
-    would: tokenizers cannot take them. The hash tier needs no such step (its spec gives
-    them the same meaning)."""
-    return [text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            if _SURROGATE.search(text) else text for text in texts]
+def check_well_formed(texts: list[str]) -> None:
+    """JSON can carry a lone surrogate ("\\ud800"), which is not text a tokenizer can take:
+    a 400 naming the input, not a 500 for the whole batch. (The hash tier's spec gives
+    them a meaning; the ML tiers have none to give.)"""
+    for i, text in enumerate(texts):
+        if _SURROGATE.search(text):
+            raise ApiError(400, f"input {i} contains a lone surrogate (U+D800 to U+DFFF), "
+                                "which is not valid Unicode text")
 
 
 def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:

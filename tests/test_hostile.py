@@ -336,3 +336,16 @@ def test_queued_big_requests_do_not_get_the_worker_killed(fresh_server: list[Ser
     info = srv.request("GET", "/info")[2]
     assert statuses == [200] * 6
     assert info["pid"] == pid and info["restarts"] == 0
+
+
+# -- echoes ---------------------------------------------------------------------------------------
+
+def test_error_messages_do_not_echo_unbounded_input(server: Server) -> None:
+    huge = "m" * 1_000_000
+    for path, body in (("/v1/embeddings", {"input": "x", "model": huge}),
+                       ("/embed", {"inputs": "x", "prompt_name": huge}),
+                       ("/v1/embeddings", {"input": "x", "encoding_format": huge})):
+        status, _, reply = server.request("POST", path, body)
+        assert status in (400, 404, 422) and len(json.dumps(reply)) < 1000, path
+    status, _, reply = server.request("GET", "/" + "p" * 60_000)
+    assert status == 404 and len(json.dumps(reply)) < 1000

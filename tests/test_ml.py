@@ -68,14 +68,14 @@ def embed(srv: Server, texts: list[str], **options: object) -> list[list[float]]
     return body
 
 
-def test_lone_surrogates_are_read_as_replacement_characters(ml_server: Server) -> None:
-    # JSON can carry a lone surrogate ("\ud800"); tokenizers cannot take one (it was a 500).
-    raw = b'{"inputs": ["\\ud800", "the \\udfff cat"]}'
-    status, _, body = ml_server.request("POST", "/embed", raw=raw)
-    assert status == 200, body
-    assert body == embed(ml_server, ["\ufffd", "the \ufffd cat"])
-    status, _, tokens = ml_server.request("POST", "/tokenize", raw=b'{"inputs": "\\ud800 cat"}')
-    assert status == 200 and tokens[0]
+def test_lone_surrogates_are_a_400_naming_the_input(ml_server: Server) -> None:
+    # JSON can carry a lone surrogate ("\ud800"); no tokenizer takes one (it was a 500).
+    status, _, body = ml_server.request("POST", "/embed",
+                                        raw=b'{"inputs": ["fine", "the \\udfff cat"]}')
+    assert status == 400 and "input 1" in body["error"] and "surrogate" in body["error"]
+    status, _, body = ml_server.request("POST", "/tokenize", raw=b'{"inputs": "\\ud800 cat"}')
+    assert status == 400 and "input 0" in body["error"]
+    assert embed(ml_server, ["\U0001F642 a proper pair"])  # a real astral character is fine
 
 
 def test_served_vectors_equal_the_libraries_in_process(ml_server: Server, reference,
