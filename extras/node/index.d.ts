@@ -52,7 +52,18 @@ export interface EmbedServeOptions {
   startTimeoutMs?: number;
   /** From SIGTERM to SIGKILL when stopping a server this client started (ms). Default 10000. */
   stopTimeoutMs?: number;
-  /** Retries after the first attempt (connection errors, timeouts, 408/429/502/503/504). Default 3. */
+  /**
+   * How long one request keeps being retried (connection errors, timeouts, 408/429/502/503/504,
+   * honouring Retry-After) before the call fails or falls back (ms). Long enough by default for
+   * a restarted worker to load its model (it answers 503 loading meanwhile). 0: no retries.
+   * Default 60000.
+   */
+  retryTimeoutMs?: number;
+  /**
+   * Also cap the number of retries of one request (default: unset, only retryTimeoutMs bounds
+   * them); and how often to look again where nothing listens and no server may be started
+   * (default 3).
+   */
   retries?: number;
   /** First retry delay (ms), doubled each retry, with jitter. Default 100. */
   backoffMs?: number;

@@ -27,6 +27,10 @@ const RESTART_WINDOW_MS = 60_000;
 const MAX_SPAWNS_PER_START = 5;
 // Times one request may find its server gone and re-find or restart it (not retries).
 const MAX_RELOCATIONS = 2;
+// Looks at a URL where nothing listens and no server may be started, when `retries` is unset.
+const REFUSAL_RETRIES = 3;
+// The shortest wait for an answer a retry gets, even at its deadline.
+const MIN_WAIT_MS = 50;
 
 /**
  * Events (none is required; there is no 'error' event):
@@ -64,6 +68,11 @@ export class EmbedServeClient extends EventEmitter {
   #servedModel = null;
   #servedDimensions = null;
   #fallbackEmbedder = null;
+  /**
+   * A server this client did not start went away: whoever runs it may be restarting it,
+   * so a client that may not start one waits for it (once per loss).
+   */
+  #foreignLost = false;
 
   /** The model, backend and source of the last result (null before the first). */
   lastModel = null;
@@ -373,19 +382,31 @@ export class EmbedServeClient extends EventEmitter {
    * One API call: connects first (starting a server if allowed); a server found gone is
    * re-found or restarted at once (not a retry); connection errors, timeouts and 408,
    * 429, 502, 503, 504 are retried with exponential backoff and jitter, honouring
-   * Retry-After. Other errors are raised at once.
+   * Retry-After, until retryTimeoutMs after the first attempt (a worker that restarts
+   * answers 503 loading while its model loads). Other errors are raised at once.
    * @returns {Promise<[any, object]>} the answer, and the /info of the server that gave it
    */
   async #request(method, path, body, first = 0) {
+    const { timeoutMs, retryTimeoutMs, retries } = this.#options;
+    const started = Date.now();
+    const deadline = started + retryTimeoutMs;
     let failures = 0;
     let relocations = 0;
     for (;;) {
-      await this.#ensureConnected();
-      const info = this.#info;
-      const server = this.#server;
+      let info = null;
+      let server = null;
       let failure;
+      // The first attempt waits timeoutMs for its answer; a retry no later than the
+      // deadline, so that one request ends within max(timeoutMs, retryTimeoutMs).
+      const wait = failures === 0 ? timeoutMs
+        : Math.min(timeoutMs, Math.max(deadline - Date.now(), MIN_WAIT_MS));
       try {
-        return [await this.#fetchJson(method, path, body, this.#options.timeoutMs), info];
+        // Inside the try: finding the server again can meet the same failures (its /info
+        // answered 503, or the connection was reset), and they are retried the same way.
+        await this.#ensureConnected();
+        info = this.#info;
+        server = this.#server;
+        return [await this.#fetchJson(method, path, body, wait), info];
       } catch (error) {
         this.#checkOpen();
         if (!(error instanceof TransportError) && !(error instanceof RetryableStatus)) {
@@ -393,25 +414,28 @@ export class EmbedServeClient extends EventEmitter {
         }
         failure = error;
       }
-      const gone = failure instanceof TransportError &&
+      const gone = info !== null && failure instanceof TransportError &&
         (failure.refused || (server !== null && this.#server === server && !server.alive));
       if (gone && relocations < MAX_RELOCATIONS) {
         // Nothing listens any more (or our server died): find or start one now, no backoff.
+        if (server === null) this.#foreignLost = true;
         this.#lose(info);
         relocations++;
         continue;
       }
-      if (failures >= this.#options.retries) {
+      const now = Date.now();
+      if (now >= deadline || (retries !== undefined && failures >= retries)) {
         const timedOut = failure instanceof TransportError && failure.timedOut;
         throw new EmbedServeError(
-          `${method} ${this.#baseUrl}${path} failed ${failures + 1} times; last: ${failure.message}`,
+          `${method} ${this.#baseUrl}${path} failed ${failures + 1} times in ` +
+            `${((now - started) / 1000).toFixed(1)} s; last: ${failure.message}`,
           { code: timedOut ? 'timeout' : 'unavailable', url: this.#baseUrl, status: failure.status,
             serverMessage: failure.serverMessage, cause: failure.cause ?? failure },
         );
       }
       failures++;
-      if (failure.status === 503) this.#lose(info); // draining: check the server again
-      await sleep(this.#delay(failures, failure.retryAfterMs));
+      // Not past the deadline: a last try at the deadline beats giving up early.
+      await sleep(Math.min(this.#delay(failures, failure.retryAfterMs), deadline - now));
     }
   }
 
@@ -514,10 +538,17 @@ export class EmbedServeClient extends EventEmitter {
     }
     let spawns = 0;
     let refusals = 0;
+    const started = Date.now();
+    // A server someone else runs went away: they may be restarting it; wait for it as long
+    // as for any other restart. Otherwise (nothing was ever there, or waiting for it already
+    // failed once) look a few times only: the fallback or the error is better than a
+    // minute's wait for a server that is not coming.
+    const waitUntil = this.#foreignLost ? started + this.#options.retryTimeoutMs : null;
     for (;;) {
       this.#checkOpen();
       const probe = await this.#probeUntilSettled(target.base, deadline);
       if (probe.state === 'ready') {
+        this.#foreignLost = false;
         this.#baseUrl = target.base;
         this.#server = null;
         this.#setInfo(await this.#fetchJson('GET', '/info', undefined, this.#options.timeoutMs, target.base));
@@ -538,14 +569,20 @@ export class EmbedServeClient extends EventEmitter {
       }
       // 'down': nothing listens.
       if (!(mayStart && local)) {
-        if (refusals < this.#options.retries) { // someone else may be starting it right now
+        const now = Date.now();
+        const { retries } = this.#options;
+        const again = waitUntil === null ? refusals < (retries ?? REFUSAL_RETRIES)
+          : now < waitUntil && (retries === undefined || refusals < retries);
+        if (again) { // someone else may be starting it right now
           refusals++;
-          await sleep(this.#delay(refusals));
+          const delay = this.#delay(refusals);
+          await sleep(waitUntil === null ? delay : Math.min(delay, waitUntil - now));
           continue;
         }
+        this.#foreignLost = false;
         throw new EmbedServeError(
           `no embedserve server answers at ${target.base} (${probe.detail}; ${refusals + 1} ` +
-            `tries), and ${this.#whyNoStart(local)}`,
+            `tries in ${((now - started) / 1000).toFixed(1)} s), and ${this.#whyNoStart(local)}`,
           { code: 'unreachable', url: target.base, cause: probe.error });
       }
       if (spawns >= MAX_SPAWNS_PER_START) {

@@ -8,8 +8,8 @@
  * only hide it.
  */
 const UNAVAILABLE = {
-  unavailable: true, // connection failures, 429/502/503/504: still failing after the retries
-  timeout: true, // no answer within timeoutMs, after the retries
+  unavailable: true, // connection failures, 408/429/502/503/504: still failing at retryTimeoutMs
+  timeout: true, // no answer within timeoutMs, still at retryTimeoutMs
   unreachable: true, // nothing answers, and no server may be started for this URL
   not_embedserve: true, // something that is not an embedserve server answers at the URL
   start_failed: true, // the server process could not run, or exited before it was ready

@@ -26,7 +26,11 @@ export const DEFAULTS = Object.freeze({
   healthTimeoutMs: 2_000,
   startTimeoutMs: 60_000,
   stopTimeoutMs: 10_000,
-  retries: 3,
+  // One request is retried until this long after its first attempt: long enough for a
+  // restarted worker to load its model (it answers 503 loading meanwhile).
+  retryTimeoutMs: 60_000,
+  // Also caps the number of retries when set; unset, only retryTimeoutMs bounds them.
+  retries: undefined,
   backoffMs: 100,
   maxBackoffMs: 2_000,
   fallback: 'same-model',
@@ -113,12 +117,12 @@ function validateOptions(opts) {
       fail(`${name}: ${opts[name]}; expected a positive number of milliseconds`);
     }
   }
-  for (const name of ['backoffMs', 'maxBackoffMs']) {
+  for (const name of ['backoffMs', 'maxBackoffMs', 'retryTimeoutMs']) {
     if (!(typeof opts[name] === 'number' && opts[name] >= 0 && Number.isFinite(opts[name]))) {
       fail(`${name}: ${opts[name]}; expected a number of milliseconds >= 0`);
     }
   }
-  if (!(Number.isInteger(opts.retries) && opts.retries >= 0)) {
+  if (opts.retries !== undefined && !(Number.isInteger(opts.retries) && opts.retries >= 0)) {
     fail(`retries: ${opts.retries}; expected an integer >= 0`);
   }
 }

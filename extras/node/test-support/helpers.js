@@ -2,10 +2,10 @@
 // process and port checks, and child Node programs. (Outside test/: `node --test` runs
 // every .js file under a test/ folder as a test file.)
 
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { delimiter } from 'node:path';
+import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -173,4 +173,24 @@ export function runApp(args, { timeoutMs = 20_000 } = {}) {
     });
   });
   return first.then((report) => ({ child, report, exited, stderr: () => stderr }));
+}
+
+/**
+ * A tiny sentence-transformers model made by tests/tiny_models.py under `root` (random
+ * weights, loads in seconds, no download): its folder, or null when PYTHON lacks the ML
+ * extra (torch, sentence-transformers).
+ */
+export function makeTinyModel(root) {
+  const env = { ...process.env, ...serverEnv() };
+  try {
+    execFileSync(PYTHON, ['-c', 'import torch, sentence_transformers'], { env, stdio: 'ignore', timeout: 120_000 });
+  } catch {
+    return null;
+  }
+  const code = 'import sys; from pathlib import Path; from tiny_models import make_tiny_models; ' +
+    'print(make_tiny_models(Path(sys.argv[1]))[1])';
+  const out = execFileSync(PYTHON, ['-c', code, root], {
+    cwd: join(REPO_ROOT, 'tests'), env, encoding: 'utf8', timeout: 300_000, stdio: ['ignore', 'pipe', 'ignore'],
+  });
+  return out.trim().split('\n').at(-1);
 }

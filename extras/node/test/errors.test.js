@@ -52,6 +52,7 @@ test('a bad URL is an invalid_option error at construction', () => {
   }
   assert.throws(() => new EmbedServeClient({ fallback: 'sometimes' }), /fallback.*same-model, always, never/);
   assert.throws(() => new EmbedServeClient({ retries: -1 }), { code: 'invalid_option' });
+  assert.throws(() => new EmbedServeClient({ retryTimeoutMs: -1 }), { code: 'invalid_option', message: /retryTimeoutMs/ });
   assert.throws(() => new EmbedServeClient({ timeout: 5 }), { code: 'invalid_option', message: /timeout: not an option/ });
 });
 
@@ -225,9 +226,27 @@ test('retries are bounded: the last error is raised', { timeout: 10_000 }, async
     const client = new EmbedServeClient({ url: peer.url, autoStart: false, retries: 2, backoffMs: 10, fallback: 'never' });
     await assert.rejects(client.embed(['a']), {
       code: 'unavailable', status: 503, serverMessage: 'still loading',
-      message: /POST http:.*\/v1\/embeddings failed 3 times; last: HTTP 503: still loading/,
+      message: /POST http:.*\/v1\/embeddings failed 3 times in [\d.]+ s; last: HTTP 503: still loading/,
     });
     assert.equal(calls, 3);
+  } finally {
+    await peer.close();
+  }
+});
+
+test('retries end at retryTimeoutMs: a server that stays 503 fails the call then, not before', { timeout: 10_000 }, async () => {
+  const seen = [];
+  const peer = await fakeEmbedServe((req, res) => {
+    seen.push(Date.now());
+    json(res, 503, { error: { message: 'loading' } }, { 'retry-after': '0.1' });
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, retryTimeoutMs: 700, fallback: 'never' });
+    const startedAt = Date.now();
+    await assert.rejects(client.embed(['a']), { code: 'unavailable', status: 503, message: /failed \d+ times in/ });
+    // Retried for the whole retryTimeoutMs (Retry-After: 0.1 s apart), and no longer.
+    assert.ok(seen.length >= 2, `${seen.length} attempts`);
+    assert.ok(seen.at(-1) - startedAt >= 600, 'still retrying near the deadline');
   } finally {
     await peer.close();
   }
@@ -256,7 +275,7 @@ test('a request that gets no answer times out (AbortSignal.timeout), retries inc
       url: peer.url, autoStart: false, timeoutMs: 200, retries: 1, backoffMs: 10, fallback: 'never',
     });
     const startedAt = Date.now();
-    await assert.rejects(client.embed(['a']), { code: 'timeout', message: /failed 2 times; last: no answer from .* within 200 ms/ });
+    await assert.rejects(client.embed(['a']), { code: 'timeout', message: /failed 2 times in [\d.]+ s; last: no answer from .* within 200 ms/ });
     assert.equal(calls, 2);
     assert.ok(Date.now() - startedAt < 2000);
   } finally {

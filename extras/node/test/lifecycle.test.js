@@ -4,11 +4,16 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { test } from 'node:test';
+import { get } from 'node:http';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { EmbedServeClient } from '../index.js';
 import {
-  PYTHON, REPO_ROOT, assertStopped, clientOptions, freePort, portIsFree, processGone, runApp,
-  serverEnv, waitFor,
+  PYTHON, REPO_ROOT, assertStopped, clientOptions, freePort, makeTinyModel, portIsFree,
+  processGone, runApp, serverEnv, startServer, waitFor,
 } from '../test-support/helpers.js';
 
 /** Whether this embedserve stops when its stdin closes (EMBEDSERVE_WATCH_STDIN). */
@@ -129,6 +134,91 @@ test('a server killed mid-use is restarted; no call fails', { timeout: 40_000 },
     await client.close();
   }
 });
+
+test('a worker reloading its model after kill -9: no call fails, none falls back', { timeout: 300_000 }, async (t) => {
+  // A model server's replacement worker answers 503 "loading" (Retry-After: 1) while its
+  // model loads; calls in flight when the worker died see their connection reset. Both are
+  // retried within retryTimeoutMs: the program notices nothing.
+  const root = mkdtempSync(join(tmpdir(), 'embedserve-node-model-'));
+  after(() => rmSync(root, { recursive: true, force: true }));
+  const model = makeTinyModel(root);
+  if (!model) {
+    t.skip('needs the ML extra (torch, sentence-transformers) in EMBEDSERVE_PYTHON');
+    return;
+  }
+  const server = await startServer(['--backend', 'sentence-transformers', '--model', model], { timeoutMs: 120_000 });
+  const client = new EmbedServeClient({ url: server.url, autoStart: false, fallback: 'never' });
+  let stop = false;
+  try {
+    const { pid: oldWorker } = await client.info();
+    const sources = [[], [], [], []];
+    const loops = sources.map(async (seen, i) => {
+      while (!stop) {
+        const vectors = await client.embed([`the cat sat on the mat ${i}`, 'hello world']);
+        seen.push(vectors.source);
+      }
+    });
+    const failed = Promise.race(loops).then(() => {}, (error) => error);
+    let failure = null;
+    failed.then((error) => { failure = error ?? null; });
+    await waitFor(() => failure || sources.every((seen) => seen.length >= 3), 'calls before the kill', 60_000);
+    assert.equal(failure, null);
+    process.kill(oldWorker, 'SIGKILL');
+    // A 503 "loading" window really happened: the new worker answers it while loading.
+    const health = await freshGet(`${server.url}/health`);
+    assert.deepEqual([health.statusCode, health.headers['retry-after']], [503, '1']);
+    // Once the new worker serves, every loop gets through again.
+    const before = sources.map((seen) => seen.length);
+    await waitFor(() => failure || sources.every((seen, i) => seen.length >= before[i] + 2),
+      'calls after the restart', 120_000);
+    stop = true;
+    await Promise.all(loops);
+    assert.ok(sources.flat().every((source) => source === 'server'));
+    assert.notEqual((await client.info()).pid, oldWorker);
+  } finally {
+    stop = true;
+    await client.close();
+    await server.stop();
+  }
+});
+
+test('a server someone else restarts (nothing listens for a moment) is waited for', { timeout: 60_000 }, async () => {
+  // autoStart: false: the program's server is run by someone else (systemd, a container),
+  // who restarts it. The call in between waits for it within retryTimeoutMs.
+  const port = await freePort();
+  const first = await startServer(['--port', String(port)]);
+  const client = new EmbedServeClient({ url: first.url, autoStart: false, fallback: 'never' });
+  let second = null;
+  let restarted = null;
+  try {
+    assert.equal((await client.embed(['before'])).source, 'server');
+    await first.stop();
+    restarted = (async () => {
+      await sleep(1500);
+      second = await startServer(['--port', String(port)]);
+    })();
+    const vectors = await client.embed(['during the restart']);
+    await restarted;
+    assert.equal(vectors.source, 'server');
+    assert.equal((await client.info()).supervisor_pid, second.pid);
+    assert.equal(client.ownsServer, false);
+  } finally {
+    await client.close();
+    await first.stop();
+    await restarted?.catch(() => {}); // even after a failure: no server outlives the test
+    await second?.stop();
+  }
+});
+
+/** GET on a new connection (fetch could reuse one the killed worker held). */
+function freshGet(url) {
+  return new Promise((resolve, reject) => {
+    get(url, { agent: false }, (response) => {
+      response.resume();
+      response.on('end', () => resolve(response));
+    }).on('error', reject);
+  });
+}
 
 /** After a failed assertion: no server of a test may outlive it. */
 function killLeftovers({ serverPid, workerPid }) {
