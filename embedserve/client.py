@@ -51,10 +51,11 @@ past that point and a retry waits for its answer no longer than that, so one req
 within max(timeout, retry_timeout), plus start_timeout if it has to start a server. Only
 then does the call fail (ServerUnavailable) or fall back. `retries` (default None) can cap
 the number of retries as well. A server someone else runs that stops listening (a
-systemd or container restart) is waited for the same way, when this client may not start
-one; a URL where nothing ever answered, or where such a wait already failed, is only
-looked at `retries` (default 3) more times, so that the fallback or the error comes in
-about half a second rather than a minute.
+systemd or container restart) is waited for the same way, once per loss, when this client
+may not start one and no fallback may answer in its place (a fallback of the same model
+answers at once: its vectors are the server's). A URL where nothing ever answered, or
+where such a wait already failed, is only looked at `retries` (default 3) more times, so
+that the fallback or the error comes in about half a second rather than a minute.
 
 Transport. One keep-alive HTTPConnection per thread (a Client is thread-safe; share one).
 Requests go to the OpenAI route with base64 float32 vectors (`encoding_format`), split
@@ -1167,10 +1168,12 @@ class Client:
         spawns = refusals = 0
         started = time.monotonic()
         # A server someone else runs went away: they may be restarting it; wait for it as
-        # long as for any other restart. Otherwise (nothing was ever there, or waiting for
-        # it already failed once) look a few times only: the fallback or the error is
-        # better than a minute's wait for a server that is not coming.
-        wait_until = started + self._retry_timeout if self._foreign_lost else None
+        # long as for any other restart, unless the fallback's identical vectors can answer
+        # meanwhile. Otherwise (nothing was ever there, or waiting for it already failed
+        # once) look a few times only: the fallback or the error is better than a minute's
+        # wait for a server that is not coming.
+        wait_until = (started + self._retry_timeout
+                      if self._foreign_lost and self._fallback_plan()[0] is None else None)
         while True:
             if not private:
                 state = self._probe(deadline)

@@ -574,6 +574,32 @@ def test_a_server_someone_else_restarts_is_waited_for(clients: list[Client]) -> 
             assert srv.stop() == 0
 
 
+def test_while_a_hash_server_someone_else_runs_restarts_the_fallback_answers(
+        clients: list[Client]) -> None:
+    # The same restart, but the fallback's vectors are the server's: no reason to wait.
+    port = free_port()
+    first = start_server("--port", str(port), env=server_env())
+    client = Client(first.url, autostart=False)
+    clients.append(client)
+    served = client.embed(TEXTS)
+    assert first.stop() == 0
+    second: list[Any] = []
+    restart = threading.Timer(5.0, lambda: second.append(
+        start_server("--port", str(port), env=server_env())))
+    restart.start()
+    try:
+        meanwhile = client.embed(TEXTS)
+        assert (meanwhile.source, meanwhile.model, meanwhile) == ("fallback", served.model,
+                                                                  served)
+        assert not second  # answered without waiting for the restart
+        restart.join()
+        assert wait_for(lambda: client.embed(TEXTS).source == "server", 10)
+    finally:
+        restart.join()
+        for srv in second:
+            assert srv.stop() == 0
+
+
 def test_kill_9_without_restart_falls_back_to_identical_vectors(clients: list[Client],
                                                                  caplog: Any) -> None:
     client = Client(port=0, restart=False)
