@@ -74,7 +74,11 @@ export interface EmbedServeOptions {
 }
 
 export interface EmbedOptions {
-  /** Shorten the vectors to this size (first values, re-normalised) where the model allows. */
+  /**
+   * Shorter vectors, where the model allows: the hash tier computes this many buckets directly
+   * (hash-v1-<dimensions>'s vectors, labelled with the served model's name, as the server
+   * does); ML models keep the first values, re-normalised.
+   */
   dimensions?: number;
 }
 

@@ -31,6 +31,8 @@ const MAX_RELOCATIONS = 2;
 const REFUSAL_RETRIES = 3;
 // The shortest wait for an answer a retry gets, even at its deadline.
 const MIN_WAIT_MS = 50;
+// Fallback embedders kept for request-time `dimensions` other than the model's own size.
+const MAX_FALLBACK_SIZES = 4;
 
 /**
  * Events (none is required; there is no 'error' event):
@@ -68,6 +70,8 @@ export class EmbedServeClient extends EventEmitter {
   #servedModel = null;
   #servedDimensions = null;
   #fallbackEmbedder = null;
+  /** @type {Map<number, HashEmbedder>} fallbacks for request-time `dimensions`, oldest first */
+  #sizedEmbedders = new Map();
   /**
    * A server this client did not start went away: whoever runs it may be restarting it,
    * so a client that may not start one waits for it (once per loss).
@@ -127,7 +131,9 @@ export class EmbedServeClient extends EventEmitter {
    * vector in it), `backend` (the server's backend, e.g. 'hash') and `source` ('server',
    * or 'fallback' when the in-process hash embedding answered).
    * @param {string[]} texts
-   * @param {{dimensions?: number}} [options] shorten the vectors (Matryoshka-style)
+   * @param {{dimensions?: number}} [options] shorter vectors where the model allows: the
+   *   hash tier computes that many buckets directly (labelled with the served model's
+   *   name, as the server does); ML models keep the first values, re-normalised
    */
   async embed(texts, { dimensions } = {}) {
     checkTexts(texts);
@@ -321,16 +327,27 @@ export class EmbedServeClient extends EventEmitter {
         `model ${embedder.model}, got ${dimensions}`, 'dimensions', 422);
     }
     this.emit('fallback', { error: cause, model: embedder.model });
-    let vectors = embedder.embed(texts);
-    if (dimensions !== undefined && dimensions < embedder.dimensions) {
-      vectors = vectors.map((vector) => shorten(vector, dimensions));
-    }
+    // As the server's hash tier answers `dimensions`: that many buckets computed directly
+    // (not the first values of the full vector), labelled with the served model's name.
+    let vectors = this.#sizedEmbedder(embedder, dimensions).embed(texts);
     // The server's base64 transport carries float32: round the same way, so that the
     // fallback's vectors equal the server's hash tier's bit for bit in either format.
     if (this.#options.encodingFormat === 'base64') {
       vectors = vectors.map((vector) => vector.map(Math.fround));
     }
     return tagged(vectors, embedder.model, 'hash', 'fallback');
+  }
+
+  #sizedEmbedder(embedder, dimensions) {
+    if (dimensions === undefined || dimensions === embedder.dimensions) return embedder;
+    // A few recent sizes only: each embedder keeps its own word cache.
+    const sized = this.#sizedEmbedders.get(dimensions) ?? new HashEmbedder(dimensions);
+    this.#sizedEmbedders.delete(dimensions);
+    this.#sizedEmbedders.set(dimensions, sized);
+    if (this.#sizedEmbedders.size > MAX_FALLBACK_SIZES) {
+      this.#sizedEmbedders.delete(this.#sizedEmbedders.keys().next().value);
+    }
+    return sized;
   }
 
   /** The in-process embedder the policy allows, or why none. */
@@ -540,10 +557,12 @@ export class EmbedServeClient extends EventEmitter {
     let refusals = 0;
     const started = Date.now();
     // A server someone else runs went away: they may be restarting it; wait for it as long
-    // as for any other restart. Otherwise (nothing was ever there, or waiting for it already
-    // failed once) look a few times only: the fallback or the error is better than a
-    // minute's wait for a server that is not coming.
-    const waitUntil = this.#foreignLost ? started + this.#options.retryTimeoutMs : null;
+    // as for any other restart, unless the fallback's identical vectors can answer
+    // meanwhile. Otherwise (nothing was ever there, or waiting for it already failed once)
+    // look a few times only: the fallback or the error is better than a minute's wait for
+    // a server that is not coming.
+    const waitUntil = this.#foreignLost && !this.#fallbackPlan().embedder
+      ? started + this.#options.retryTimeoutMs : null;
     for (;;) {
       this.#checkOpen();
       const probe = await this.#probeUntilSettled(target.base, deadline);
@@ -756,15 +775,6 @@ function describeType(value) {
 function validationError(message, param, status = 400) {
   return new EmbedServeError(`${status} ${message}`,
     { code: 'validation', status, serverMessage: message, param });
-}
-
-/** Matryoshka-style shortening, as the server does it: the first values, re-normalised. */
-function shorten(vector, dimensions) {
-  const head = vector.slice(0, dimensions);
-  let sum = 0;
-  for (const x of head) sum += x * x;
-  const norm = Math.sqrt(sum);
-  return norm ? head.map((x) => x / norm) : head;
 }
 
 function annotateChunk(error, first) {

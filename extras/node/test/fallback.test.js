@@ -90,6 +90,26 @@ test('a server that cannot start: fallback, and no new start attempt for a momen
   assert.ok(await portIsFree(port));
 });
 
+test('fallback dimensions: bit for bit what a server started with --dimensions 32 serves', { timeout: 20_000 }, async () => {
+  // "single": the first 32 of its 384 buckets are zero; only 32 buckets computed directly match.
+  const texts = ['single', 'a b', 'The cat sat on the mat.', 'naïve café ☕'];
+  const server = await startServer(['--dimensions', '32']);
+  let served;
+  try {
+    for (const encodingFormat of ['base64', 'float']) {
+      const client = new EmbedServeClient({ url: server.url, autoStart: false, encodingFormat });
+      served = await client.embed(texts);
+      assert.equal(served.model, 'hash-v1-32');
+      const local = await (await orphanClient({ encodingFormat })).embed(texts, { dimensions: 32 });
+      assert.equal(local.source, 'fallback');
+      assert.equal(local.model, 'hash-v1-384'); // the configured model's name, as a server labels it
+      assert.deepEqual([...local], [...served]);
+    }
+  } finally {
+    await server.stop();
+  }
+});
+
 describeWithServer();
 
 function describeWithServer() {
@@ -136,9 +156,14 @@ function describeWithServer() {
     assert.equal(afterwards.model, 'hash-v1-16');
     assert.deepEqual([...afterwards], [...served]);
     assert.deepEqual(changes, []); // same model: nothing to warn about
-    // Shortened vectors: the same first values, re-normalised (float32 of the same doubles).
+    // dimensions: 8 is hash-v1-8 computed directly, as the server's hash tier answers it,
+    // labelled with the served model's name: bit for bit the server's, float32 included.
     const shortAfter = await client.embed(texts, { dimensions: 8 });
-    shortAfter.forEach((v, i) => v.forEach((x, j) => assert.ok(Math.abs(x - shortBefore[i][j]) < 1e-6)));
+    assert.equal(shortAfter.source, 'fallback');
+    assert.equal(shortAfter.model, shortBefore.model);
+    assert.equal(shortAfter.model, 'hash-v1-16');
+    assert.deepEqual([...shortAfter], [...shortBefore]);
+    assert.deepEqual([...shortAfter], new HashEmbedder(8).embed(texts).map((v) => v.map(Math.fround)));
     await assert.rejects(client.embed(texts, { dimensions: 17 }), { code: 'validation', status: 422 });
   });
 }
