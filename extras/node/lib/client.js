@@ -46,6 +46,8 @@ const MAX_FALLBACK_SIZES = 4;
  */
 export class EmbedServeClient extends EventEmitter {
   #options;
+  /** EMBEDSERVE_DIMENSIONS, _BACKEND and _MODEL, parsed once at construction. */
+  #settings;
   /** Where to look for a server (and start one): parsed from url and port. */
   #target;
   /** Base URL of the server in use: the configured one, or a started server's ready URL. */
@@ -86,8 +88,9 @@ export class EmbedServeClient extends EventEmitter {
   /** @param {import('../index.js').EmbedServeOptions} [options] */
   constructor(options = {}) {
     super();
-    const { options: resolved, target } = resolveOptions(options);
+    const { options: resolved, target, settings } = resolveOptions(options);
     this.#options = resolved;
+    this.#settings = settings;
     this.#target = target;
     this.#baseUrl = target.base;
   }
@@ -375,13 +378,11 @@ export class EmbedServeClient extends EventEmitter {
   }
 
   #setting(name) {
-    const key = `EMBEDSERVE_${name.toUpperCase()}`;
-    return this.#options[name] ?? (this.#options.env[key] || process.env[key] || undefined);
+    return this.#options[name] ?? this.#settings[name];
   }
 
   #configuredDimensions() {
-    const value = Number(this.#setting('dimensions'));
-    return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_DIMENSIONS;
+    return this.#setting('dimensions') ?? DEFAULT_DIMENSIONS;
   }
 
   /** The model a started server would serve, where the options say; null if unknown. */

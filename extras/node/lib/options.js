@@ -5,6 +5,8 @@ import { EmbedServeError } from './errors.js';
 export const DEFAULT_PORT = 8765;
 export const DEFAULT_URL = `http://127.0.0.1:${DEFAULT_PORT}`;
 const FALLBACK_POLICIES = ['same-model', 'always', 'never'];
+// The server's --backend choices (embedserve/config.py BACKENDS).
+const BACKENDS = ['auto', 'sentence-transformers', 'transformers', 'hash'];
 const ENCODING_FORMATS = ['base64', 'float'];
 
 export const DEFAULTS = Object.freeze({
@@ -49,7 +51,38 @@ export function resolveOptions(options) {
   opts.apiKey ??= opts.env?.EMBEDSERVE_API_KEY || process.env.EMBEDSERVE_API_KEY || undefined;
   validateOptions(opts);
   const target = parseTarget(opts.url ?? process.env.EMBEDSERVE_URL ?? DEFAULT_URL, opts.port);
-  return { options: Object.freeze(opts), target };
+  return { options: Object.freeze(opts), target, settings: serverSettings(opts.env) };
+}
+
+/**
+ * The EMBEDSERVE_* settings the client itself needs, read once, from what a server it
+ * starts would see (`env` over process.env), and parsed as that server parses them: a bad
+ * value is an invalid_option error now, not a server that fails to start later or a
+ * fallback of a silently other size.
+ */
+function serverSettings(env) {
+  const environment = { ...process.env, ...env };
+  const fail = (key, why) => {
+    throw new EmbedServeError(`invalid ${key}=${JSON.stringify(environment[key])}: ${why}`,
+      { code: 'invalid_option' });
+  };
+  const settings = { dimensions: undefined, backend: undefined, model: undefined };
+  const dimensions = environment.EMBEDSERVE_DIMENSIONS;
+  if (dimensions !== undefined) {
+    // Python's int(): surrounding whitespace, a sign, digits with single underscores.
+    const text = dimensions.trim();
+    if (!/^[+-]?\d+(?:_\d+)*$/.test(text)) fail('EMBEDSERVE_DIMENSIONS', 'expected an integer');
+    settings.dimensions = Number(text.replaceAll('_', ''));
+    if (!Number.isSafeInteger(settings.dimensions)) fail('EMBEDSERVE_DIMENSIONS', 'too large');
+    if (!(settings.dimensions >= 1)) fail('EMBEDSERVE_DIMENSIONS', 'dimensions must be at least 1');
+  }
+  const backend = environment.EMBEDSERVE_BACKEND;
+  if (backend !== undefined) {
+    if (!BACKENDS.includes(backend)) fail('EMBEDSERVE_BACKEND', `backend must be one of ${BACKENDS.join(', ')}`);
+    settings.backend = backend;
+  }
+  settings.model = environment.EMBEDSERVE_MODEL || undefined;
+  return Object.freeze(settings);
 }
 
 function parseTarget(text, port) {

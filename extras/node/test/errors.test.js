@@ -3,6 +3,7 @@
 // retry policy (429/503 retried with backoff, 4xx raised at once, timeouts bounded).
 
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -10,7 +11,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { EmbedServeClient, EmbedServeError } from '../index.js';
 import {
-  assertStopped, clientOptions, freePort, portIsFree, startServer, waitFor,
+  PYTHON, REPO_ROOT, assertStopped, clientOptions, freePort, portIsFree, serverEnv, startServer, waitFor,
 } from '../test-support/helpers.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'embedserve-node-'));
@@ -54,6 +55,34 @@ test('a bad URL is an invalid_option error at construction', () => {
   assert.throws(() => new EmbedServeClient({ retries: -1 }), { code: 'invalid_option' });
   assert.throws(() => new EmbedServeClient({ retryTimeoutMs: -1 }), { code: 'invalid_option', message: /retryTimeoutMs/ });
   assert.throws(() => new EmbedServeClient({ timeout: 5 }), { code: 'invalid_option', message: /timeout: not an option/ });
+});
+
+test('a bad EMBEDSERVE_* setting is an invalid_option error at construction, as the server refuses it', { timeout: 60_000 }, async () => {
+  const bad = [
+    ['EMBEDSERVE_DIMENSIONS', 'abc'], ['EMBEDSERVE_DIMENSIONS', '0'], ['EMBEDSERVE_DIMENSIONS', '-3'],
+    ['EMBEDSERVE_DIMENSIONS', '1.5'], ['EMBEDSERVE_DIMENSIONS', ''], ['EMBEDSERVE_BACKEND', 'bogus'],
+    ['EMBEDSERVE_BACKEND', ''],
+  ];
+  for (const [key, value] of bad) {
+    const named = { code: 'invalid_option', message: new RegExp(`${key}=${JSON.stringify(value)}`) };
+    assert.throws(() => new EmbedServeClient({ autoStart: false, env: { [key]: value } }), named);
+    process.env[key] = value;
+    try {
+      assert.throws(() => new EmbedServeClient({ autoStart: false }), named);
+    } finally {
+      delete process.env[key];
+    }
+    // The server refuses the same value (exit 2: a usage error).
+    const { status } = spawnSync(PYTHON, ['-m', 'embedserve', '--port', '0'], {
+      cwd: REPO_ROOT, env: { ...process.env, ...serverEnv(), [key]: value }, timeout: 30_000,
+    });
+    assert.equal(status, 2, `${key}=${JSON.stringify(value)}`);
+  }
+  // A good value is read as the server reads it (int(' 32 ') is 32): the fallback's size.
+  const port = await freePort();
+  const client = new EmbedServeClient({ url: `http://127.0.0.1:${port}`, autoStart: false, env: { EMBEDSERVE_DIMENSIONS: ' 32 ' } });
+  const vectors = await client.embed(['x']);
+  assert.deepEqual([vectors.source, vectors.model, vectors[0].length], ['fallback', 'hash-v1-32', 32]);
 });
 
 test('nothing answers and autoStart is off: unreachable, at once', { timeout: 10_000 }, async () => {
