@@ -1,34 +1,16 @@
-"""API dialects: each turns its own request JSON into one EmbedRequest, and renders results
-and errors in its own shape. Nothing here knows about HTTP or about backends.
+"""API dialects: each turns its own request JSON into one EmbedRequest (the core's type),
+and renders results and errors in its own shape. Nothing here knows about HTTP or about
+backends; the core knows nothing of dialects.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from embedserve.encoding import float32_base64_json, float_array_json
 from embedserve.errors import ApiError, quoted
-
-
-@dataclass(frozen=True)
-class EmbedRequest:
-    texts: list[str]
-    dimensions: int | None = None
-    normalize: bool = True
-    truncate: bool = True
-    prompt_name: str | None = None
-    model: str | None = None
-    encoding_format: str = "float"
-    truncate_left: bool = False  # TEI truncation_direction=Left: keep the end of the text
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    vectors: list[list[float]]
-    model: str
-    prompt_tokens: int
+from embedserve.requests import EmbedRequest, EmbedResult
 
 
 class Dialect(Protocol):

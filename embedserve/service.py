@@ -5,7 +5,6 @@ run it, post-process (dimensions, normalisation), and describe itself for /info.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import threading
@@ -17,10 +16,11 @@ from typing import TYPE_CHECKING, Protocol
 from embedserve import __version__
 from embedserve.backends import Backend, Loaded, Token
 from embedserve.config import Config
-from embedserve.dialects import EmbedRequest, EmbedResult
 from embedserve.errors import ApiError, quoted
 from embedserve.metrics import Metrics
 from embedserve.names import ModelNames, served_names
+from embedserve.requests import EmbedRequest, EmbedResult
+from embedserve.vectors import shorten
 
 if TYPE_CHECKING:
     from embedserve.batcher import Batcher
@@ -231,17 +231,3 @@ def check_well_formed(texts: list[str]) -> None:
         if _SURROGATE.search(text):
             raise ApiError(400, f"input {i} contains a lone surrogate (U+D800 to U+DFFF), "
                                 "which is not valid Unicode text")
-
-
-def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
-    """Matryoshka-style: keep the first `dims` values, then re-normalise."""
-    head = vector[:dims]
-    if not normalize:
-        return head
-    # Summed left to right on purpose: sum() of floats is compensated from Python 3.12 on,
-    # and the Node client's fallback must reproduce this to the last bit.
-    squares = 0.0
-    for x in head:
-        squares += x * x
-    norm = math.sqrt(squares)
-    return [x / norm for x in head] if norm else head

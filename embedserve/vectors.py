@@ -1,0 +1,19 @@
+"""Vector maths shared by the server and the clients, on the standard library alone."""
+
+from __future__ import annotations
+
+import math
+
+
+def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
+    """Matryoshka-style: keep the first `dims` values, then re-normalise."""
+    head = vector[:dims]
+    if not normalize:
+        return head
+    # Summed left to right on purpose: sum() of floats is compensated from Python 3.12 on,
+    # and the same vector must give the same bits on every version.
+    squares = 0.0
+    for x in head:
+        squares += x * x
+    norm = math.sqrt(squares)
+    return [x / norm for x in head] if norm else head
