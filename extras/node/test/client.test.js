@@ -2,9 +2,16 @@
 // the test started itself (so the client must leave it running).
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { EmbedServeClient, HashEmbedder, NomicEmbedder } from '../index.js';
-import { clientOptions, loadGolden, processGone, startServer } from '../test-support/helpers.js';
+import {
+  PYTHON, clientOptions, loadGolden, processGone, serverEnv, startServer,
+} from '../test-support/helpers.js';
 
 const golden = loadGolden();
 let server;
@@ -128,3 +135,69 @@ test('close() never stops a server the client did not start', { timeout: 20_000 
   await assert.rejects(other.embed(['x']), { name: 'EmbedServeError', code: 'closed' });
   assert.deepEqual(await other.health(), { ok: false, status: 'closed', url: server.url, owned: false });
 });
+
+/** Whether this runtime parses `await using` (explicit resource management). */
+function supportsAwaitUsing() {
+  try {
+    // eslint-disable-next-line no-new-func
+    new Function('return async () => { await using resource = null; };');
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Run a Node program; resolves to {code, signal, stdout, stderr}. */
+function runNode(file, env) {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [file], { cwd: join(file, '..'), env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => { stdout += chunk; });
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    child.once('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+  });
+}
+
+test('every JavaScript example of README.md runs as written', { timeout: 180_000 }, async (t) => {
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
+  // ```js examples must run on this Node as they are; the ```ts one is the same JavaScript
+  // with `await using`, which TypeScript 5.2+ compiles for Node 20 and only some runtimes
+  // parse themselves: it runs where this one can.
+  const examples = [...readme.matchAll(/^```(js|ts)\n([\s\S]*?)^```$/gm)]
+    .map(([, lang, code]) => ({ lang, code }));
+  assert.ok(examples.filter((e) => e.lang === 'js').length >= 3, `${examples.length} examples found`);
+  // A project that installed this package: `import ... from 'embedserve'` resolves to it.
+  const project = mkdtempSync(join(tmpdir(), 'embedserve-readme-'));
+  try {
+    mkdirSync(join(project, 'node_modules'));
+    symlinkSync(fileURLToPath(new URL('..', import.meta.url)), join(project, 'node_modules', 'embedserve'), 'dir');
+    writeFileSync(join(project, 'package.json'), '{ "type": "module" }\n');
+    // The examples' default server is the test's (EMBEDSERVE_URL); one that starts a private
+    // server runs this checkout's embedserve with EMBEDSERVE_PYTHON.
+    const env = { ...process.env, ...serverEnv(), EMBEDSERVE_URL: server.url, EMBEDSERVE_PYTHON: PYTHON };
+    let ran = 0;
+    const problems = [];
+    for (const [i, { lang, code }] of examples.entries()) {
+      if (lang === 'ts' && !supportsAwaitUsing()) {
+        t.diagnostic(`example ${i + 1} (await using) not run: Node ${process.version} cannot parse it`);
+        continue;
+      }
+      const file = join(project, `example-${i + 1}.js`);
+      writeFileSync(file, code);
+      const result = await runNode(file, env);
+      if (result.code !== 0 || result.signal !== null) {
+        problems.push(`example ${i + 1} failed (${result.code ?? result.signal}):\n${code}\n${result.stderr}`);
+      } else if (result.stdout === '') {
+        problems.push(`example ${i + 1} printed nothing:\n${code}`);
+      }
+      ran++;
+    }
+    assert.deepEqual(problems, []);
+    assert.ok(ran >= 3);
+  } finally {
+    rmSync(project, { recursive: true, force: true });
+  }
+  assert.equal(processGone(server.pid), false); // the examples left the test's server alone
+});
+
