@@ -510,7 +510,8 @@ def test_a_worker_reloading_its_model_after_kill_9_loses_no_call(tiny_model: str
     # connection reset. Both are waited out within retry_timeout: the app notices nothing.
     srv = start_server("--backend", "sentence-transformers", "--model", tiny_model,
                        env=server_env(EMBEDSERVE_BACKEND="sentence-transformers"), timeout=120)
-    client = Client(srv.url, autostart=False, fallback="never")
+    # fallback="always": a call that gave up would not raise but come back as "fallback".
+    client = Client(srv.url, autostart=False, fallback="always")
     try:
         old_worker = client.info()["pid"]
         stop = threading.Event()

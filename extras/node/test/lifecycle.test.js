@@ -147,7 +147,8 @@ test('a worker reloading its model after kill -9: no call fails, none falls back
     return;
   }
   const server = await startServer(['--backend', 'sentence-transformers', '--model', model], { timeoutMs: 120_000 });
-  const client = new EmbedServeClient({ url: server.url, autoStart: false, fallback: 'never' });
+  // fallback 'always': a call that gave up would not throw but come back as 'fallback'.
+  const client = new EmbedServeClient({ url: server.url, autoStart: false, fallback: 'always' });
   let stop = false;
   try {
     const { pid: oldWorker } = await client.info();
