@@ -1,16 +1,23 @@
 """API dialects: each turns its own request JSON into one EmbedRequest (the core's type),
-and renders results and errors in its own shape. Nothing here knows about HTTP or about
+and renders results and errors in its own shape, as well as the answers only it has
+(OpenAI's model list, TEI's tokens, Ollama's tags). Nothing here knows about HTTP or about
 backends; the core knows nothing of dialects.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from embedserve.encoding import float32_base64_json, float_array_json
 from embedserve.errors import ApiError, quoted
 from embedserve.requests import EmbedRequest, EmbedResult
+
+if TYPE_CHECKING:
+    from embedserve.backends import Token
 
 
 class Dialect(Protocol):
@@ -135,12 +142,26 @@ class OpenAI:
         return {"error": {"message": error.message, "type": kind, "param": error.param,
                           "code": _OPENAI_CODES.get(error.status)}}
 
+    def render_models(self, names: Sequence[str], created: float) -> dict[str, Any]:
+        """GET /v1/models: the served model's names, as OpenAI's SDKs list models."""
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(created), "owned_by": "embedserve"}
+            for name in names]}
+
 
 # --- Hugging Face text-embeddings-inference ------------------------------------------------
 
 _TEI_TYPES = {400: "Validation", 401: "Unauthorized", 403: "Unauthorized", 404: "NotFound",
               405: "Validation", 408: "Validation", 411: "Validation", 413: "Validation",
               415: "Validation", 422: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """TEI's POST /tokenize: which texts, and whether to add the model's special tokens."""
+
+    texts: list[str]
+    add_special_tokens: bool = True
 
 
 class TEI:
@@ -173,13 +194,35 @@ class TEI:
             kind = "Empty"
         return {"error": error.message, "error_type": kind}
 
+    def parse_tokenize(self, payload: Any, max_batch_size: int, max_chars: int
+                       ) -> TokenizeRequest:
+        body = _object(payload)
+        texts = texts_from(body.get("inputs"), "inputs", max_batch_size)
+        special = _optional(body, "add_special_tokens", bool, "a boolean")
+        # Each token becomes a JSON object many times its size: the input is bounded.
+        chars = sum(map(len, texts))
+        if chars > max_chars:
+            raise ApiError(413, f"'inputs' hold {chars} characters; /tokenize takes at most "
+                                f"{max_chars} per request", param="inputs")
+        return TokenizeRequest(texts, True if special is None else special)
+
+    def render_tokens(self, tokens: Sequence[Sequence[Token]]) -> list[list[dict[str, Any]]]:
+        """POST /tokenize: per text, its tokens with character offsets (None: no offsets,
+        as for the special tokens)."""
+        return [[{"id": token.id, "text": token.text, "special": token.special,
+                  "start": token.start, "stop": token.stop} for token in text_tokens]
+                for text_tokens in tokens]
+
 
 # --- Ollama ---------------------------------------------------------------------------------
 
 class Ollama:
-    """POST /api/embed, as the `ollama` client's embed() sends it."""
+    """POST /api/embed, as the `ollama` client's embed() sends it, and Ollama's other
+    answers that its clients and tools read."""
 
     name = "ollama"
+    # Ollama answers GET / with this text; tools read it to see that a server is up.
+    running_text = b"Ollama is running"
 
     def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
         body = _object(payload)
@@ -205,6 +248,22 @@ class Ollama:
 
     def error_body(self, error: ApiError) -> Any:
         return {"error": error.message}
+
+    def render_tags(self, names: Sequence[str], backend: str, loaded_at: float
+                    ) -> dict[str, Any]:
+        """GET /api/tags: the served model as Ollama lists its local models. Ollama names
+        carry a tag, and ":latest" names the one version a server has; sizes and digests
+        describe Ollama's model files, which a server here does not have."""
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded_at))
+        return {"models": [{
+            "name": f"{name}:latest", "model": f"{name}:latest", "modified_at": modified,
+            "size": 0, "digest": "",
+            "details": {"format": backend, "family": backend, "families": [backend],
+                        "parameter_size": "", "quantization_level": ""}}
+            for name in names]}
+
+    def render_version(self, version: str) -> dict[str, Any]:
+        return {"version": version}
 
 
 class OllamaLegacy(Ollama):
