@@ -1,15 +1,18 @@
-"""The OpenAPI 3 description of every route, built from the running service so that
-limits, dimensions, model names and prompts in the schemas are the real ones."""
+"""The OpenAPI 3 description of every route, built from the routes' records (routing.py)
+and the running service, so that paths, methods, limits, dimensions, model names and
+prompts in the document are the real ones."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from embedserve import __version__
+from embedserve.routing import Method, Route
 from embedserve.service import EmbeddingService
 
 
-def build_openapi(service: EmbeddingService) -> dict[str, Any]:
+def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[str, Any]:
     info = service.info()
     dims = int(info["dimensions"])  # type: ignore[call-overload]
     names = list(service.model_names().accepted)
@@ -21,7 +24,6 @@ def build_openapi(service: EmbeddingService) -> dict[str, Any]:
     ollama_model = {"type": "string", "enum": names + [f"{n}:latest" for n in names]}
     prompts = sorted(info["prompts"])  # type: ignore[call-overload]
     vector = {"type": "array", "items": {"type": "number"}}
-    ref = _ref
 
     schemas: dict[str, Any] = {
         "OpenAIEmbeddingRequest": _object({
@@ -85,50 +87,13 @@ def build_openapi(service: EmbeddingService) -> dict[str, Any]:
                           required=["object", "data"]),
     }
 
-    def op(summary: str, response: str | None, error: str, body: str | None = None,
-           content_type: str = "application/json") -> dict[str, Any]:
-        operation: dict[str, Any] = {"summary": summary, "responses": {
-            "200": {"description": "OK", "content": {
-                content_type: {"schema": ref(response) if response else {"type": "string"}}}},
-            "default": {"description": "error", "content": {
-                "application/json": {"schema": ref(error)}}},
-        }}
-        if body:
-            operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": ref(body)}}}
-        return operation
-
-    text_plain = "text/plain"
-    paths = {
-        "/health": {"get": op("Ready?", "Health", "TEIError")},
-        "/info": {"get": op("Backend, model and limits", "Info", "TEIError")},
-        "/metrics": {"get": op("Prometheus metrics", None, "TEIError", content_type=text_plain)},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {
-            "200": {"description": "OK", "content": {"application/json": {"schema": {
-                "type": "object"}}}}}}},
-        "/v1/models": {"get": op("Served models (OpenAI)", "Models", "OpenAIError")},
-        "/v1/embeddings": {"post": op("Embed (OpenAI)", "OpenAIEmbeddingResponse",
-                                      "OpenAIError", "OpenAIEmbeddingRequest")},
-        "/embeddings": {"post": op("Embed (OpenAI, no /v1)", "OpenAIEmbeddingResponse",
-                                   "OpenAIError", "OpenAIEmbeddingRequest")},
-        "/embed": {"post": op("Embed (TEI)", "TEIEmbedResponse", "TEIError", "TEIEmbedRequest")},
-        "/": {"post": op("Embed (TEI, as huggingface_hub posts it)", "TEIEmbedResponse",
-                         "TEIError", "TEIEmbedRequest"),
-              "get": op("Liveness, as Ollama answers it", None, "TEIError",
-                        content_type=text_plain)},
-        "/tokenize": {"post": op("Tokenize (TEI)", "TEITokenizeResponse", "TEIError",
-                                 "TEITokenizeRequest")},
-        "/api/embed": {"post": op("Embed (Ollama)", "OllamaEmbedResponse", "OllamaError",
-                                  "OllamaEmbedRequest")},
-        "/api/embeddings": {"post": op("Embed one prompt (Ollama, legacy)",
-                                       "OllamaEmbeddingsResponse", "OllamaError",
-                                       "OllamaEmbeddingsRequest")},
-        "/api/tags": {"get": op("Served models (Ollama)", None, "OllamaError")},
-        "/api/version": {"get": op("Version (Ollama)", None, "OllamaError")},
-    }
-    for route in ("/api/tags", "/api/version"):
-        paths[route]["get"]["responses"]["200"]["content"]["application/json"] = {
-            "schema": {"type": "object"}}
+    keyed = bool(service.config.api_key)
+    paths = {route.path: {
+        # HEAD is left out: it is its GET without the body, and described, schema checkers
+        # would expect a body.
+        verb.lower(): _operation(method, _ERROR_SCHEMAS[route.dialect.name],
+                                 keyed and route.open)
+        for verb, method in route.methods.items() if verb != "HEAD"} for route in routes}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "embedserve", "version": __version__,
@@ -136,11 +101,32 @@ def build_openapi(service: EmbeddingService) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": schemas},
     }
-    if service.config.api_key:
+    if keyed:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]
-        paths["/health"]["get"]["security"] = []
     return spec
+
+
+# Each dialect's error shape, by dialect name.
+_ERROR_SCHEMAS = {"openai": "OpenAIError", "tei": "TEIError", "ollama": "OllamaError"}
+
+
+def _operation(method: Method, error_schema: str, without_key: bool) -> dict[str, Any]:
+    if method.response:
+        schema = _ref(method.response)
+    else:  # not described beyond its type
+        schema = {"type": "object" if method.content_type == "application/json" else "string"}
+    operation: dict[str, Any] = {"summary": method.summary, "responses": {
+        "200": {"description": "OK", "content": {method.content_type: {"schema": schema}}},
+        "default": {"description": "error", "content": {
+            "application/json": {"schema": _ref(error_schema)}}},
+    }}
+    if method.request:
+        operation["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": _ref(method.request)}}}
+    if without_key:
+        operation["security"] = []  # overrides the document's: no API key needed
+    return operation
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -130,13 +130,13 @@ def test_metrics_parse_with_prometheus_client(server: Server) -> None:
 
 
 def test_openapi_describes_every_route(server: Server) -> None:
-    from embedserve.server import ROUTES
+    from embedserve.routes import ROUTES
     status, _, spec = server.request("GET", "/openapi.json")
     assert status == 200 and spec["openapi"].startswith("3.")
-    for path, methods in ROUTES.items():
-        for method in methods:
+    for route in ROUTES:
+        for method in route.methods:
             if method != "HEAD":
-                assert method.lower() in spec["paths"][path], (method, path)
+                assert method.lower() in spec["paths"][route.path], (method, route.path)
     request = spec["components"]["schemas"]["OpenAIEmbeddingRequest"]
     assert request["properties"]["dimensions"]["anyOf"][0]["maximum"] == 384
 

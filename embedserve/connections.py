@@ -1,0 +1,180 @@
+"""The connection side of the HTTP server: the listening socket, reads that cannot outlive a
+request's deadline, and the accounting that bounds open connections (closing the longest
+idle one to make room). It knows nothing of requests, routes or dialects: handler.py reads
+and answers requests on the connections this module accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import threading
+import time
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from embedserve.guards import Guards
+from embedserve.service import EmbeddingService
+
+log = logging.getLogger("embedserve.connections")
+
+
+def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """Bind and listen once; the socket then outlives any server (or worker) using it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class DeadlineReader(io.RawIOBase):
+    """The socket as a raw stream whose every read waits at most until `deadline`. A plain
+    socket timeout restarts with each byte, so a client trickling one byte at a time could
+    hold a connection open forever (slowloris); the deadline bounds the whole request --
+    line, headers and body. `deadline` None (between requests): don't wait at all."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def readinto(self, buffer: Any) -> int | None:
+        if self.deadline is None:
+            self._sock.settimeout(0)
+            try:
+                return self._sock.recv_into(buffer)
+            except BlockingIOError:
+                return None  # RawIOBase's "nothing yet"; peek() then gives b""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received within request_timeout")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class ConnectionServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer on a socket it is handed (the supervisor binds; workers
+    serve), with a bound on open connections and a draining flag for graceful stops."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, service: EmbeddingService,
+                 handler: type[BaseHTTPRequestHandler]) -> None:
+        self.address_family = sock.family
+        # bind_and_activate=False: no bind, no listen and, unlike HTTPServer.server_bind,
+        # no reverse-DNS lookup (getfqdn) that can stall start-up.
+        super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()
+        # Non-blocking: workers share this socket, all of them wake when a connection
+        # arrives, and only one gets it. A blocking accept() left the others stuck in it,
+        # deaf to shutdown() until the next connection came (a drain hung for good).
+        sock.setblocking(False)
+        self.socket = sock
+        self.server_name, self.server_port = sock.getsockname()[:2]
+        self.service = service
+        self.config = service.config
+        self.guards = Guards.from_config(self.config)
+        self.draining = False
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._connections = 0
+        # Connections waiting for their next request, oldest first: at the connection
+        # limit one of them is closed to make room, so idle sockets cannot lock clients out.
+        self._waiting: dict[socket.socket, float] = {}
+        self._date: tuple[int, str] = (0, "")
+        self.loop_tick = time.monotonic()
+
+    def service_actions(self) -> None:
+        # Called by serve_forever at least every poll interval: proof the accept loop lives.
+        self.loop_tick = time.monotonic()
+
+    # -- connection accounting -----------------------------------------------------------
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = self._connections >= self.config.max_connections
+            idle = next(iter(self._waiting), None) if full else None
+            if idle is not None:
+                del self._waiting[idle]
+            if not full or idle is not None:
+                self._connections += 1
+        if idle is not None:
+            # Its thread wakes on the shutdown, reads EOF and closes; this one takes its
+            # place (counted at once, so the limit is exceeded by at most the handovers).
+            log.debug("at the connection limit: closing the longest idle connection")
+            _shutdown(idle)
+        elif full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release_connection()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release_connection()
+
+    def _release_connection(self) -> None:
+        with self._idle:
+            self._connections -= 1
+            if not self._connections:
+                self._idle.notify_all()
+
+    def waiting(self, conn: socket.socket, waits: bool) -> None:
+        """Mark a connection as waiting for its next request (closable at the limit)."""
+        with self._lock:
+            if waits:
+                self._waiting[conn] = time.monotonic()
+            else:
+                self._waiting.pop(conn, None)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """While draining: wait until every connection is closed; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._connections, timeout)
+
+    def _refuse(self, request: socket.socket) -> None:
+        # Before any request is read, so in no dialect's shape but TEI's, the server's own.
+        body = json.dumps({"error": "too many open connections", "error_type": "Overloaded"})
+        try:
+            request.settimeout(1.0)
+            request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                             f"application/json\r\nContent-Length: {len(body)}\r\n"
+                             f"Retry-After: 1\r\nConnection: close\r\n\r\n{body}").encode())
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def http_date(self) -> str:
+        # The Date header changes once a second: formatted once a second, not per response.
+        now = int(time.time())
+        stamp, text = self._date
+        if stamp != now:
+            text = formatdate(now, usegmt=True)
+            self._date = (now, text)
+        return text
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

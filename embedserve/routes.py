@@ -1,0 +1,122 @@
+"""This server's routes: one record each (see routing.py), and the answers they run. An
+answer fetches what it needs from the service and hands it to a dialect, which gives it its
+shape; HTTP itself (framing, limits, auth, writing) is handler.py's.
+"""
+
+from __future__ import annotations
+
+import time
+
+from embedserve import __version__
+from embedserve.dialects import OLLAMA, OLLAMA_LEGACY, OPENAI, TEI_DIALECT
+from embedserve.errors import ApiError
+from embedserve.openapi import build_openapi
+from embedserve.routing import Exchange, Method, Reply, Route, RouteTable
+
+# /tokenize answers ~15x its input in JSON: its texts are bounded in characters.
+MAX_TOKENIZE_CHARS = 256 * 1024
+
+
+def health(exchange: Exchange) -> Reply:
+    if exchange.draining:
+        raise ApiError(503, "draining: this worker is shutting down")
+    if not exchange.service.ready:
+        raise ApiError(503, "loading: the model is not ready yet", headers={"Retry-After": "1"})
+    return Reply({"status": "ok"})
+
+
+def info(exchange: Exchange) -> Reply:
+    return Reply(exchange.service.info())
+
+
+def metrics(exchange: Exchange) -> Reply:
+    text = exchange.service.render_metrics()
+    return Reply(text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def openapi(exchange: Exchange) -> Reply:
+    return Reply(build_openapi(exchange.service, ROUTES))
+
+
+def openai_models(exchange: Exchange) -> Reply:
+    service = exchange.service
+    return Reply(OPENAI.render_models(service.model_names().listed, service.started))
+
+
+def ollama_tags(exchange: Exchange) -> Reply:
+    service = exchange.service
+    backend = str(service.info()["backend"])
+    return Reply(OLLAMA.render_tags(service.model_names().listed, backend, service.started))
+
+
+def ollama_version(exchange: Exchange) -> Reply:
+    return Reply(OLLAMA.render_version(__version__))
+
+
+def ollama_running(exchange: Exchange) -> Reply:
+    return Reply(OLLAMA.running_text, "text/plain; charset=utf-8")
+
+
+def tei_tokenize(exchange: Exchange) -> Reply:
+    service = exchange.service
+    with service.admit():
+        request = TEI_DIALECT.parse_tokenize(exchange.read_json(), service.config.max_batch_size,
+                                             MAX_TOKENIZE_CHARS)
+        tokens = service.tokenize(request.texts, request.add_special_tokens)
+        return Reply(TEI_DIALECT.render_tokens(tokens))
+
+
+def embed(exchange: Exchange) -> Reply:
+    """Every dialect's embedding route: the route's dialect parses and renders."""
+    service, dialect = exchange.service, exchange.dialect
+    with service.admit():
+        request = dialect.parse(exchange.read_json(), service.config.max_batch_size)
+        computing = time.monotonic()
+        result = service.embed(request)
+        body = dialect.render(request, result)
+    now = time.monotonic()
+    # TEI's timing headers, for clients and proxies that log them.
+    return Reply(body, headers={
+        "x-compute-time": f"{(now - computing) * 1000:.3f}",
+        "x-total-time": f"{(now - exchange.started) * 1000:.3f}",
+        "x-compute-characters": str(sum(map(len, request.texts))),
+        "x-compute-tokens": str(result.prompt_tokens),
+    })
+
+
+# GET and HEAD answer alike (the handler leaves out a HEAD's body).
+_HEALTH = Method(health, "Ready?", response="Health")
+_OLLAMA_RUNNING = Method(ollama_running, "Liveness, as Ollama answers it",
+                         content_type="text/plain")
+
+# TEI's shape for paths no dialect claims: TEI's API is this server's own (/embed, /info).
+ROUTES = RouteTable.of([
+    Route("/health", TEI_DIALECT, {"GET": _HEALTH, "HEAD": _HEALTH}, open=True),
+    Route("/info", TEI_DIALECT, {"GET": Method(info, "Backend, model and limits",
+                                               response="Info")}),
+    Route("/metrics", TEI_DIALECT, {"GET": Method(metrics, "Prometheus metrics",
+                                                  content_type="text/plain")}),
+    Route("/openapi.json", TEI_DIALECT, {"GET": Method(openapi, "This document")}),
+    Route("/v1/models", OPENAI, {"GET": Method(openai_models, "Served models (OpenAI)",
+                                               response="Models")}),
+    Route("/v1/embeddings", OPENAI, {"POST": Method(
+        embed, "Embed (OpenAI)", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse")}),
+    Route("/embeddings", OPENAI, {"POST": Method(
+        embed, "Embed (OpenAI, no /v1)", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse")}),
+    Route("/embed", TEI_DIALECT, {"POST": Method(
+        embed, "Embed (TEI)", "TEIEmbedRequest", "TEIEmbedResponse")}),
+    # huggingface_hub's InferenceClient(model=URL) posts to the URL itself; GET is Ollama's.
+    Route("/", TEI_DIALECT, {
+        "POST": Method(embed, "Embed (TEI, as huggingface_hub posts it)", "TEIEmbedRequest",
+                       "TEIEmbedResponse"),
+        "GET": _OLLAMA_RUNNING, "HEAD": _OLLAMA_RUNNING}),
+    Route("/tokenize", TEI_DIALECT, {"POST": Method(
+        tei_tokenize, "Tokenize (TEI)", "TEITokenizeRequest", "TEITokenizeResponse")}),
+    Route("/api/embed", OLLAMA, {"POST": Method(
+        embed, "Embed (Ollama)", "OllamaEmbedRequest", "OllamaEmbedResponse")}),
+    Route("/api/embeddings", OLLAMA_LEGACY, {"POST": Method(
+        embed, "Embed one prompt (Ollama, legacy)", "OllamaEmbeddingsRequest",
+        "OllamaEmbeddingsResponse")}),
+    Route("/api/tags", OLLAMA, {"GET": Method(ollama_tags, "Served models (Ollama)")}),
+    Route("/api/version", OLLAMA, {"GET": Method(ollama_version, "Version (Ollama)")}),
+], default_dialect=TEI_DIALECT)
