@@ -471,7 +471,8 @@ def _env_setting(name: str, environ: Mapping[str, str]) -> Any:
         return None
     option = next(f for f in fields(Config) if f.name == name)
     try:
-        value = type(option.default)(text)  # as config.build_parser does (no bools here)
+        kind: Any = type(option.default)  # as config.build_parser does (no bools here)
+        value = kind(text)
     except ValueError as exc:
         raise ValueError(f"{variable}={text!r}: {exc}") from None
     choices, minimum = option.metadata["choices"], option.metadata["minimum"]
