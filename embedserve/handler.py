@@ -64,7 +64,6 @@ class Handler(BaseHTTPRequestHandler):
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, _READ_CHUNK)
         self.linger = False
-        self.dialect: Dialect = ROUTES.default_dialect
 
     @property
     def service(self) -> EmbeddingService:
@@ -109,6 +108,7 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = False
         self.body_length: int | None = 0  # None: chunked
         self.cors: dict[str, str] = {}
+        self.dialect: Dialect = ROUTES.default_dialect  # the route's, once dispatch knows it
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
             if not self.raw_requestline:
