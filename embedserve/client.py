@@ -120,24 +120,22 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from embedserve import __version__
-from embedserve.config import DEFAULT_PORT, Config, env_name
+from embedserve.config import DEFAULT_PORT, Config, parse_option
+from embedserve.contracts import EXIT_FAILURE, URL_ENV, env_name, parse_ready_line
 from embedserve.encoding import decode_float32_base64
 from embedserve.hashing import HashEmbedder, model_name
 
 log = logging.getLogger("embedserve.client")
 server_log = logging.getLogger("embedserve.client.server")
 
-URL_ENV = "EMBEDSERVE_URL"
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 FallbackPolicy = Literal["same-model", "always", "never"]
 EncodingFormat = Literal["base64", "float"]
 Source = Literal["server", "fallback"]
 
-# The server's one stdout line when it serves (the contract for whoever starts it).
-READY_LINE = re.compile(r"embedserve ready at (https?://\S+) .*?pid=(\d+)")
 LOG_LINES_KEPT = 40
 # A started server whose port is taken exits with this code and says "cannot listen".
-EXIT_CANNOT_LISTEN = 1
+EXIT_CANNOT_LISTEN = EXIT_FAILURE
 MAX_SPAWNS_PER_START = 5
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
@@ -322,9 +320,9 @@ class ServerProcess:
                     self.log.append(line)
                 server_log.debug("[%s] %s", self.pid, line)
                 if is_stdout and not self.ready.is_set():
-                    match = READY_LINE.search(line)
-                    if match:
-                        self.url = match.group(1)
+                    ready = parse_ready_line(line)
+                    if ready:
+                        self.url = ready.url
                         self.ready.set()
         except (OSError, ValueError):
             pass  # the pipe was closed under us at stop()
@@ -462,25 +460,16 @@ def _error_fields(body: bytes) -> tuple[str, str | None, str | None, str | None]
 
 
 def _env_setting(name: str, environ: Mapping[str, str]) -> Any:
-    """EMBEDSERVE_<NAME> from `environ` as the server reads it (embedserve.config: the
-    Config field's type, then its choices and minimum), or None when unset. A bad value is
-    a ValueError naming the variable and the value."""
+    """EMBEDSERVE_<NAME> from `environ` as the server reads it, or None when unset. A bad
+    value is a ValueError naming the variable and the value."""
     variable = env_name(name)
     text = environ.get(variable)
     if text is None:
         return None
-    option = next(f for f in fields(Config) if f.name == name)
     try:
-        kind: Any = type(option.default)  # as config.build_parser does (no bools here)
-        value = kind(text)
+        return parse_option(name, text)
     except ValueError as exc:
         raise ValueError(f"{variable}={text!r}: {exc}") from None
-    choices, minimum = option.metadata["choices"], option.metadata["minimum"]
-    if choices and value not in choices:
-        raise ValueError(f"{variable}={text!r}: {name} must be one of {', '.join(choices)}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{variable}={text!r}: {name} must be at least {minimum}")
-    return value
 
 
 def _child_pythonpath(environ: Mapping[str, str]) -> str | None:

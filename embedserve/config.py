@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embedserve import __version__
+from embedserve.contracts import ENV_PREFIX, env_name
 
 BACKENDS = ("auto", "sentence-transformers", "transformers", "hash")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 DEFAULT_PORT = 8765
-ENV_PREFIX = "EMBEDSERVE_"
 
 
 def _option(default: Any, help: str, *, choices: Sequence[str] | None = None,
@@ -100,12 +100,7 @@ class Config:
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ValueError(f"device must be {DEVICES}; got {self.device!r}")
         for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if meta["choices"] and value not in meta["choices"]:
-                raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}; "
-                                 f"got {value!r}")
-            if meta["minimum"] is not None and value < meta["minimum"]:
-                raise ValueError(f"{f.name} must be at least {meta['minimum']}; got {value!r}")
+            _check(f, getattr(self, f.name))
 
     @property
     def loopback_only(self) -> bool:
@@ -133,10 +128,6 @@ class Config:
             raise  # unreachable: parser.error exits
 
 
-def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -144,6 +135,26 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _check(option: dataclasses.Field[Any], value: Any) -> None:
+    meta = option.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"{option.name} must be one of {', '.join(meta['choices'])}; "
+                         f"got {value!r}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ValueError(f"{option.name} must be at least {meta['minimum']}; got {value!r}")
+
+
+def parse_option(name: str, text: str) -> Any:
+    """An option's value from text, as its EMBEDSERVE_* variable gives it: the field's
+    type, choices and minimum. The server and the clients read variables through this,
+    so a bad value is the same error everywhere, never a silent default."""
+    option = _OPTIONS[name]
+    kind: Any = type(option.default)
+    value = (_parse_bool if kind is bool else kind)(text)
+    _check(option, value)
+    return value
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -170,7 +181,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default = f.default
         if env in environ:
             try:
-                default = (_parse_bool if kind is bool else kind)(environ[env])
+                default = parse_option(f.name, environ[env])
             except ValueError as exc:
                 parser.error(f"{env}={environ[env]!r}: {exc}")
         help_text = f"{f.metadata['help']} (env {env}; default: %(default)s)"
@@ -181,3 +192,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices=f.metadata["choices"], metavar=f.name.upper())
     return parser
+
+
+_OPTIONS = {f.name: f for f in dataclasses.fields(Config)}

@@ -20,6 +20,7 @@ from typing import Any
 
 from embedserve import worker as worker_module
 from embedserve.config import Config
+from embedserve.contracts import EXIT_CONFIG_ERROR, ReadyLine
 
 log = logging.getLogger("embedserve.supervisor")
 
@@ -177,9 +178,9 @@ class Supervisor:
         if not self.announced:
             self.announced = True
             # One line on stdout, the contract for whoever started us (tests, clients).
-            print(f"embedserve ready at {self.config.url} (backend={detail['backend']}, "
-                  f"model={detail['model']}, dimensions={detail['dimensions']}, "
-                  f"pid={os.getpid()}, workers={self.config.workers})", flush=True)
+            print(ReadyLine(self.config.url, detail["backend"], detail["model"],
+                            detail["dimensions"], os.getpid(), self.config.workers).format(),
+                  flush=True)
         if self.reloading:
             self.reloading = False
             old = [c for c in self.children if c.generation < self.generation]
@@ -198,11 +199,11 @@ class Supervisor:
             if child.draining:
                 log.info("worker %s drained and exited (%s)", child.process.pid, code)
                 continue
-            if code == worker_module.EXIT_CONFIG_ERROR and not child.ready:
+            if code == EXIT_CONFIG_ERROR and not child.ready:
                 log.error("worker %s failed to boot with a configuration error (see above); "
                           "not restarting", child.process.pid)
                 self._stop()
-                raise Halt(worker_module.EXIT_CONFIG_ERROR)
+                raise Halt(EXIT_CONFIG_ERROR)
             how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                    else f"exited with code {code}")
             lived = time.monotonic() - child.started

@@ -18,12 +18,12 @@ from typing import Any
 
 from embedserve.backends import BackendError, load_backend
 from embedserve.config import Config
+from embedserve.contracts import EXIT_CONFIG_ERROR
 from embedserve.server import EmbedServer
 from embedserve.service import EmbeddingService, SharedInt
 
 log = logging.getLogger("embedserve.worker")
 
-EXIT_CONFIG_ERROR = 3
 LOADING_GRACE = 0.3  # seconds of loading before a lone worker answers 503 "loading"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import queue
 import signal
 import subprocess
@@ -19,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from embedserve.contracts import ReadyLine, parse_ready_line
+
 ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"embedserve ready at (http://\S+) .*pid=(\d+)")
 
 
 def server_env(**extra: str) -> dict[str, str]:
@@ -70,29 +70,29 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env or server_env(), cwd=ROOT)
     lines: list[str] = []
-    ready: queue.Queue[re.Match[str] | None] = queue.Queue()
+    ready: queue.Queue[ReadyLine | None] = queue.Queue()
 
     def drain() -> None:
         # Keeps reading for the server's whole life: a full pipe would block its logging.
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            match = READY.search(line)
-            if match:
-                ready.put(match)
+            announced = parse_ready_line(line)
+            if announced:
+                ready.put(announced)
         ready.put(None)
 
     threading.Thread(target=drain, daemon=True).start()
     try:
-        match = ready.get(timeout=timeout)
+        announced = ready.get(timeout=timeout)
     except queue.Empty:
-        match = None
-    if match is None:
+        announced = None
+    if announced is None:
         proc.kill()
         proc.wait(5)
         time.sleep(0.1)
         raise AssertionError(f"server did not become ready; output:\n{''.join(lines)}")
-    return Server(proc, match.group(1), int(match.group(2)), lines)
+    return Server(proc, announced.url, announced.pid, lines)
 
 
 def request(host: str, port: int, method: str, path: str, body: Any = None, *,

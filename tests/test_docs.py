@@ -21,7 +21,9 @@ import pytest
 
 from embedserve.config import Config, env_name
 
-from conftest import READY, ROOT, Server, server_env
+from embedserve.contracts import parse_ready_line
+
+from conftest import ROOT, Server, server_env
 
 README = (ROOT / "README.md").read_text("utf-8")
 # Where the README's examples expect the server: the default port.
@@ -138,7 +140,7 @@ def test_readme_speaks_to_users() -> None:
 def test_ready_line_is_the_servers(server: Server) -> None:
     shown = re.search(r"^embedserve ready at .*$", README, re.M)
     assert shown, "README does not show the ready line"
-    printed = next(line.strip() for line in server.log if READY.search(line))
+    printed = next(line.strip() for line in server.log if parse_ready_line(line))
 
     def general(line: str) -> str:  # the port and pid differ from run to run
         return re.sub(r"pid=\d+", "pid=N", re.sub(r":\d+ ", ":PORT ", line))

@@ -30,7 +30,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import select
 import signal
 import statistics
@@ -47,10 +46,10 @@ CORPUS_PATH = REPO_ROOT.parent / "shared" / "data" / "corpus.jsonl"
 sys.path.insert(0, str(REPO_ROOT))  # measure the checkout this script lives in
 
 from embedserve.client import Client  # noqa: E402
+from embedserve.contracts import parse_ready_line  # noqa: E402
 from embedserve.encoding import decode_float32_base64  # noqa: E402
 
 HOST = "127.0.0.1"
-READY_LINE = re.compile(r"embedserve ready at http://[^\s:]+:(\d+)")
 START_TIMEOUT = 60.0
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
              "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
@@ -90,9 +89,9 @@ class RawServer:
                 if not chunk:
                     break
                 seen += chunk
-                match = READY_LINE.search(seen.decode(errors="replace"))
-                if match:
-                    return cls(process, int(match.group(1)))
+                ready = parse_ready_line(seen.decode(errors="replace"))
+                if ready:
+                    return cls(process, ready.port)
             elif process.poll() is not None:
                 break
         process.kill()

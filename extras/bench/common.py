@@ -43,6 +43,8 @@ CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
 # The same here: the in-process figures are for the checkout this script lives in too.
 sys.path.insert(0, str(REPO_ROOT))
 
+from embedserve.contracts import parse_ready_line  # noqa: E402
+
 
 def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
@@ -265,9 +267,6 @@ class Endpoint:
     path: str = "/v1/embeddings"
 
 
-READY_LINE = re.compile(rb"embedserve ready at http://[^\s:]+:(\d+)")
-
-
 def read_ready_port(child: Child, timeout: float = SERVER_START_TIMEOUT) -> int:
     """The port from embedserve's ready line (it was started with --port 0)."""
     assert child.process.stdout is not None
@@ -281,9 +280,9 @@ def read_ready_port(child: Child, timeout: float = SERVER_START_TIMEOUT) -> int:
             if not chunk:
                 break
             seen += chunk
-            match = READY_LINE.search(seen)
-            if match:
-                return int(match.group(1))
+            ready = parse_ready_line(seen.decode(errors="replace"))
+            if ready:
+                return ready.port
         elif child.process.poll() is not None:
             break
     raise RuntimeError(f"embedserve printed no ready line (exit code {child.process.poll()}, "

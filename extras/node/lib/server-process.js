@@ -7,8 +7,15 @@ import { createInterface } from 'node:readline';
 import { EmbedServeError } from './errors.js';
 
 // The one line the server prints on stdout when it serves: the URL it listens on (the
-// real port when started with --port 0) and the pid of the process that owns the socket.
-const READY_LINE = /embedserve ready at (\S+)/;
+// real port when started with --port 0), what it serves and the pid of the process that
+// owns the socket. The contract is embedserve/contracts.py; tests/data/ready_lines.json
+// holds samples both parsers are tested against. A model may hold ", ": fields are found
+// by name, the model lazily up to the next one.
+const READY_LINE = new RegExp(
+  String.raw`embedserve ready at (?<url>https?://\S+) \(backend=(?<backend>[^,]*), ` +
+    String.raw`model=(?<model>.*?), dimensions=(?<dimensions>\d+), ` +
+    String.raw`pid=(?<pid>\d+), workers=(?<workers>\d+)\)`,
+);
 const CANNOT_LISTEN = /cannot listen on/;
 const LOG_TAIL_SHOWN = 20;
 // After 'exit', how long to wait for the pipes to drain the last log lines.
@@ -16,6 +23,19 @@ const PIPE_DRAIN_MS = 500;
 // A server that never became ready has nothing to finish: a short grace before SIGKILL.
 const STOP_GRACE_MS = 2000;
 const POSIX = process.platform !== 'win32';
+
+/**
+ * The fields of the server's ready line, or null when `line` holds none.
+ * @param {string} line
+ */
+export function parseReadyLine(line) {
+  const match = READY_LINE.exec(line);
+  if (!match) return null;
+  const { url, backend, model } = match.groups;
+  const number = (name) => Number(match.groups[name]);
+  return { url, backend, model, dimensions: number('dimensions'), pid: number('pid'),
+    workers: number('workers'), port: Number(url.slice(url.lastIndexOf(':') + 1)) };
+}
 
 // -- stop what we started when the program ends ---------------------------------------------
 // Installed only while at least one server is running, so that a program that closed its
@@ -163,9 +183,9 @@ export class ServerProcess extends EventEmitter {
         closed = true;
       });
       this.#readLines(child.stdout, 'stdout', (line) => {
-        const match = READY_LINE.exec(line);
-        if (match && !this.url) {
-          this.url = match[1];
+        const ready = parseReadyLine(line);
+        if (ready && !this.url) {
+          this.url = ready.url;
           settle(null, this.url);
         }
       });

@@ -8,6 +8,7 @@ import { createServer } from 'node:net';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { parseReadyLine } from '../lib/server-process.js';
 
 export const REPO_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 export const GOLDEN_PATH = fileURLToPath(new URL('../../../tests/data/hash_golden.json', import.meta.url));
@@ -90,7 +91,6 @@ export async function assertStopped(pids, port) {
   if (port) await waitFor(() => portIsFree(port), `port ${port} to be free`);
 }
 
-const READY = /embedserve ready at (\S+) .*pid=(\d+)/;
 
 /**
  * A server started by the test itself (not by a client): clients must never stop it.
@@ -111,15 +111,15 @@ export function startServer(args = [], { timeoutMs = 20_000 } = {}) {
     proc.stderr.on('data', (chunk) => output.push(String(chunk)));
     proc.stdout.on('data', (chunk) => {
       output.push(String(chunk));
-      const match = READY.exec(output.join(''));
-      if (!match) return;
+      const ready = parseReadyLine(output.join(''));
+      if (!ready) return;
       clearTimeout(timer);
-      const url = match[1];
+      const { url, port, pid } = ready;
       resolve({
         proc,
         url,
-        port: Number(new URL(url).port),
-        pid: Number(match[2]),
+        port,
+        pid,
         stop: async () => {
           if (proc.exitCode !== null || proc.signalCode !== null) return;
           const exited = new Promise((done) => proc.once('exit', done));
