@@ -25,6 +25,7 @@ from embedserve.contracts import EXIT_CONFIG_ERROR, ReadyLine
 log = logging.getLogger("embedserve.supervisor")
 
 TICK = 0.5
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDIN_FD = 0
 # Restart delays after quick deaths double from BACKOFF_START up to BACKOFF_MAX; a worker
 # that lived STABLE_AFTER seconds resets the count.
@@ -68,6 +69,8 @@ class Supervisor:
         self.announced = False
         self.reloading = False
         self.signals: list[int] = []
+        self.stopping = False
+        self.forced = False  # a second SIGTERM/SIGINT during a stop
         self.watching_stdin = config.watch_stdin
         self._wakeup_r, self._wakeup_w = socket.socketpair()
 
@@ -128,22 +131,40 @@ class Supervisor:
             log.info("stdin closed: the process that started this server is gone; stopping")
             self.signals.append(signal.SIGTERM)
 
+    # -- signals: the handlers only record; the loop calls handle_<name> ----------------
     def _install_signals(self) -> None:
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
         signal.set_wakeup_fd(self._wakeup_w.fileno())
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, lambda signum, frame: self.signals.append(signum))
 
     def _handle_signals(self) -> None:
         while self.signals:
-            signum = self.signals.pop(0)
-            if signum == signal.SIGHUP:
-                self._reload()
-            else:
-                log.info("received %s: stopping gracefully (a second signal forces it)",
-                         signal.Signals(signum).name)
-                raise Halt(self._stop())
+            name = signal.Signals(self.signals.pop(0)).name
+            getattr(self, "handle_" + name[3:].lower())()
+
+    def handle_hup(self) -> None:
+        """Rolling restart; while stopping, nothing (a new generation would only drain)."""
+        if self.stopping:
+            log.info("received SIGHUP while stopping: ignored")
+        else:
+            self._reload()
+
+    def handle_term(self) -> None:
+        self._stop_signal("SIGTERM")
+
+    def handle_int(self) -> None:
+        self._stop_signal("SIGINT")
+
+    def _stop_signal(self, name: str) -> None:
+        """Graceful stop; a second stop signal during the stop forces it."""
+        if self.stopping:
+            log.warning("received %s again: forcing the stop", name)
+            self.forced = True
+            return
+        log.info("received %s: stopping gracefully (a second signal forces it)", name)
+        raise Halt(self._stop())
 
     # -- workers ---------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -242,7 +263,7 @@ class Supervisor:
     # -- reload and stop -------------------------------------------------------------------
     def _reload(self) -> None:
         """SIGHUP: start a new generation; the old one drains once the new one is ready."""
-        log.info("received SIGHUP: rolling restart of %d workers", self.config.workers)
+        log.info("rolling restart of %d workers", self.config.workers)
         # A reload during a reload: the half-started generation is dropped too.
         for child in self.children:
             if child.generation == self.generation and not child.ready:
@@ -266,11 +287,15 @@ class Supervisor:
         # Stop listening first. Once the workers have closed their copies too, new clients
         # are refused at once instead of queued by the kernel for a server that will never
         # accept them (they hung, then got a reset). A rolling restart keeps the socket.
+        self.stopping = True
         self.sock.close()
         for child in self.children:
             self._drain(child)
         deadline = time.monotonic() + self.config.graceful_timeout + 1.0
-        while self.children and not self._forced_by_signal():
+        while self.children:
+            self._handle_signals()
+            if self.forced:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -281,20 +306,6 @@ class Supervisor:
         self._kill_all()
         log.info("stopped")
         return 0
-
-    def _forced_by_signal(self) -> bool:
-        """Handle the signals that came during a stop: True if one forces it."""
-        forced = False
-        while self.signals:
-            signum = self.signals.pop(0)
-            if signum == signal.SIGHUP:
-                # No new generation while stopping: it would be drained straight away.
-                log.info("received SIGHUP while stopping: ignored")
-            else:
-                log.warning("received %s again: forcing the stop",
-                            signal.Signals(signum).name)
-                forced = True
-        return forced
 
     def _kill_all(self) -> None:
         for child in self.children:
