@@ -1,0 +1,391 @@
+"""embedserve.Client: the app-side embedder that finds or starts the server, talks HTTP to
+it, restarts it when it dies, falls back to in-process hash embeddings when nothing else
+works, and cleans up at exit. Standard library only (urllib.parse + http.client), and
+nothing of the server: importing it loads no backend, dialect or service module.
+
+    from embedserve import Client
+
+    with Client() as client:                  # EMBEDSERVE_URL or http://127.0.0.1:8765
+        vectors = client.embed(["first text", "second text"])
+        vectors.model, vectors.backend, vectors.source   # 'hash-v1-384', 'hash', 'server'
+
+Each part lives in a module of its own (as in the Node client, extras/node/lib):
+  options.py    the constructor's arguments, checked once, EMBEDSERVE_* variables included
+  finder.py     finding the server at `url`, starting one (autostart), sharing it with
+                other clients, restarting it when it goes away
+  process.py    one server this client started: spawn, output, ready line, stop, ownership
+                (atexit, and a stdin pipe the server watches for when the app is killed)
+  transport.py  one keep-alive connection per thread, error answers, and the one retry
+                policy every retry loop follows
+  wire.py       request bodies chunked to the server's /info limits, vectors decoded
+  fallback.py   the in-process hash embeddings and the policy that allows them
+  results.py    Embeddings and Embedding; errors.py, every error the client raises
+
+Every result says where it came from (`.model`, `.backend`, `.source` "server" or
+"fallback"; also `client.last_model` ...), one call's vectors always come from one model,
+and a change of model between calls is logged as a warning. A call fails with
+ServerUnavailable (or falls back, as `fallback` allows) only after its requests were
+retried until `retry_timeout` (60 s: long enough for a restarted worker to load its
+model). While the server is down, calls within RECHECK_INTERVAL of the last failure go
+straight to the fallback instead of paying for retries each time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from embedserve.client import wire
+from embedserve.client.errors import (
+    AuthenticationError,
+    EmbedServeError,
+    ModelMismatch,
+    ServerError,
+    ServerStartError,
+    ServerUnavailable,
+    ValidationError,
+    _rebuild_error,  # noqa: F401 - errors pickled before the split name it here
+    phrase,
+)
+from embedserve.client.fallback import Fallback
+from embedserve.client.finder import RECHECK_INTERVAL, ServerFinder
+from embedserve.client.options import (
+    DEFAULT_URL,
+    EncodingFormat,
+    FallbackPolicy,
+    resolve_options,
+)
+from embedserve.client.results import Embedding, Embeddings, Source
+from embedserve.client.transport import (
+    MIN_WAIT,
+    RETRYABLE_STATUSES,
+    TRANSPORT_ERRORS,
+    Backoff,
+    Connections,
+    Response,
+    Target,
+    error_fields,
+    http_error,
+    retry_after,
+)
+from embedserve.contracts import URL_ENV
+
+log = logging.getLogger("embedserve.client")
+
+# Times one request may find its server gone and re-find or restart it (not retries).
+MAX_RELOCATIONS = 2
+
+
+class Client:
+    """An embedder that finds or starts an embedserve server (see the package docstring).
+
+    url: the server; default $EMBEDSERVE_URL, else http://127.0.0.1:8765.
+    autostart: start `python -m embedserve` when nothing answers at `url` (this machine
+        only). restart: start a new one when the server in use goes away.
+    backend, model, dimensions, server_args, env, python: how a started server runs
+        (--backend, --model, --dimensions, extra CLI flags, extra environment variables,
+        the interpreter; default sys.executable). port: overrides the URL's port; 0 starts
+        a private server on a free port every time.
+    api_key: Bearer token (default $EMBEDSERVE_API_KEY); also given to a started server.
+    encoding_format: "base64" (float32, compact, the default) or "float" (JSON doubles).
+    batch_size: most texts per request (the server's max_batch_size caps it anyway).
+    timeout: seconds to wait for one response; connect_timeout: for one connection.
+    start_timeout: from spawning a server to its ready line; stop_timeout: from SIGTERM
+        to SIGKILL when stopping a server this client owns.
+    retry_timeout: how long one request keeps being retried (connection errors, timeouts,
+        408, 429, 502, 503, 504) before the call fails or falls back; long enough by
+        default (60 s) for a restarted worker to load its model. 0: no retries.
+    retries: also cap the number of retries of one request (default None: only
+        retry_timeout bounds them); also how often to look again where nothing listens and
+        no server may be started (default 3).
+    backoff, max_backoff: first retry delay (doubled each retry, with jitter), and its cap.
+    fallback: "same-model" (True), "always" or "never" (False): see
+        embedserve.client.fallback.
+
+    EMBEDSERVE_DIMENSIONS, EMBEDSERVE_BACKEND, EMBEDSERVE_MODEL and EMBEDSERVE_API_KEY (from
+    `env`, over os.environ: what a started server sees) are read once, here, and parsed as
+    the server parses them: a bad value (EMBEDSERVE_DIMENSIONS=abc or 0) raises ValueError
+    naming the variable and the value.
+    """
+
+    def __init__(self, url: str | None = None, *, autostart: bool = True,
+                 backend: str | None = None, model: str | None = None,
+                 dimensions: int | None = None, port: int | None = None,
+                 server_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 python: str | None = None, api_key: str | None = None,
+                 encoding_format: EncodingFormat = "base64", batch_size: int | None = None,
+                 timeout: float = 60.0, connect_timeout: float = 2.0,
+                 start_timeout: float = 60.0, stop_timeout: float = 10.0,
+                 retry_timeout: float = 60.0, retries: int | None = None,
+                 backoff: float = 0.1, max_backoff: float = 2.0,
+                 restart: bool = True, fallback: FallbackPolicy | bool = "same-model"
+                 ) -> None:
+        self._options = options = resolve_options(
+            url, autostart=autostart, backend=backend, model=model, dimensions=dimensions,
+            port=port, server_args=server_args, env=env, python=python, api_key=api_key,
+            encoding_format=encoding_format, batch_size=batch_size, timeout=timeout,
+            connect_timeout=connect_timeout, start_timeout=start_timeout,
+            stop_timeout=stop_timeout, retry_timeout=retry_timeout, retries=retries,
+            backoff=backoff, max_backoff=max_backoff, restart=restart, fallback=fallback)
+        self._backoff = Backoff(options.backoff, options.max_backoff)
+        self._connections = Connections(timeout=options.timeout,
+                                        connect_timeout=options.connect_timeout,
+                                        api_key=options.api_key)
+        self._fallback = Fallback(options)
+        self._finder = ServerFinder(options, self._connections, self._backoff,
+                                    lambda: self._fallback.plan()[0] is not None)
+        # The server's /info, for the target that answered it.
+        self._info: tuple[Target, dict[str, Any]] | None = None
+
+        self.last_model: str | None = None
+        self.last_backend: str | None = None
+        self.last_source: Source | None = None
+
+    # -- public API ------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str], *, dimensions: int | None = None) -> Embeddings:
+        """Embed `texts` (a list of non-empty strings), in order. `dimensions` asks for
+        shorter vectors where the model allows it: the hash tier computes that many buckets
+        directly (the vectors of hash-v1-<dimensions>, still labelled with the served
+        model's name, as the server does); ML models keep the first values, re-normalised."""
+        texts = self._checked(texts)
+        if dimensions is not None and (not isinstance(dimensions, int)
+                                       or isinstance(dimensions, bool) or dimensions < 1):
+            raise ValidationError(400, f"'dimensions' must be a positive integer, got "
+                                       f"{dimensions!r}", param="dimensions")
+        finder = self._finder
+        finder.check_open()
+        if self._options.fallback != "never" and finder.recently_failed():
+            # Recently failed: do not pay for retries and start attempts on every call.
+            result = self._fallback.embed(texts, dimensions, finder.down_error, self.url)
+        else:
+            try:
+                result = self._embed_remote(texts, dimensions)
+            except ServerUnavailable as exc:
+                finder.check_open()
+                finder.note_failure(exc)
+                result = self._fallback.embed(texts, dimensions, exc, self.url)
+        self._note(result)
+        return result
+
+    def embed_single(self, text: str, *, dimensions: int | None = None) -> Embedding:
+        if not isinstance(text, str):
+            raise TypeError(f"embed_single() takes one str, got {type(text).__name__}")
+        result = self.embed([text], dimensions=dimensions)
+        return Embedding(result[0], model=result.model, backend=result.backend,
+                         source=result.source)
+
+    def info(self) -> dict[str, Any]:
+        """The server's GET /info (starting a server if allowed)."""
+        response, target = self._request("GET", "/info")
+        info: dict[str, Any] = response.json()
+        self._remember_info(target, info)
+        return info
+
+    def health(self) -> dict[str, Any]:
+        """One GET /health to the server in use (or to `url`), without starting anything or
+        retrying: {"status": "ok"} when it serves; ServerError (e.g. 503 loading) or
+        ServerUnavailable otherwise."""
+        self._finder.check_open()
+        target = self._finder.target or self._finder.configured_target()
+        if target.port == 0:
+            raise ServerUnavailable("no server started yet (port=0 starts one on first use)",
+                                    url=target.url)
+        try:
+            response = self._connections.send(target, "GET", "/health", None)
+        except TRANSPORT_ERRORS as exc:
+            raise ServerUnavailable(f"no answer from {target.url}: {exc!r}",
+                                    url=target.url) from exc
+        if response.status != 200:
+            raise http_error(response, target.url)
+        health: dict[str, Any] = response.json()
+        return health
+
+    def connect(self) -> Client:
+        """Find or start the server now rather than on first use. Returns the client."""
+        self._finder.current()
+        return self
+
+    def close(self) -> None:
+        """Close connections and stop the server this client started (if any). Idempotent;
+        a server found running is left alone."""
+        closing, owned = self._finder.close()
+        if not closing:
+            return
+        self._connections.close_all()
+        if owned is not None:
+            log.info("stopping the server this client started (pid %s)", owned.pid)
+            self._finder.stop(owned)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """Where the server in use answers (or will be looked for)."""
+        return self._finder.url
+
+    @property
+    def owns_server(self) -> bool:
+        """True while the server in use is one this client started (and will stop)."""
+        target = self._finder.target
+        return target is not None and target.server is not None
+
+    @property
+    def server_pid(self) -> int | None:
+        """The server process in use: the one this client started, or the one /info named."""
+        target = self._finder.target
+        if target is None:
+            return None
+        if target.server is not None:
+            return target.server.pid
+        info = self._info
+        if info is not None and info[0] is target:
+            pid = info[1].get("supervisor_pid", info[1].get("pid"))
+            return pid if isinstance(pid, int) else None
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return self._finder.closed
+
+    def __repr__(self) -> str:
+        return (f"Client(url={self.url!r}, owns_server={self.owns_server}, "
+                f"fallback={self._options.fallback!r}, last_model={self.last_model!r})")
+
+    # -- embedding -------------------------------------------------------------------------
+    @staticmethod
+    def _checked(texts: Sequence[str]) -> list[str]:
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("embed() takes a list of strings; for one text use "
+                            "embed_single(text)")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
+            if not text:
+                # The server rejects it too; checked here so that the fallback agrees.
+                raise ValidationError(400, f"texts[{i}] is an empty string", param="input")
+        return texts
+
+    def _embed_remote(self, texts: list[str], dimensions: int | None) -> Embeddings:
+        encoding_format = self._options.encoding_format
+        for _ in range(2):  # a server swapped for another model mid-call: redo it once
+            info_target, info = self._server_info()
+            vectors: list[list[float]] = []
+            model: str | None = None
+            last_target = info_target
+            for start, body in wire.chunks(texts, info, dimensions, encoding_format,
+                                           self._options.batch_size):
+                response, last_target = self._request("POST", "/v1/embeddings", body,
+                                                      first=start)
+                chunk_model, chunk = wire.decode(response.body, encoding_format,
+                                                 last_target.url)
+                if model is None:
+                    model = chunk_model
+                elif chunk_model != model:
+                    log.warning("the server changed model from %s to %s during one call; "
+                                "embedding the whole call again", model, chunk_model)
+                    break
+                vectors.extend(chunk)
+            else:
+                if last_target is not info_target:  # restarted mid-call: describe the new one
+                    info_target, info = self._server_info()
+                if len(vectors) != len(texts):
+                    raise EmbedServeError(f"server returned {len(vectors)} vectors for "
+                                          f"{len(texts)} texts")
+                model = model or str(info.get("model", ""))
+                self._fallback.served_model = model
+                return Embeddings(vectors, model=model, backend=str(info.get("backend", "")),
+                                  source="server")
+        raise ModelMismatch("the server changed models twice during one call")
+
+    def _note(self, result: Embeddings) -> None:
+        if result.source == "server" and self._fallback.active:
+            self._fallback.active = False
+            log.warning("server at %s answers again; leaving the in-process fallback", self.url)
+        if self.last_model is not None and result.model != self.last_model:
+            log.warning("model changed from %s to %s (%s): vectors of different models are "
+                        "not comparable", self.last_model, result.model, result.source)
+        self.last_model, self.last_backend, self.last_source = (
+            result.model, result.backend, result.source)
+
+    def _server_info(self) -> tuple[Target, dict[str, Any]]:
+        cached = self._info
+        target = self._finder.current()
+        if cached is not None and cached[0] is target:
+            return cached
+        response, target = self._request("GET", "/info")
+        info = response.json()
+        self._remember_info(target, info)
+        return target, info
+
+    def _remember_info(self, target: Target, info: dict[str, Any]) -> None:
+        self._info = (target, info)
+        model, dims = info.get("model"), info.get("dimensions")
+        if isinstance(model, str):
+            self._fallback.served_model = model
+            self._fallback.served_dimensions = dims if isinstance(dims, int) else None
+
+    # -- requests with retries -------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None, *, first: int = 0
+                 ) -> tuple[Response, Target]:
+        options = self._options
+        started = time.monotonic()
+        # Retried until then: a restarted worker answers 503 "loading" for as long as its
+        # model takes to load, and the app must not see that.
+        deadline = started + options.retry_timeout
+        failures = 0
+        relocations = 0  # servers re-found or restarted for this request: not retries
+        while True:
+            target = self._finder.current()
+            retry_wait: float | None = None
+            # The first attempt waits `timeout` for its answer; a retry no later than the
+            # deadline, so that one request ends within max(timeout, retry_timeout).
+            wait = options.timeout if not failures else min(
+                options.timeout, max(deadline - time.monotonic(), MIN_WAIT))
+            try:
+                response = self._connections.send(target, method, path, body, wait)
+            except TRANSPORT_ERRORS as exc:
+                self._finder.check_open()
+                failure = f"{type(exc).__name__}: {exc}"
+                status = None
+                if self._finder.gone(target, exc) and relocations < MAX_RELOCATIONS:
+                    # Nothing listens (or our server died): the next current() restarts or
+                    # re-finds it at once; no backoff, it is not a busy server.
+                    self._finder.lose(target, failure)
+                    relocations += 1
+                    continue
+            else:
+                if response.status < 400:
+                    return response, target
+                if response.status not in RETRYABLE_STATUSES:
+                    raise http_error(response, target.url, first)
+                message = error_fields(response.body)[0]
+                failure = f"{response.status} {phrase(response.status)}: {message}"
+                status = response.status
+                retry_wait = retry_after(response.headers)
+            now = time.monotonic()
+            if now >= deadline or (options.retries is not None and failures >= options.retries):
+                raise ServerUnavailable(
+                    f"{method} {target.url}{path} failed {failures + 1} times in "
+                    f"{now - started:.1f}s; last: {failure}", url=target.url, status=status)
+            failures += 1
+            # Not past the deadline: a last try at the deadline beats giving up early.
+            delay = min(self._backoff.delay(failures, retry_wait), deadline - now)
+            log.info("%s %s%s: %s; retry %d in %.2fs (retrying for up to %gs)", method,
+                     target.url, path, failure, failures, delay, options.retry_timeout)
+            time.sleep(delay)
+
+
+__all__ = [
+    "AuthenticationError", "Client", "EmbedServeError", "Embedding", "Embeddings",
+    "ModelMismatch", "ServerError", "ServerStartError", "ServerUnavailable", "ValidationError",
+    "DEFAULT_URL", "URL_ENV",
+]

@@ -1,0 +1,161 @@
+"""The client's options, checked and resolved once, at construction: a bad URL, value or
+EMBEDSERVE_* variable is a ValueError there, naming what is wrong, rather than a server
+that fails to start later or a fallback of a silently other size."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from embedserve.config import DEFAULT_PORT, Config, parse_option
+from embedserve.contracts import URL_ENV, env_name
+
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+FallbackPolicy = Literal["same-model", "always", "never"]
+EncodingFormat = Literal["base64", "float"]
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+ML_BACKENDS = frozenset({"sentence-transformers", "transformers"})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything Client(...) was given, checked; see Client for what each one means."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    autostart: bool
+    restart: bool
+    backend: str | None
+    model: str | None
+    dimensions: int | None
+    server_args: tuple[str, ...]
+    env: Mapping[str, str]
+    python: str
+    api_key: str | None
+    encoding_format: EncodingFormat
+    batch_size: int | None
+    timeout: float
+    connect_timeout: float
+    start_timeout: float
+    stop_timeout: float
+    retry_timeout: float
+    retries: int | None
+    backoff: float
+    max_backoff: float
+    fallback: FallbackPolicy
+    # The EMBEDSERVE_* settings the client itself needs, from what a started server sees.
+    env_dimensions: int | None
+    env_backend: str | None
+    env_model: str | None
+
+    @property
+    def local(self) -> bool:
+        """Whether the URL names this machine: only there may a server be started."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    def configured_dimensions(self) -> int:
+        """The size of the hash model a server started with these options would serve."""
+        if self.dimensions is not None:
+            return self.dimensions
+        return self.env_dimensions if self.env_dimensions is not None else Config.dimensions
+
+    def requested_model(self, hash_model: str) -> str | None:
+        """The model a started server would serve, where the options say (`hash_model` for
+        the hash backend); None if unknown."""
+        backend = self.backend or self.env_backend or "auto"
+        model = self.model or self.env_model
+        if backend == "hash":
+            return hash_model
+        if backend in ML_BACKENDS or model:
+            return f"{model or backend} ({backend})"
+        return None
+
+
+def resolve_options(url: str | None, *, autostart: bool, backend: str | None,
+                    model: str | None, dimensions: int | None, port: int | None,
+                    server_args: Sequence[str], env: Mapping[str, str] | None,
+                    python: str | None, api_key: str | None, encoding_format: EncodingFormat,
+                    batch_size: int | None, timeout: float, connect_timeout: float,
+                    start_timeout: float, stop_timeout: float, retry_timeout: float,
+                    retries: int | None, backoff: float, max_backoff: float, restart: bool,
+                    fallback: FallbackPolicy | bool) -> Options:
+    """Client(...)'s arguments, checked, with the environment's defaults filled in."""
+    # Where a bad URL came from, for the error: the argument or the variable.
+    source = "url" if url else URL_ENV
+    url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
+    try:
+        url_port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{source} {url!r}: {exc}") from None
+    if port is not None and not 0 <= port <= 65535:
+        raise ValueError(f"port must be between 0 and 65535, got {port}")
+    if encoding_format not in ("base64", "float"):
+        raise ValueError(f"encoding_format must be 'base64' or 'float', got "
+                         f"{encoding_format!r}")
+    if fallback is True:
+        fallback = "same-model"
+    elif fallback is False:
+        fallback = "never"
+    if fallback not in ("same-model", "always", "never"):
+        raise ValueError(f"fallback must be 'same-model', 'always', 'never', True or "
+                         f"False; got {fallback!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if dimensions is not None and dimensions < 1:
+        raise ValueError(f"dimensions must be at least 1, got {dimensions}")
+    for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
+                        ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    if not 0 <= retry_timeout < float("inf"):
+        raise ValueError(f"retry_timeout must be a number of seconds >= 0, got "
+                         f"{retry_timeout!r}")
+    if (retries is not None and retries < 0) or backoff < 0 or max_backoff < 0:
+        raise ValueError("retries, backoff and max_backoff must not be negative")
+
+    env = dict(env or {})
+    # Read once, from what a server this client starts would see, and parsed as that
+    # server parses them.
+    environ = {**os.environ, **env}
+    env_dimensions: int | None = _env_setting("dimensions", environ)
+    env_backend: str | None = _env_setting("backend", environ)
+    env_model: str | None = _env_setting("model", environ) or None
+    if api_key is None:
+        api_key = _env_setting("api_key", environ) or None
+    return Options(
+        scheme=parts.scheme, host=parts.hostname,
+        port=port if port is not None else (
+            url_port or (DEFAULT_PORT if parts.scheme == "http" else 443)),
+        base_path=parts.path.rstrip("/"), autostart=autostart, restart=restart,
+        backend=backend, model=model, dimensions=dimensions, server_args=tuple(server_args),
+        env=env, python=python or sys.executable,
+        api_key=api_key,
+        encoding_format=encoding_format, batch_size=batch_size, timeout=timeout,
+        connect_timeout=connect_timeout, start_timeout=start_timeout,
+        stop_timeout=stop_timeout, retry_timeout=retry_timeout, retries=retries,
+        backoff=backoff, max_backoff=max_backoff, fallback=fallback,
+        env_dimensions=env_dimensions, env_backend=env_backend, env_model=env_model)
+
+
+def _env_setting(name: str, environ: Mapping[str, str]) -> Any:
+    """EMBEDSERVE_<NAME> from `environ` as the server reads it, or None when unset. A bad
+    value is a ValueError naming the variable and the value."""
+    variable = env_name(name)
+    text = environ.get(variable)
+    if text is None:
+        return None
+    try:
+        return parse_option(name, text)
+    except ValueError as exc:
+        raise ValueError(f"{variable}={text!r}: {exc}") from None

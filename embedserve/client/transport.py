@@ -1,0 +1,240 @@
+"""HTTP to the server: one keep-alive connection per thread, requests and their answers,
+what an error answer means, and the /health probe.
+
+A Client is thread-safe (share one): each thread keeps its own HTTPConnection, all of
+them listed so that close() can close them. A kept-alive connection the server closed
+while idle is resent once on a fresh connection before it counts as a failure. Error
+answers are read in any of the server's dialects: ValidationError (400, 413, 422) and
+AuthenticationError (401, 403) carry the server's message; 408, 429, 502, 503 and 504 are
+retried, as each can mean "being restarted" behind a proxy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from embedserve import __version__
+from embedserve.client.errors import AuthenticationError, ServerError, ValidationError
+from embedserve.client.process import ServerProcess
+
+RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
+VALIDATION_STATUSES = frozenset({400, 413, 422})
+AUTH_STATUSES = frozenset({401, 403})
+# A kept-alive connection the server closed while idle fails like this on reuse: resend
+# once on a fresh connection before counting it as a failure.
+STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                           http.client.RemoteDisconnected)
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+# The shortest wait for an answer a retry gets, even at its deadline (a socket timeout of 0
+# would make it non-blocking).
+MIN_WAIT = 0.05
+# Read timeout of the /health probe: a server that accepts but does not answer within
+# this is "not ready yet", not a reason to give up before the start deadline.
+PROBE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One server generation: where it answers, and whether this client started it.
+    Replaced (never mutated) when the server is restarted or re-found."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    generation: int
+    server: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server's Retry-After asks for (a number or an HTTP date), if any."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def error_fields(body: bytes) -> tuple[str, str | None, str | None, str | None]:
+    """(message, type, code, param) from any of the server's dialects, or the raw text."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body.decode("utf-8", "replace").strip()[:500] or "(empty body)", None, None, None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):  # OpenAI
+        return (str(error.get("message", "")), error.get("type"), error.get("code"),
+                error.get("param"))
+    if isinstance(error, str):  # TEI, Ollama
+        return error, payload.get("error_type"), None, None
+    return json.dumps(payload)[:500], None, None, None
+
+
+def http_error(response: Response, url: str, first: int = 0) -> ServerError:
+    """The typed error of an answer that is not retried; `first`: the index of the first
+    text of the request, when it was not the call's first."""
+    message, kind, code, param = error_fields(response.body)
+    cls = (ValidationError if response.status in VALIDATION_STATUSES else
+           AuthenticationError if response.status in AUTH_STATUSES else ServerError)
+    error = cls(response.status, message, type=kind, code=code, param=param, url=url)
+    if first:
+        # The server's indexes ("input[3]") are within one chunk; say where it began.
+        error.args = (f"{error.args[0]} (in the request for texts[{first}:])",)
+    return error
+
+
+class Connections:
+    """One keep-alive HTTPConnection per thread, to the current target; all of them listed
+    so that close_all() reaches every thread's."""
+
+    def __init__(self, *, timeout: float, connect_timeout: float, api_key: str | None) -> None:
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._api_key = api_key
+        self._local = threading.local()
+        self._connections: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
+
+    def send(self, target: Target, method: str, path: str, body: bytes | None,
+             wait: float | None = None) -> Response:
+        """One request on this thread's connection. `wait`: seconds to wait for the answer
+        (default `timeout`); a new connection gets min(connect_timeout, wait) to connect."""
+        wait = self._timeout if wait is None else wait
+        headers = {"User-Agent": f"embedserve-client/{__version__}", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        for attempt in range(2):
+            connection, reused = self._connection(target)
+            try:
+                if connection.sock is None:
+                    # Connect fast or fail fast; then wait for the answer up to `wait`.
+                    connection.timeout = min(self._connect_timeout, wait)
+                    connection.connect()
+                connection.sock.settimeout(wait)  # type: ignore[attr-defined]
+                connection.request(method, target.base_path + path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            except BaseException as exc:
+                # Whatever happened (Ctrl-C included), the connection's state is unknown.
+                self._drop(connection)
+                if attempt == 0 and reused and isinstance(exc, STALE_CONNECTION_ERRORS):
+                    continue
+                raise
+            if response.will_close:
+                self._drop(connection)
+            else:
+                self._local.used = True
+            return Response(response.status, {k.lower(): v for k, v in response.getheaders()},
+                            data)
+        raise AssertionError("unreachable")
+
+    def close_all(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            connection.close()
+
+    def _connection(self, target: Target) -> tuple[http.client.HTTPConnection, bool]:
+        local = self._local
+        connection: http.client.HTTPConnection | None = getattr(local, "connection", None)
+        if connection is not None and local.target is target:
+            return connection, local.used
+        if connection is not None:
+            self._drop(connection)
+        connection = _new_connection(target, self._connect_timeout)
+        local.connection, local.target, local.used = connection, target, False
+        with self._lock:
+            self._connections.add(connection)
+        return connection, False
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        with self._lock:
+            self._connections.discard(connection)
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+
+    def probe(self, target: Target, deadline: float, start_timeout: float) -> str:
+        """GET /health at `target` until it answers 200 ('ok'), nothing listens ('refused')
+        or the deadline passes (a description of what it saw). Each look uses a connection
+        of its own: it must not be a kept-alive one to a server that was there before."""
+        delay = 0.02
+        seen = "did not answer"
+        while True:
+            connection = _new_connection(target, self._connect_timeout)
+            try:
+                connection.connect()
+                connection.sock.settimeout(min(self._timeout, PROBE_TIMEOUT))
+                headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+                connection.request("GET", target.base_path + "/health", headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+                if response.status == 200:
+                    return "ok"
+                seen = f"answers {response.status} to GET /health: {error_fields(body)[0]}"
+                if response.status not in RETRYABLE_STATUSES:
+                    return seen  # something answers, and it is not an embedserve server
+            except ConnectionRefusedError:
+                return "refused"
+            except TRANSPORT_ERRORS as exc:
+                seen = f"did not answer GET /health ({type(exc).__name__}: {exc})"
+            finally:
+                connection.close()
+            # A server that is starting (503 loading) or busy: wait for it, bounded.
+            if time.monotonic() + delay > deadline:
+                return f"{seen} within {start_timeout:g}s"
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+def _new_connection(target: Target, connect_timeout: float) -> http.client.HTTPConnection:
+    cls = (http.client.HTTPSConnection if target.scheme == "https"
+           else http.client.HTTPConnection)
+    return cls(target.host, target.port, timeout=connect_timeout)
+
+
+class Backoff:
+    """Exponential backoff with jitter: the delay before retry number `failures`."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self._first = first
+        self._cap = cap
+        self._random = random.Random()
+
+    def delay(self, failures: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            base = min(retry_after, self._cap)
+            return base + self._random.uniform(0, 0.1 * base)
+        ceiling = min(self._cap, self._first * 2.0 ** (failures - 1))
+        # "Equal jitter": never zero (no hammering), spread (no thundering herd).
+        return ceiling / 2 + self._random.uniform(0, ceiling / 2)

@@ -1,0 +1,100 @@
+"""What goes over the wire for one embed call: request bodies for the OpenAI route, split
+into chunks that respect the server's /info limits (max_batch_size, max_body_bytes), and
+the vectors read back from its answers (base64 float32 or JSON floats).
+
+Vectors are decoded with `array`: numpy was measured no faster at building the lists
+returned here (list creation dominates), so it is not imported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from json.encoder import encode_basestring, encode_basestring_ascii
+from typing import Any
+
+from embedserve.client.errors import EmbedServeError, ValidationError
+from embedserve.client.options import EncodingFormat
+from embedserve.config import Config
+from embedserve.encoding import decode_float32_base64
+
+# The server's limits when its /info does not say (its own defaults).
+DEFAULT_MAX_BATCH = Config.max_batch_size
+DEFAULT_MAX_BODY = Config.max_body_bytes
+# Room for the JSON around the inputs in a request body.
+BODY_OVERHEAD = 256
+
+
+def chunks(texts: list[str], info: Mapping[str, Any], dimensions: int | None,
+           encoding_format: EncodingFormat, batch_size: int | None
+           ) -> Iterator[tuple[int, bytes]]:
+    """(index of the first text, request body) per request, within the server's limits
+    (and within `batch_size` texts, when given)."""
+    max_batch = info.get("max_batch_size")
+    max_batch = max_batch if isinstance(max_batch, int) and max_batch > 0 else DEFAULT_MAX_BATCH
+    if batch_size is not None:
+        max_batch = min(max_batch, batch_size)
+    max_body = info.get("max_body_bytes")
+    max_body = max_body if isinstance(max_body, int) and max_body > 0 else DEFAULT_MAX_BODY
+    tail: dict[str, str | int] = {"encoding_format": encoding_format}
+    if dimensions is not None:
+        tail["dimensions"] = dimensions
+    head = b'{"input":'
+    end = b"," + json.dumps(tail, separators=(",", ":")).encode()[1:]
+    budget = max_body - len(head) - len(end) - BODY_OVERHEAD
+
+    for first in range(0, len(texts), max_batch):
+        group = texts[first : first + max_batch]
+        # Fast path, nearly always taken: one C-level json.dumps for the whole group when
+        # even the worst case (6 bytes per character, "\u001f") fits the body limit.
+        if 6 * sum(map(len, group)) + 3 * len(group) + 2 <= budget:
+            try:
+                encoded = json.dumps(group, ensure_ascii=False, separators=(",", ":"))
+                yield first, head + encoded.encode("utf-8") + end
+                continue
+            except UnicodeEncodeError:
+                pass  # a lone surrogate: the exact path below escapes it
+        yield from _split_by_size(group, first, head, end, budget, max_body)
+
+
+def _split_by_size(group: list[str], first: int, head: bytes, end: bytes, budget: int,
+                   max_body: int) -> Iterator[tuple[int, bytes]]:
+    """Bodies of exact size, text by text, each under `budget` bytes of inputs."""
+    batch: list[bytes] = []
+    size = 2  # the brackets
+    start = first
+    for i, text in enumerate(group, first):
+        try:
+            encoded = encode_basestring(text).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: only \u escapes can carry it
+            encoded = encode_basestring_ascii(text).encode("ascii")
+        if len(encoded) + 2 > budget:
+            raise ValidationError(413, f"texts[{i}] is {len(encoded)} bytes as JSON; the "
+                                       f"server takes request bodies up to {max_body} "
+                                       "bytes", param="input")
+        if batch and size + len(encoded) + 1 > budget:
+            yield start, head + b"[" + b",".join(batch) + b"]" + end
+            batch, size, start = [], 2, i
+        batch.append(encoded)
+        size += len(encoded) + 1
+    if batch:
+        yield start, head + b"[" + b",".join(batch) + b"]" + end
+
+
+def decode(body: bytes, encoding_format: EncodingFormat, url: str
+           ) -> tuple[str, list[list[float]]]:
+    """(model, vectors in input order) of an OpenAI-shaped answer from `url`."""
+    try:
+        payload = json.loads(body)
+        items = payload["data"]
+        if any(item["index"] != i for i, item in enumerate(items)):
+            items = sorted(items, key=lambda item: item["index"])
+        raw = [item["embedding"] for item in items]
+        if encoding_format == "base64":
+            vectors = [decode_float32_base64(text) for text in raw]
+        else:
+            vectors = [list(map(float, vector)) for vector in raw]
+        return str(payload["model"]), vectors
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EmbedServeError(f"unexpected response from {url}/v1/embeddings: "
+                              f"{exc!r}") from exc
