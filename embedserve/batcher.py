@@ -1,6 +1,8 @@
 """Dynamic batching for the ML tiers: one thread owns the model; concurrent requests queue
-their texts here and are merged into batches bounded by a token budget, grouped by length at
-the least cost in padding and passes, and each request gets its own vectors back in order.
+their texts here (tokenized already: see backends.BatchedModel.prepare) and are merged into
+batches bounded by a token budget, grouped by length at the least cost in padding and
+passes, and each request gets its own vectors back in order. It drives any BatchedModel
+through that protocol alone, and imports no tensor library.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedserve.backends.torch_base import TorchBackend, is_out_of_memory
+from embedserve.backends import BatchedModel, Encoding
 from embedserve.config import Config
 from embedserve.errors import ApiError
 
@@ -41,24 +43,23 @@ class _Job:
 class _Item:
     job: _Job
     index: int
-    text: str
-    tokens: int
-    left: bool
+    encoding: Encoding
+    tokens: int  # encoding.tokens, read often while planning
     finished: bool = False
 
 
 class Batcher:
-    def __init__(self, backend: TorchBackend, config: Config,
+    def __init__(self, model: BatchedModel, config: Config,
                  track_call: Callable[[], AbstractContextManager[None]],
                  observe_batch: Callable[[int], None] = lambda size: None) -> None:
-        self.backend = backend
+        self.model = model
         self.max_batch_tokens = config.max_batch_tokens
         self.max_batch_texts = config.max_batch_texts
         self.max_queue = config.max_queue
         self.wait = config.batch_wait_ms / 1000.0
         # A pass that costs as much as a full batch of padding (a GPU's: inf) means: fill
         # the batches. Capped, so the costs planned with stay finite.
-        self.overhead = min(backend.pass_overhead_tokens, float(config.max_batch_tokens))
+        self.overhead = min(model.pass_overhead_tokens, float(config.max_batch_tokens))
         log.info("a forward pass costs about %.0f padded tokens more than its texts; batches "
                  "are planned with that", self.overhead)
         self._track_call = track_call
@@ -68,18 +69,18 @@ class Batcher:
         self.batches = 0
         threading.Thread(target=self._run, name="model", daemon=True).start()
 
-    def embed(self, texts: Sequence[str], tokens: Sequence[int], normalize: bool,
-              truncate_left: bool = False) -> list[list[float]]:
-        if not texts:
+    def embed(self, encodings: Sequence[Encoding], normalize: bool) -> list[list[float]]:
+        """The texts' vectors, in order, once the model thread has run them."""
+        if not encodings:
             return []
-        job = _Job(normalize, [None] * len(texts), len(texts))
+        job = _Job(normalize, [None] * len(encodings), len(encodings))
         with self._ready:
-            if len(self._pending) + len(texts) > self.max_queue:
+            if len(self._pending) + len(encodings) > self.max_queue:
                 raise ApiError(429, f"the queue is full ({len(self._pending)} texts waiting, "
                                     f"limit {self.max_queue}); retry shortly",
                                headers={"Retry-After": "1"})
-            self._pending.extend(_Item(job, i, text, n, truncate_left)
-                                 for i, (text, n) in enumerate(zip(texts, tokens)))
+            self._pending.extend(_Item(job, i, encoding, encoding.tokens)
+                                 for i, encoding in enumerate(encodings))
             self._ready.notify()
         # No timeout of our own: a wedged model stops the worker's heartbeat, and the
         # supervisor replaces the worker.
@@ -141,17 +142,13 @@ class Batcher:
             self._pending.extendleft(reversed([item for item in head if id(item) not in gone]))
 
     def _forward(self, batch: list[_Item]) -> None:
-        import torch
-
         try:
             with self._track_call():
-                rows = self.backend.forward([item.text for item in batch], batch[0].left)
+                rows = self.model.forward([item.encoding for item in batch])
         except Exception as exc:
-            if is_out_of_memory(exc) and len(batch) > 1:
+            if self.model.is_out_of_memory(exc) and len(batch) > 1:
                 # Halve and retry instead of failing every request in the batch.
                 log.warning("out of memory on a batch of %d texts; splitting it", len(batch))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
                 half = len(batch) // 2
                 self._forward(batch[:half])
                 self._forward(batch[half:])
@@ -163,9 +160,11 @@ class Batcher:
             return
         self.batches += 1
         self._observe_batch(len(batch))
-        unit = torch.nn.functional.normalize(rows, dim=1).tolist() \
-            if any(item.job.normalize for item in batch) else []
-        plain = rows.tolist() if not all(item.job.normalize for item in batch) else []
+        if len(rows) != len(batch):  # answered as a failure past the model call (_run)
+            raise RuntimeError(f"the model gave {len(rows)} rows for {len(batch)} texts")
+        unit = rows.lists(normalize=True) if any(item.job.normalize for item in batch) else []
+        plain = rows.lists(normalize=False) if not all(item.job.normalize for item in batch) \
+            else []
         for i, item in enumerate(batch):
             self._finish(item, unit[i] if item.job.normalize else plain[i], None)
 
@@ -203,30 +202,25 @@ def plan_batches(pool: list[_Item], overhead: float, max_texts: int, max_tokens:
     (texts x the longest) plus `overhead`, the fixed cost of a forward pass in tokens. Few
     big batches waste padding and many small ones waste passes; sorted by length, the best
     cut is found exactly by dynamic programming over where each batch starts. Batches come
-    shortest first. (Texts cut from the left are planned apart: a batch is truncated from
-    one side.)"""
+    shortest first. (Texts cut from either side share batches: each arrives cut already.)"""
+    items = sorted(pool, key=lambda item: item.tokens)
+    # best[end]: the least cost of items[:end]; start[end]: where its last batch starts.
+    best = [0.0] + [math.inf] * len(items)
+    start = [0] * (len(items) + 1)
+    for end in range(1, len(items) + 1):
+        longest = items[end - 1].tokens
+        for first in range(end - 1, max(0, end - max_texts) - 1, -1):
+            padded = (end - first) * longest
+            if padded > max_tokens and first < end - 1:
+                break  # and larger batches only grow: a single text always goes
+            if overhead + padded > best[end]:
+                break  # so would every larger batch, whatever comes before it
+            cost = best[first] + overhead + padded
+            if cost <= best[end]:  # a tie goes to the bigger batch: fewer passes
+                best[end], start[end] = cost, first
     batches: list[list[_Item]] = []
-    for left in (False, True):
-        items = sorted((item for item in pool if item.left == left),
-                       key=lambda item: item.tokens)
-        # best[end]: the least cost of items[:end]; start[end]: where its last batch starts.
-        best = [0.0] + [math.inf] * len(items)
-        start = [0] * (len(items) + 1)
-        for end in range(1, len(items) + 1):
-            longest = items[end - 1].tokens
-            for first in range(end - 1, max(0, end - max_texts) - 1, -1):
-                padded = (end - first) * longest
-                if padded > max_tokens and first < end - 1:
-                    break  # and larger batches only grow: a single text always goes
-                if overhead + padded > best[end]:
-                    break  # so would every larger batch, whatever comes before it
-                cost = best[first] + overhead + padded
-                if cost <= best[end]:  # a tie goes to the bigger batch: fewer passes
-                    best[end], start[end] = cost, first
-        cuts: list[list[_Item]] = []
-        end = len(items)
-        while end:
-            cuts.append(items[start[end]:end])
-            end = start[end]
-        batches += reversed(cuts)
-    return batches
+    end = len(items)
+    while end:
+        batches.append(items[start[end]:end])
+        end = start[end]
+    return batches[::-1]

@@ -1,5 +1,6 @@
 """What the server does, without HTTP: validate an EmbedRequest against the loaded backend,
-run it, post-process (dimensions, normalisation), and describe itself for /info.
+run it, post-process (dimensions, normalisation), and describe itself for /info. An Encoder
+runs in the request thread; a BatchedModel through the Batcher's one model thread.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from embedserve import __version__
-from embedserve.backends import Backend, Loaded, Token
+from embedserve.backends import EMBED, BackendInfo, BatchedModel, Encoder, Encoding, Loaded, Token
 from embedserve.config import Config
 from embedserve.errors import ApiError, quoted
 from embedserve.metrics import Metrics
@@ -42,7 +43,9 @@ class EmbeddingService:
     def __init__(self, config: Config, restarts: SharedInt | None = None) -> None:
         self.config = config
         self._restarts = restarts
-        self.backend: Backend | None = None
+        self.backend: BackendInfo | None = None
+        self._encoder: Encoder | None = None
+        self._model: BatchedModel | None = None
         self.skipped: dict[str, str] = {}
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
@@ -63,12 +66,13 @@ class EmbeddingService:
 
     def attach(self, loaded: Loaded) -> None:
         self.skipped = loaded.skipped
-        backend = loaded.backend
-        if hasattr(backend, "forward"):  # the ML tiers: one model thread, dynamic batches
+        if loaded.model is not None:  # one model thread, dynamic batches
             from embedserve.batcher import Batcher
 
-            self._batcher = Batcher(backend, self.config, self.backend_call,  # type: ignore
+            self._batcher = Batcher(loaded.model, self.config, self.backend_call,
                                     self.metrics.observe_batch)
+        self._encoder, self._model = loaded.encoder, loaded.model
+        backend = loaded.backend
         self._names = served_names(backend.model, self.config.served_model_name)
         self.backend = backend
 
@@ -113,18 +117,26 @@ class EmbeddingService:
             raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
                                 f"for model {backend.model}, got {dims}", param="dimensions")
         texts = self._prompted(backend, request)
-        if self._batcher is None:
+        model, batcher = self._model, self._batcher
+        if model is None or batcher is None:
+            assert self._encoder is not None  # attach set one or the other
             # The hash tier computes `dimensions` buckets directly: its features carry no
             # order of importance, so a shortened 384-d vector would be mostly zeros.
             with self._encode_lock, self.backend_call():
-                encoded = backend.encode(texts, normalize=request.normalize, dimensions=dims)
+                encoded = self._encoder.encode(texts, normalize=request.normalize,
+                                               dimensions=dims)
             vectors, tokens = encoded.vectors, sum(encoded.token_counts)
         else:
+            if EMBED not in model.capabilities:
+                raise ApiError(400, f"model {model.model} does not embed text (it can: "
+                                    f"{', '.join(sorted(model.capabilities)) or 'nothing'})")
             check_well_formed(texts)
-            counts = self._token_counts(backend, texts, request.truncate)
-            vectors = self._batcher.embed(texts, counts, request.normalize,
-                                          request.truncate_left)
-            tokens = sum(counts)
+            # Tokenized once, here in the request thread: the counts checked and reported
+            # are those of the very ids the model thread pads.
+            encodings = model.prepare(texts, truncate_left=request.truncate_left)
+            self._check_lengths(model, encodings, request.truncate)
+            vectors = batcher.embed(encodings, request.normalize)
+            tokens = sum(e.tokens for e in encodings)
             if dims is not None and dims < backend.dimensions:
                 vectors = [shorten(v, dims, request.normalize) for v in vectors]
         self.metrics.observe_embedding(len(vectors), tokens)
@@ -152,12 +164,12 @@ class EmbeddingService:
 
     def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
         backend = self._ready_backend()
-        if self._batcher is not None:
+        if self._model is not None:
             check_well_formed(texts)
         return backend.tokenize(texts, add_special_tokens=add_special_tokens)
 
     @staticmethod
-    def _prompted(backend: Backend, request: EmbedRequest) -> list[str]:
+    def _prompted(backend: BackendInfo, request: EmbedRequest) -> list[str]:
         name = request.prompt_name or backend.default_prompt_name
         if name is None:
             return request.texts
@@ -169,20 +181,17 @@ class EmbeddingService:
         return [prompt + text for text in request.texts]
 
     @staticmethod
-    def _token_counts(backend: Backend, texts: list[str], truncate: bool) -> list[int]:
-        counts: list[int] = backend.count_tokens(texts)  # type: ignore[attr-defined]
-        limit = backend.max_input_tokens
-        if not limit:
-            return counts
-        if not truncate:
-            for i, n in enumerate(counts):
-                if n > limit:
-                    raise ApiError(422, f"input {i} has {n} tokens; model {backend.model} "
-                                        f"takes at most {limit}. Shorten it, or allow "
-                                        "truncation (truncate=true)", param="truncate")
-        return [min(n, limit) for n in counts]
+    def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: bool) -> None:
+        limit = model.max_input_tokens
+        if truncate or not limit:
+            return
+        for i, encoding in enumerate(encodings):
+            if encoding.untruncated > limit:
+                raise ApiError(422, f"input {i} has {encoding.untruncated} tokens; model "
+                                    f"{model.model} takes at most {limit}. Shorten it, or "
+                                    "allow truncation (truncate=true)", param="truncate")
 
-    def _ready_backend(self) -> Backend:
+    def _ready_backend(self) -> BackendInfo:
         backend = self.backend
         if backend is None:
             raise ApiError(503, "the model is still loading; retry shortly",

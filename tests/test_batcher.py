@@ -1,20 +1,25 @@
 """How the batcher plans forward passes: the cut of a window into batches (pure logic, so
-checked exhaustively here; the batcher driving a real model is tested in test_ml.py)."""
+checked exhaustively here); and the batcher driving a pure-Python model with no torch
+anywhere (the batcher driving a real model is tested in test_ml.py)."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
+from conftest import ROOT, server_env
+from embedserve.backends import Encoding
 from embedserve.batcher import _Item, _Job, pick_batch, plan_batches
 
 
-def items(lengths: list[int], left: list[bool] | None = None) -> list[_Item]:
+def items(lengths: list[int]) -> list[_Item]:
     job = _Job(normalize=True, vectors=[None] * len(lengths), remaining=len(lengths))
-    sides = left or [False] * len(lengths)
-    return [_Item(job, i, f"text {i}", n, side) for i, (n, side) in enumerate(zip(lengths, sides))]
+    return [_Item(job, i, Encoding(n, n, f"text {i}"), n) for i, n in enumerate(lengths)]
 
 
 def cost(batches: list[list[_Item]], overhead: float) -> float:
@@ -74,11 +79,6 @@ def test_limits_hold_and_a_text_over_the_token_limit_still_goes_alone() -> None:
     assert any([i.tokens for i in b] == [500] for b in planned)
 
 
-def test_texts_cut_from_the_left_never_share_a_batch_with_the_others() -> None:
-    left = [False, True] * 5
-    planned = plan_batches(items([10] * 10, left), 1000.0, 32, 16384)
-    assert len(planned) == 2
-    assert all(len({i.left for i in b}) == 1 for b in planned)
 
 
 def test_equal_lengths_share_a_pass_even_when_passes_cost_nothing() -> None:
@@ -120,3 +120,109 @@ def test_no_length_is_starved_under_a_stream_of_newcomers() -> None:
     for per_length in waits.values():
         assert sum(per_length) / len(per_length) <= 1.5 * mean
     assert len(every) / passes > 4
+
+
+# --- the batcher drives any BatchedModel -----------------------------------------------------
+
+PURE_PYTHON = r"""
+import json, sys, threading
+sys.modules["torch"] = None  # any import of torch, however indirect, fails
+from contextlib import nullcontext
+from embedserve.backends import Encoding, Loaded
+from embedserve.config import Config
+from embedserve.requests import EmbedRequest
+from embedserve.service import EmbeddingService
+
+
+class Rows:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def lists(self, *, normalize):
+        if not normalize:
+            return [list(row) for row in self.rows]
+        return [[x / sum(y * y for y in row) ** 0.5 for x in row] for row in self.rows]
+
+
+class WordModel:
+    # A text's vector: (its word count, its first word's length, 1); a token is a word.
+    name, model, dimensions, device = "words", "word-model", 3, "cpu"
+    max_input_tokens, prompts, default_prompt_name = 6, {}, None
+    capabilities = frozenset({"embed"})
+    pass_overhead_tokens = 0.0  # then the plan is the least padding
+    batches = []
+
+    def prepare(self, texts, *, truncate_left=False):
+        out = []
+        for text in texts:
+            words = text.split()
+            kept = words[-6:] if truncate_left else words[:6]
+            out.append(Encoding(len(kept), len(words), kept))
+        return out
+
+    def forward(self, batch):
+        self.batches.append([len(e.data) for e in batch])
+        return Rows([[float(len(e.data)), float(len(e.data[0])), 1.0] for e in batch])
+
+    def is_out_of_memory(self, exc):
+        return False
+
+    def tokenize(self, texts, *, add_special_tokens=True):
+        return []
+
+
+model = WordModel()
+service = EmbeddingService(Config(max_batch_texts=4))
+service.attach(Loaded(None, model, {}))
+# One request first, alone: its seven texts are planned together (in the queue at once).
+planned = service.embed(EmbedRequest(["a", "b c d e f g", "h", "i j k l m n o p q", "r",
+                                      "s t u v w x", "y"], normalize=False))
+answers = {"planned": [planned.vectors, planned.prompt_tokens]}
+passes = list(model.batches)
+requests = {
+    "a": EmbedRequest(["one", "two words here", "a b c d e f g h"], normalize=False),
+    "b": EmbedRequest(["xx yy", "x yyyyy b c d e f"], normalize=False, truncate_left=True),
+    "c": EmbedRequest(["three", "four four"]),
+}
+
+def run(key):
+    result = service.embed(requests[key])
+    answers[key] = [result.vectors, result.prompt_tokens]
+
+threads = [threading.Thread(target=run, args=(key,)) for key in requests]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(30)
+print(json.dumps({"answers": answers, "passes": passes,
+                  "info": {k: service.info()[k] for k in ("backend", "pass_overhead_tokens")},
+                  "torch": "torch" in sys.modules and sys.modules["torch"] is not None}))
+"""
+
+
+def test_the_batcher_drives_a_pure_python_model_without_torch() -> None:
+    """The service and batcher need nothing from a model but the BatchedModel protocol: a
+    word-counting model in plain Python (torch made unimportable) is planned, batched and
+    answered in each request's order, normalised or not, cut from the side asked."""
+    done = subprocess.run([sys.executable, "-c", PURE_PYTHON], capture_output=True, text=True,
+                          env=server_env(), cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    answers = result["answers"]
+    # Planned: shortest first, four a pass at most, the least padding (the nine-word text
+    # is cut to the model's six); each text's vector in its request's order.
+    assert result["passes"] == [[1, 1, 1, 1], [6, 6, 6]]
+    assert answers["planned"] == [[[1, 1, 1], [6, 1, 1], [1, 1, 1], [6, 1, 1], [1, 1, 1],
+                                   [6, 1, 1], [1, 1, 1]], 4 + 3 * 6]
+    # Concurrent requests, each answered in its own order, normalised or not.
+    assert answers["a"] == [[[1, 3, 1], [3, 3, 1], [6, 1, 1]], 1 + 3 + 6]
+    # Cut from the left: the last six words, the first of them "yyyyy".
+    assert answers["b"] == [[[2, 2, 1], [6, 5, 1]], 2 + 6]
+    unit = [[x / (1 + 25 + 1) ** 0.5 for x in (1, 5, 1)],
+            [x / (4 + 16 + 1) ** 0.5 for x in (2, 4, 1)]]
+    assert [pytest.approx(row) for row in unit] == answers["c"][0] and answers["c"][1] == 3
+    assert result["info"] == {"backend": "words", "pass_overhead_tokens": 0}
+    assert result["torch"] is False

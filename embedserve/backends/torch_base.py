@@ -1,24 +1,25 @@
-"""What the two PyTorch tiers share: device and dtype choice, prompts, token counting, and
-the forward-pass contract the batcher drives. Imported only when an ML tier is tried.
+"""What the two PyTorch tiers share: device and dtype choice, prompts, tokenizing, and the
+BatchedModel contract the batcher drives (normalising and out-of-memory handling included,
+so that the batcher needs no torch). Imported only when an ML tier is tried.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import socket
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from embedserve.backends import BackendError, Token, model_folder_problem
+from embedserve.backends import (EMBED, BackendError, BatchedModel, Encoding, Token,
+                                 model_folder_problem)
+from embedserve.backends.tokens import RequestTokenizer, TokenIds
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -27,6 +28,9 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Pairs of forward passes timed to learn what a pass costs (the median estimate is kept).
 OVERHEAD_ROUNDS = 5
 # nomic-embed models expect a task prefix and ship no prompts of their own.
+# Checked through both tokenizing paths at load (with spaces and a long text beside it):
+# case, accents, symbols and special tokens written as text.
+PROBE_TEXT = "Embedserve CHECKS its tokens: ÜNÏCÖDÉ ✓ 3.14 [SEP] <s> </s> <|endoftext|>"
 NOMIC_PROMPTS = {"search_query": "search_query: ", "search_document": "search_document: ",
                  "classification": "classification: ", "clustering": "clustering: "}
 
@@ -102,6 +106,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
+class TorchRows:
+    """A forward pass's pooled rows (float32, on the CPU), turned into lists on request."""
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def lists(self, *, normalize: bool) -> list[list[float]]:
+        import torch
+
+        rows = torch.nn.functional.normalize(self.tensor, dim=1) if normalize else self.tensor
+        return rows.tolist()
+
+
 def read_json(folder: str, name: str) -> dict[str, Any]:
     path = Path(folder, name)
     if path.is_file():
@@ -113,30 +133,27 @@ def read_json(folder: str, name: str) -> dict[str, Any]:
 
 
 class TorchBackend:
-    """Subclasses load a model and implement `_forward`; this class holds the rest."""
+    """Subclasses load a model, call `_setup_tokenization`, and implement `_forward` (a
+    padded batch to pooled rows) and `_library_features` (texts to a padded batch, as their
+    library makes it); this class holds the rest."""
 
     name = ""
+    capabilities = frozenset({EMBED})
     model: str
     dimensions: int
     device: str
     max_input_tokens: int | None
-    tokenizer: Any
+    tokenizer: Any  # the model thread's: only it pads and calls the library with it
     prompts: dict[str, str]
     default_prompt_name: str | None
     # What one forward pass costs beyond its padded tokens, in tokens (set by warm_up).
     pass_overhead_tokens: float = 0.0
-    # Request threads take turns on their tokenizer; the model thread has its own.
-    _tokenizer_lock = threading.Lock()
-
-    @property
-    def _handler_tokenizer(self) -> Any:
-        """A tokenizer of its own for the request threads. A fast tokenizer keeps its
-        truncation and padding settings as state: shared with the model thread, which
-        tokenizes with padding and truncation, the two raced and batches failed."""
-        tokenizer = self.__dict__.get("_counting")
-        if tokenizer is None:
-            tokenizer = self.__dict__["_counting"] = copy.deepcopy(self.tokenizer)
-        return tokenizer
+    _request_tokenizer: RequestTokenizer
+    # Whether request threads tokenize into ids that the model thread pads (checked against
+    # the library's own tokenization at load), or the model thread tokenizes with the library.
+    _pads_ids = False
+    # What the library's batches carry besides tensors (sentence-transformers: "modality").
+    _extra_features: dict[str, Any]
 
     def _locate(self, config: Config) -> tuple[str, Any]:
         """Set model and device; return where to load the model from, and the dtype."""
@@ -144,40 +161,107 @@ class TorchBackend:
         self.device = pick_device(config.device)
         return locate_model(self.model), pick_dtype(self.device, config.fp32)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Untruncated token counts, special tokens included."""
-        with self._tokenizer_lock:
-            encoded = self._handler_tokenizer(list(texts), add_special_tokens=True,
-                                              truncation=False, verbose=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+    def _setup_tokenization(self) -> None:
+        """Once tokenizer and limit are known: tokenize in the request threads if that gives
+        what the library gives, else leave tokenizing to the library in the model thread."""
+        self._request_tokenizer = RequestTokenizer(self.tokenizer, self.max_input_tokens)
+        self._extra_features = {}
+        problem = self._why_not_pad_ids()
+        self._pads_ids = problem is None
+        if problem:
+            log.info("%s: the model thread tokenizes with the library (%s)", self.name, problem)
 
-    def forward(self, texts: Sequence[str], truncate_left: bool = False) -> Any:
-        """Pooled, unnormalised float32 embeddings on the CPU, one row per text. Only the
-        model thread uses self.tokenizer, so setting its truncation side is safe."""
+    def _why_not_pad_ids(self) -> str | None:
+        """Why ids made in the request threads would not give the library's batches, or None:
+        checked on a few texts, both truncation sides, not assumed (a library may render a
+        chat template around a text, or strip it, before tokenizing)."""
         import torch
 
-        self.tokenizer.truncation_side = "left" if truncate_left else "right"
-        with torch.inference_mode():
-            return self._forward(list(texts)).float().cpu()
+        if not self._request_tokenizer.can_encode_ids:
+            return "not a fast tokenizer"
+        probes = [PROBE_TEXT, "  spaced  out  "]
+        if self.max_input_tokens:  # over the limit, its ends unlike: the side cut shows
+            probes.append(f"{PROBE_TEXT} {'word ' * self.max_input_tokens} the end.")
+        try:
+            for left in (False, True):
+                theirs = self._library_features(probes, left)
+                ours = self._pad([e.data for e in
+                                  self._request_tokenizer.encode_ids(probes, left)])
+                tensors = {k: v for k, v in theirs.items() if isinstance(v, torch.Tensor)}
+                if tensors.keys() != ours.keys():
+                    return f"the library's batches hold {sorted(tensors)}, not {sorted(ours)}"
+                for key, value in tensors.items():
+                    if not torch.equal(value, ours[key]):
+                        return f"the library's {key} differ from the tokenizer's"
+        except Exception as exc:  # whatever the cause, the library's own path still works
+            return f"checking failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.tokenizer.truncation_side = "right"
+        self._extra_features = {k: v for k, v in theirs.items() if k not in tensors}
+        return None
+
+    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False
+                ) -> list[Encoding]:
+        """Tokenize each text once, in the calling (request) thread; many may call at once."""
+        if self._pads_ids:
+            return self._request_tokenizer.encode_ids(texts, truncate_left)
+        return self._request_tokenizer.encode_for_library(texts, truncate_left)
+
+    def forward(self, batch: Sequence[Encoding]) -> TorchRows:
+        """Pooled, unnormalised float32 embeddings on the CPU, one row per text. Only the
+        model thread calls it, so it alone uses self.tokenizer."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                return TorchRows(self._pass(list(batch)).float().cpu())
+        except Exception as exc:
+            if is_out_of_memory(exc) and torch.cuda.is_available():
+                # Give the failed pass's memory back before the batcher retries its halves.
+                torch.cuda.empty_cache()
+            raise
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return is_out_of_memory(exc)
 
     def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool = True
                  ) -> list[list[Token]]:
-        with self._tokenizer_lock:
-            encoded = self._handler_tokenizer(
-                list(texts), add_special_tokens=add_special_tokens, truncation=False,
-                return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False)
-        result = []
-        for text, ids, offsets, special in zip(texts, encoded["input_ids"],
-                                               encoded["offset_mapping"],
-                                               encoded["special_tokens_mask"]):
-            tokens = self._handler_tokenizer.convert_ids_to_tokens(ids)
-            result.append([
-                Token(i, piece, True, None, None) if is_special else
-                Token(i, text[start:stop], False, start, stop)
-                for i, piece, (start, stop), is_special in zip(ids, tokens, offsets, special)])
-        return result
+        return self._request_tokenizer.tokens(texts, add_special_tokens)
 
-    def _forward(self, texts: list[str]) -> Any:
+    def _pass(self, batch: list[Encoding]) -> Any:
+        if self._pads_ids:
+            return self._forward({**self._pad([e.data for e in batch]), **self._extra_features})
+        import torch
+
+        # The library truncates a whole call from one side: texts cut from each side are
+        # tokenized apart, and their rows put back in the batch's order.
+        rows: list[Any] = [None] * len(batch)
+        for left in (False, True):
+            picked = [i for i, e in enumerate(batch) if e.data.truncate_left == left]
+            if len(picked) == len(batch):
+                return self._forward(self._library_features([e.data.text for e in batch],
+                                                            left))
+            if picked:
+                out = self._forward(self._library_features([batch[i].data.text
+                                                            for i in picked], left))
+                for i, row in zip(picked, out):
+                    rows[i] = row
+        return torch.stack(rows)
+
+    def _pad(self, ids: list[TokenIds]) -> dict[str, Any]:
+        """One padded batch from ids made in the request threads, by the tokenizer's own
+        `pad` (its side, pad id and inputs: token_type_ids only where its calls give them)."""
+        inputs = {"input_ids": [t.ids for t in ids]}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            inputs["token_type_ids"] = [t.type_ids for t in ids]
+        return dict(self.tokenizer.pad(inputs, padding=True, return_tensors="pt"))
+
+    def _forward(self, features: dict[str, Any]) -> Any:
+        """A padded batch (tensors on the CPU) to pooled rows."""
+        raise NotImplementedError
+
+    def _library_features(self, texts: list[str], truncate_left: bool) -> dict[str, Any]:
+        """A padded batch made by the library from texts, cut from the side asked."""
         raise NotImplementedError
 
     def _setup_prompts(self, model_id: str, prompts: dict[str, str] | None,
@@ -196,7 +280,7 @@ class TorchBackend:
     def warm_up(self) -> None:
         # The first forward pass pays for lazy initialisation (kernels, allocator); pay it
         # before /health says ready. Then time a few more to learn what a pass costs.
-        self.forward(["warm up"])
+        self.forward(self.prepare(["warm up"]))
         self.pass_overhead_tokens = self._measure_pass_overhead()
 
     def _measure_pass_overhead(self) -> float:
@@ -204,17 +288,16 @@ class TorchBackend:
         saves. Timed, not assumed, as it depends on model and device: 56-70 tokens for
         all-MiniLM-L6-v2 on two CPU cores (8 ms a pass + 0.14 ms a token); on a GPU, where a
         pass should cost about the same whatever it holds, far more (inf when the long pass
-        is no slower: fill the batches)."""
+        is no slower: fill the batches). Tokenizing is not timed: the request threads do it."""
 
-        def seconds(texts: list[str]) -> float:
+        def seconds(batch: list[Encoding]) -> float:
             began = time.perf_counter()
-            self.forward(texts)
+            self.forward(batch)
             return time.perf_counter() - began
 
-        short, long = ["warm up"], ["warm up " * 30] * 4
-        short_tokens = self.count_tokens(short)[0]
-        long_tokens = len(long) * min(max(self.count_tokens(long)),
-                                      self.max_input_tokens or 1 << 30)
+        short, long = self.prepare(["warm up"]), self.prepare(["warm up " * 30] * 4)
+        short_tokens = short[0].tokens
+        long_tokens = len(long) * max(e.tokens for e in long)
         estimates = []
         # Short and long back to back, then the median estimate: a busy spell (another
         # server loading beside this one) slows one pair, not the answer.
@@ -224,3 +307,8 @@ class TorchBackend:
             estimates.append(max(0.0, short_s / per_token - short_tokens) if per_token > 0
                              else math.inf)
         return statistics.median(estimates)
+
+
+if TYPE_CHECKING:
+    def _is_a_batched_model(backend: TorchBackend) -> BatchedModel:
+        return backend  # mypy checks the PyTorch tiers against the protocol here

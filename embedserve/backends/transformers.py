@@ -13,6 +13,7 @@ from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
 
+
 class TransformersBackend(TorchBackend):
     name = "transformers"
 
@@ -41,15 +42,19 @@ class TransformersBackend(TorchBackend):
         st_meta = read_json(folder, "config_sentence_transformers.json") if folder else {}
         self._setup_prompts(model_id, st_meta.get("prompts"), st_meta.get("default_prompt_name"),
                             config)
+        self._setup_tokenization()
         log.info("transformers: %s on %s (%s), %s pooling, max %s tokens", model_id,
                  self.device, dtype, self.pooling, self.max_input_tokens)
 
-    def _forward(self, texts: list[str]) -> Any:
+    def _library_features(self, texts: list[str], truncate_left: bool) -> dict[str, Any]:
+        self.tokenizer.truncation_side = "left" if truncate_left else "right"
+        return dict(self.tokenizer(texts, padding=True, truncation=True,
+                                   max_length=self.max_input_tokens, return_tensors="pt"))
+
+    def _forward(self, features: dict[str, Any]) -> Any:
         import torch
 
-        batch = self.tokenizer(texts, padding=True, truncation=True,
-                               max_length=self.max_input_tokens, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in features.items() if hasattr(v, "to")}
         hidden = self.network(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "cls":

