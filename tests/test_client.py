@@ -36,6 +36,7 @@ from embedserve.client import (
     ServerUnavailable,
     ValidationError,
 )
+from embedserve.client.transport import MIN_WAIT, RetryPolicy
 from embedserve.encoding import float32_base64
 from embedserve.hashing import HashEmbedder
 
@@ -844,6 +845,30 @@ def test_retries_are_bounded(stubs: list[Stub]) -> None:
     with pytest.raises(ServerUnavailable, match="failed 3 times") as caught:
         client.embed(TEXTS)
     assert caught.value.status == 503 and stub.posts == 3
+
+
+def test_one_retry_policy_bounds_every_loop_by_deadline_and_cap() -> None:
+    policy = RetryPolicy(backoff=0.1, max_backoff=2.0)
+    capped = policy.start(cap=2)  # the looks where nothing listens: a cap, no deadline
+    assert [capped.next_delay() is not None for _ in range(3)] == [True, True, False]
+    assert capped.tries == 3
+    growing = policy.start()
+    for retry in range(1, 8):  # doubling, capped, with equal jitter: never zero
+        ceiling = min(2.0, 0.1 * 2 ** (retry - 1))
+        delay = growing.next_delay()
+        assert delay is not None and ceiling / 2 <= delay <= ceiling
+    # Retry-After is honoured, up to max_backoff.
+    assert 1.0 <= (policy.start().next_delay(1.0) or 0) <= 1.1
+    assert 2.0 <= (policy.start().next_delay(30.0) or 0) <= 2.2
+    # A deadline: no sleep past it, one last try at it, then no more.
+    soon = policy.start(seconds=0.05)
+    assert soon.answer_wait(60.0) == 60.0  # the first try waits its full timeout
+    delay = soon.next_delay(1.0)
+    assert delay is not None and delay <= 0.05
+    time.sleep(delay)
+    assert soon.answer_wait(60.0) == MIN_WAIT  # a retry waits no longer than the deadline
+    assert soon.next_delay() is None and soon.tries == 2
+    assert policy.start(seconds=0).next_delay() is None  # retry_timeout=0: no retries
 
 
 def test_a_400_is_not_retried(stubs: list[Stub]) -> None:

@@ -60,12 +60,11 @@ from embedserve.client.options import (
 )
 from embedserve.client.results import Embedding, Embeddings, Source
 from embedserve.client.transport import (
-    MIN_WAIT,
     RETRYABLE_STATUSES,
     TRANSPORT_ERRORS,
-    Backoff,
     Connections,
     Response,
+    RetryPolicy,
     Target,
     error_fields,
     http_error,
@@ -130,12 +129,13 @@ class Client:
             connect_timeout=connect_timeout, start_timeout=start_timeout,
             stop_timeout=stop_timeout, retry_timeout=retry_timeout, retries=retries,
             backoff=backoff, max_backoff=max_backoff, restart=restart, fallback=fallback)
-        self._backoff = Backoff(options.backoff, options.max_backoff)
+        # Every retry: a request's, and the looks for a server someone else restarts.
+        self._retry = RetryPolicy(options.backoff, options.max_backoff)
         self._connections = Connections(timeout=options.timeout,
                                         connect_timeout=options.connect_timeout,
                                         api_key=options.api_key)
         self._fallback = Fallback(options)
-        self._finder = ServerFinder(options, self._connections, self._backoff,
+        self._finder = ServerFinder(options, self._connections, self._retry,
                                     lambda: self._fallback.plan()[0] is not None)
         # The server's /info, for the target that answered it.
         self._info: tuple[Target, dict[str, Any]] | None = None
@@ -337,21 +337,16 @@ class Client:
     def _request(self, method: str, path: str, body: bytes | None = None, *, first: int = 0
                  ) -> tuple[Response, Target]:
         options = self._options
-        started = time.monotonic()
-        # Retried until then: a restarted worker answers 503 "loading" for as long as its
-        # model takes to load, and the app must not see that.
-        deadline = started + options.retry_timeout
-        failures = 0
+        # Retried until retry_timeout: a restarted worker answers 503 "loading" for as long
+        # as its model takes to load, and the app must not see that.
+        retries = self._retry.start(seconds=options.retry_timeout, cap=options.retries)
         relocations = 0  # servers re-found or restarted for this request: not retries
         while True:
             target = self._finder.current()
             retry_wait: float | None = None
-            # The first attempt waits `timeout` for its answer; a retry no later than the
-            # deadline, so that one request ends within max(timeout, retry_timeout).
-            wait = options.timeout if not failures else min(
-                options.timeout, max(deadline - time.monotonic(), MIN_WAIT))
             try:
-                response = self._connections.send(target, method, path, body, wait)
+                response = self._connections.send(target, method, path, body,
+                                                  retries.answer_wait(options.timeout))
             except TRANSPORT_ERRORS as exc:
                 self._finder.check_open()
                 failure = f"{type(exc).__name__}: {exc}"
@@ -371,16 +366,13 @@ class Client:
                 failure = f"{response.status} {phrase(response.status)}: {message}"
                 status = response.status
                 retry_wait = retry_after(response.headers)
-            now = time.monotonic()
-            if now >= deadline or (options.retries is not None and failures >= options.retries):
+            delay = retries.next_delay(retry_wait)
+            if delay is None:
                 raise ServerUnavailable(
-                    f"{method} {target.url}{path} failed {failures + 1} times in "
-                    f"{now - started:.1f}s; last: {failure}", url=target.url, status=status)
-            failures += 1
-            # Not past the deadline: a last try at the deadline beats giving up early.
-            delay = min(self._backoff.delay(failures, retry_wait), deadline - now)
+                    f"{method} {target.url}{path} failed {retries.tries} times in "
+                    f"{retries.elapsed():.1f}s; last: {failure}", url=target.url, status=status)
             log.info("%s %s%s: %s; retry %d in %.2fs (retrying for up to %gs)", method,
-                     target.url, path, failure, failures, delay, options.retry_timeout)
+                     target.url, path, failure, retries.failures, delay, options.retry_timeout)
             time.sleep(delay)
 
 

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from embedserve.client.errors import EmbedServeError, ServerStartError, ServerUnavailable
 from embedserve.client.options import Options
 from embedserve.client.process import ServerProcess, spawn_server
-from embedserve.client.transport import Backoff, Connections, Target
+from embedserve.client.transport import Connections, RetryPolicy, Target
 
 log = logging.getLogger("embedserve.client")
 
@@ -55,13 +55,13 @@ REFUSAL_RETRIES = 3
 
 class ServerFinder:
     """The server one client uses (its current Target), found or started on demand, and
-    forgotten when it goes away. Thread-safe: `lock` guards the lifecycle state."""
+    forgotten when it goes away. Thread-safe: a lock guards the lifecycle state."""
 
-    def __init__(self, options: Options, connections: Connections, backoff: Backoff,
+    def __init__(self, options: Options, connections: Connections, retry: RetryPolicy,
                  may_fall_back: Callable[[], bool]) -> None:
         self._options = options
         self._connections = connections
-        self._backoff = backoff
+        self._retry = retry
         # Whether the fallback may answer now in the server's place.
         self._may_fall_back = may_fall_back
         # Held while a server starts: other threads then wait for that server.
@@ -154,10 +154,10 @@ class ServerFinder:
 
     def _find_or_start(self) -> Target:
         """Called with the lock held and no current target."""
-        deadline = time.monotonic() + self._options.start_timeout
         options = self._options
+        deadline = time.monotonic() + options.start_timeout
         may_start = options.autostart and (options.restart or not self._had_server)
-        private = self._options.port == 0
+        private = options.port == 0
         if private and not may_start:
             raise ServerUnavailable("the private server (port=0) is gone and restart is off",
                                     url=self.url)
@@ -166,20 +166,22 @@ class ServerFinder:
         url = self.configured_target().url
         if private:
             url = url[: -len(":0")] + " (a free port)"
-        local = self._options.local
-        spawns = refusals = 0
-        started = time.monotonic()
+        local = options.local
+        spawns = 0
         # A server someone else runs went away: they may be restarting it; wait for it as
         # long as for any other restart, unless the fallback's identical vectors can answer
         # meanwhile. Otherwise (nothing was ever there, or waiting for it already failed
         # once) look a few times only: the fallback or the error is better than a minute's
         # wait for a server that is not coming.
-        wait_until = (started + self._options.retry_timeout
-                      if self._foreign_lost and not self._may_fall_back() else None)
+        if self._foreign_lost and not self._may_fall_back():
+            looks = self._retry.start(seconds=options.retry_timeout, cap=options.retries)
+        else:
+            looks = self._retry.start(cap=REFUSAL_RETRIES if options.retries is None
+                                      else options.retries)
         while True:
             if not private:
                 state = self._connections.probe(self.configured_target(), deadline,
-                                                self._options.start_timeout)
+                                                options.start_timeout)
                 if state == "ok":
                     log.info("using the embedserve server at %s", url)
                     self._foreign_lost = False
@@ -187,34 +189,25 @@ class ServerFinder:
                 if state != "refused":
                     raise ServerUnavailable(f"{url} {state}", url=url)
                 if not (may_start and local):
-                    now = time.monotonic()
-                    if wait_until is None:
-                        again = refusals < (self._options.retries
-                                            if self._options.retries is not None
-                                            else REFUSAL_RETRIES)
-                    else:
-                        again = now < wait_until and (self._options.retries is None
-                                                      or refusals < self._options.retries)
-                    if again:  # someone else may be starting it right now
-                        refusals += 1
-                        delay = self._backoff.delay(refusals, None)
-                        time.sleep(delay if wait_until is None else min(delay, wait_until - now))
+                    delay = looks.next_delay()
+                    if delay is not None:  # someone else may be starting it right now
+                        time.sleep(delay)
                         continue
                     self._foreign_lost = False
-                    why = ("autostart is off" if not self._options.autostart else
-                           "restart is off" if not self._options.restart else
+                    why = ("autostart is off" if not options.autostart else
+                           "restart is off" if not options.restart else
                            "autostart only starts servers on this machine (127.0.0.1, "
                            "localhost, ::1)" if not local else
                            f"a start failed less than {RECHECK_INTERVAL:g}s ago: "
                            f"{self.down_error}")
-                    raise ServerUnavailable(f"nothing answers at {url} ({refusals + 1} tries in "
-                                            f"{now - started:.1f}s) and {why}", url=url)
+                    raise ServerUnavailable(f"nothing answers at {url} ({looks.tries} tries in "
+                                            f"{looks.elapsed():.1f}s) and {why}", url=url)
             self._count_restart(url)
             server = spawn_server(self._options, self.url)
             spawns += 1
             # Ours from now on: stopped at exit even if this thread is interrupted (Ctrl-C)
             # while waiting for it.
-            atexit.register(server.stop_at_exit, self._options.stop_timeout)
+            atexit.register(server.stop_at_exit, options.stop_timeout)
             try:
                 outcome = server.wait_ready(deadline)
             except BaseException:
@@ -225,18 +218,18 @@ class ServerFinder:
                 return self._new_target(server)
             atexit.unregister(server.stop_at_exit)
             if outcome == "timeout":
-                server.stop(self._options.stop_timeout)
+                server.stop(options.stop_timeout)
                 raise ServerStartError(f"the server started at {url} (pid {server.pid}) was "
-                                       f"not ready within {self._options.start_timeout:g}s",
+                                       f"not ready within {options.start_timeout:g}s",
                                        url=url,
                                        returncode=server.process.returncode,
                                        log_tail=server.log_tail())
-            server.stop(self._options.stop_timeout)  # reaps it; drains its last words
+            server.stop(options.stop_timeout)  # reaps it; drains its last words
             if server.lost_port_race() and not private and spawns < MAX_SPAWNS_PER_START:
                 # Another process bound the port first (a client starting at the same
                 # time, or a server still letting go of it): use that one if it serves.
                 log.info("port %s taken by another server; waiting for it to answer",
-                         self._options.port)
+                         options.port)
                 continue
             raise ServerStartError(f"the server started for {url} {server.describe_exit()}",
                                    url=url, returncode=server.process.returncode,
@@ -255,11 +248,12 @@ class ServerFinder:
         self._restart_times.append(now)
 
     def _new_target(self, server: ServerProcess | None) -> Target:
+        options = self._options
         self._generation += 1
-        host, port = self._options.host, self._options.port
+        host, port = options.host, options.port
         if server is not None and server.url is not None and port == 0:
             parts = urlsplit(server.url)
             host, port = parts.hostname or host, parts.port or port
-        return Target(self._options.scheme, host, port, self._options.base_path, self._generation,
+        return Target(options.scheme, host, port, options.base_path, self._generation,
                       server)
 

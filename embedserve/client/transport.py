@@ -1,12 +1,30 @@
 """HTTP to the server: one keep-alive connection per thread, requests and their answers,
-what an error answer means, and the /health probe.
+what an error answer means, the /health probe, and the one retry policy every retry loop
+of the client follows.
 
 A Client is thread-safe (share one): each thread keeps its own HTTPConnection, all of
 them listed so that close() can close them. A kept-alive connection the server closed
 while idle is resent once on a fresh connection before it counts as a failure. Error
 answers are read in any of the server's dialects: ValidationError (400, 413, 422) and
-AuthenticationError (401, 403) carry the server's message; 408, 429, 502, 503 and 504 are
-retried, as each can mean "being restarted" behind a proxy.
+AuthenticationError (401, 403) carry the server's message, at once.
+
+Riding out restarts: retry_timeout. A worker that crashed is replaced by its supervisor;
+meanwhile requests in flight see their connection reset, and a replacement that loads a
+model answers 503 "loading" (Retry-After: 1) for as long as the load takes (seconds to
+minutes). So every request (one per chunk of a call, and GET /info) is retried on
+connection errors, timeouts, 408, 429, 502, 503 and 504 -- one rule for all of them, as
+each can mean "being restarted" behind a proxy -- with exponential backoff and jitter,
+honouring Retry-After (embedding is idempotent, so resending is safe), until
+`retry_timeout` (default 60 s) has passed since it was first sent. The backoff never sleeps
+past that point and a retry waits for its answer no longer than that, so one request ends
+within max(timeout, retry_timeout), plus start_timeout if it has to start a server. Only
+then does the call fail (ServerUnavailable) or fall back. `retries` (default None) can cap
+the number of retries as well.
+
+One policy (RetryPolicy, and a Retries budget per loop) decides every wait: a request's
+retries; the looks at a URL where nothing listens yet (a server someone else restarts, or
+another client starts); and the /health probe while a server starts (its own quicker
+backoff, bounded by start_timeout).
 """
 
 from __future__ import annotations
@@ -39,6 +57,9 @@ MIN_WAIT = 0.05
 # Read timeout of the /health probe: a server that accepts but does not answer within
 # this is "not ready yet", not a reason to give up before the start deadline.
 PROBE_TIMEOUT = 2.0
+# The /health probe's backoff while a server starts: first wait, and its cap.
+PROBE_BACKOFF = 0.02
+PROBE_MAX_BACKOFF = 0.25
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +140,8 @@ class Connections:
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._api_key = api_key
+        # A server that is starting is looked at often: it is ready in about a second.
+        self._probe_retry = RetryPolicy(PROBE_BACKOFF, PROBE_MAX_BACKOFF)
         self._local = threading.local()
         self._connections: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
@@ -188,13 +211,14 @@ class Connections:
         """GET /health at `target` until it answers 200 ('ok'), nothing listens ('refused')
         or the deadline passes (a description of what it saw). Each look uses a connection
         of its own: it must not be a kept-alive one to a server that was there before."""
-        delay = 0.02
+        looks = self._probe_retry.start(deadline=deadline)
         seen = "did not answer"
         while True:
+            wait: float | None = None
             connection = _new_connection(target, self._connect_timeout)
             try:
                 connection.connect()
-                connection.sock.settimeout(min(self._timeout, PROBE_TIMEOUT))
+                connection.sock.settimeout(looks.answer_wait(min(self._timeout, PROBE_TIMEOUT)))
                 headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
                 connection.request("GET", target.base_path + "/health", headers=headers)
                 response = connection.getresponse()
@@ -204,6 +228,7 @@ class Connections:
                 seen = f"answers {response.status} to GET /health: {error_fields(body)[0]}"
                 if response.status not in RETRYABLE_STATUSES:
                     return seen  # something answers, and it is not an embedserve server
+                wait = retry_after({k.lower(): v for k, v in response.getheaders()})
             except ConnectionRefusedError:
                 return "refused"
             except TRANSPORT_ERRORS as exc:
@@ -211,11 +236,10 @@ class Connections:
             finally:
                 connection.close()
             # A server that is starting (503 loading) or busy: wait for it, bounded.
-            if time.monotonic() + delay > deadline:
+            delay = looks.next_delay(wait)
+            if delay is None:
                 return f"{seen} within {start_timeout:g}s"
             time.sleep(delay)
-            delay = min(delay * 2, 0.25)
-
 
 def _new_connection(target: Target, connect_timeout: float) -> http.client.HTTPConnection:
     cls = (http.client.HTTPSConnection if target.scheme == "https"
@@ -223,18 +247,79 @@ def _new_connection(target: Target, connect_timeout: float) -> http.client.HTTPC
     return cls(target.host, target.port, timeout=connect_timeout)
 
 
-class Backoff:
-    """Exponential backoff with jitter: the delay before retry number `failures`."""
 
-    def __init__(self, first: float, cap: float) -> None:
-        self._first = first
-        self._cap = cap
+class RetryPolicy:
+    """Exponential backoff with jitter, honouring Retry-After: how long to wait before a
+    retry. Each retry loop takes a budget of its own from it (start())."""
+
+    def __init__(self, backoff: float, max_backoff: float) -> None:
+        self.backoff = backoff
+        self.max_backoff = max_backoff
         self._random = random.Random()
 
+    def start(self, *, seconds: float | None = None, deadline: float | None = None,
+              cap: int | None = None) -> Retries:
+        """A budget that starts now and ends `seconds` from now (or at the monotonic
+        `deadline`), after `cap` retries, or at whichever comes first; None: unbounded."""
+        started = time.monotonic()
+        if seconds is not None:
+            deadline = started + seconds
+        return Retries(self, started, deadline, cap)
+
     def delay(self, failures: int, retry_after: float | None) -> float:
+        """The wait before retry number `failures` (1, 2, ...), or what the server asked
+        for (Retry-After), capped at max_backoff either way."""
         if retry_after is not None:
-            base = min(retry_after, self._cap)
+            base = min(retry_after, self.max_backoff)
             return base + self._random.uniform(0, 0.1 * base)
-        ceiling = min(self._cap, self._first * 2.0 ** (failures - 1))
+        ceiling = min(self.max_backoff, self.backoff * 2.0 ** (failures - 1))
         # "Equal jitter": never zero (no hammering), spread (no thundering herd).
         return ceiling / 2 + self._random.uniform(0, ceiling / 2)
+
+
+class Retries:
+    """One retry loop's budget: a deadline, a cap on the number of retries, or both.
+
+        retries = policy.start(seconds=retry_timeout, cap=max_retries)
+        while True:
+            ... try, with retries.answer_wait(timeout) for the answer ...
+            delay = retries.next_delay(retry_after)
+            if delay is None: give up, after retries.tries tries in retries.elapsed() s
+            time.sleep(delay)
+    """
+
+    def __init__(self, policy: RetryPolicy, started: float, deadline: float | None,
+                 cap: int | None) -> None:
+        self._policy = policy
+        self.started = started
+        self.deadline = deadline
+        self.cap = cap
+        self.failures = 0  # retries granted so far
+
+    @property
+    def tries(self) -> int:
+        return self.failures + 1
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def answer_wait(self, timeout: float) -> float:
+        """How long the next try may wait for its answer: `timeout` the first time; a retry
+        no later than the deadline (MIN_WAIT at least), so that the loop ends within
+        max(timeout, its budget)."""
+        if not self.failures or self.deadline is None:
+            return timeout
+        return min(timeout, max(self.deadline - time.monotonic(), MIN_WAIT))
+
+    def next_delay(self, retry_after: float | None = None) -> float | None:
+        """After a failed try: the seconds to sleep before the next one, or None when the
+        budget is spent. Never sleeps past the deadline: a last try at the deadline beats
+        giving up early."""
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            return None
+        if self.cap is not None and self.failures >= self.cap:
+            return None
+        self.failures += 1
+        delay = self._policy.delay(self.failures, retry_after)
+        return delay if self.deadline is None else min(delay, self.deadline - now)
