@@ -51,7 +51,7 @@ from embedserve.client.errors import (
     phrase,
 )
 from embedserve.client.fallback import Fallback
-from embedserve.client.finder import RECHECK_INTERVAL, ServerFinder
+from embedserve.client.finder import RECHECK_INTERVAL, ServerFinder  # noqa: F401
 from embedserve.client.options import (
     DEFAULT_URL,
     EncodingFormat,
