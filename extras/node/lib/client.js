@@ -1,7 +1,7 @@
 // The client: finds an embedserve server (or starts one), sends embedding requests to it
 // over HTTP, restarts it after a crash, falls back to the JavaScript hash embedding when
 // the policy allows, and stops the server it started when closed or when the program ends.
-// Its behaviour follows the Python client (embedserve/client.py); the README lists it.
+// Its behaviour follows the Python client (embedserve/client/); the README lists it.
 
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
