@@ -17,7 +17,7 @@ class TokenIds(NamedTuple):
     """A text's `Encoding.data` when the model thread pads ids made here."""
 
     ids: list[int]
-    type_ids: list[int]
+    type_ids: list[int] | None  # only where the tokenizer's own calls give them
 
 
 class LibraryText(NamedTuple):
@@ -39,41 +39,48 @@ class RequestTokenizer:
         # it may change as it goes, so callers take turns.
         self._library = copy.deepcopy(tokenizer)
         self._library_lock = threading.Lock()
-        # For encode_ids: the tokenizers library's Tokenizer underneath a fast tokenizer, with
-        # truncation and padding off for good. Then every call only reads it (encode_batch,
-        # post_process take it shared), so request threads use it at once, without a lock.
-        self._fast: Any = None
+        # For encode_ids: the tokenizers library's Tokenizer underneath a fast tokenizer, one
+        # copy per truncation side, each set up once (no padding, truncation at the limit)
+        # and never again. Then every call only reads it (encoding takes it shared), so
+        # request threads use it at once, without a lock.
+        self._cutters: dict[bool, Any] = {}
         self._specials = 0
+        self._type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         if getattr(tokenizer, "is_fast", False):
-            fast = copy.deepcopy(tokenizer.backend_tokenizer)
-            fast.no_truncation()
-            fast.no_padding()
-            # What the library's call sets before each encode: whether "[SEP]" written in a
-            # text is the special token or plain text.
-            fast.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-            self._specials = fast.num_special_tokens_to_add(False)
-            self._fast = fast
+            for left in (False, True):
+                cutter = copy.deepcopy(tokenizer.backend_tokenizer)
+                cutter.no_padding()
+                if max_tokens is None:
+                    cutter.no_truncation()
+                else:
+                    cutter.enable_truncation(max_tokens, stride=0, strategy="longest_first",
+                                             direction="left" if left else "right")
+                # What the library's call sets before each encode: whether "[SEP]" written
+                # in a text is the special token or plain text.
+                cutter.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens",
+                                                            False))
+                self._cutters[left] = cutter
+            self._specials = self._cutters[False].num_special_tokens_to_add(False)
 
     @property
     def can_encode_ids(self) -> bool:
-        return self._fast is not None
+        return bool(self._cutters)
 
     def encode_ids(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:
         """Each text's ids as `tokenizer(text, truncation=True, max_length=limit)` makes them
-        (the side as asked): the text's own tokens cut to leave room for the special tokens,
-        then those added -- the steps the tokenizers library takes inside that call. One
-        tokenization gives both the untruncated count and the ids."""
-        fast, limit = self._fast, self._limit
-        room = None if limit is None else max(0, limit - self._specials)
-        direction = "left" if truncate_left else "right"
+        (cut from the side asked), tokenized once: what was cut comes back beside the ids
+        (as overflowing pieces, each with its own special tokens), which gives the
+        untruncated count too."""
+        cutter, limit, specials = self._cutters[truncate_left], self._limit, self._specials
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, unused here.
+        encode = getattr(cutter, "encode_batch_fast", cutter.encode_batch)
         encodings = []
-        for raw in fast.encode_batch(list(texts), add_special_tokens=False):
-            untruncated = len(raw.ids) + self._specials
-            if room is not None and len(raw.ids) > room:
-                raw.truncate(room, direction=direction)
-            final = fast.post_process(raw)
-            ids = final.ids
-            encodings.append(Encoding(len(ids), untruncated, TokenIds(ids, final.type_ids)))
+        for encoded in encode(list(texts), add_special_tokens=True):
+            tokens = untruncated = len(encoded)
+            if limit is not None and tokens >= limit:
+                untruncated += sum(len(piece) - specials for piece in encoded.overflowing)
+            data = TokenIds(encoded.ids, encoded.type_ids if self._type_ids else None)
+            encodings.append(Encoding(tokens, untruncated, data))
         return encodings
 
     def encode_for_library(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:

@@ -183,10 +183,13 @@ class TorchBackend:
         if self.max_input_tokens:  # over the limit, its ends unlike: the side cut shows
             probes.append(f"{PROBE_TEXT} {'word ' * self.max_input_tokens} the end.")
         try:
+            counts = self._request_tokenizer.count(probes)
             for left in (False, True):
                 theirs = self._library_features(probes, left)
-                ours = self._pad([e.data for e in
-                                  self._request_tokenizer.encode_ids(probes, left)])
+                encodings = self._request_tokenizer.encode_ids(probes, left)
+                if [e.untruncated for e in encodings] != counts:
+                    return "the untruncated counts differ from the tokenizer's"
+                ours = self._pad([e.data for e in encodings])
                 tensors = {k: v for k, v in theirs.items() if isinstance(v, torch.Tensor)}
                 if tensors.keys() != ours.keys():
                     return f"the library's batches hold {sorted(tensors)}, not {sorted(ours)}"
@@ -251,9 +254,9 @@ class TorchBackend:
     def _pad(self, ids: list[TokenIds]) -> dict[str, Any]:
         """One padded batch from ids made in the request threads, by the tokenizer's own
         `pad` (its side, pad id and inputs: token_type_ids only where its calls give them)."""
-        inputs = {"input_ids": [t.ids for t in ids]}
-        if "token_type_ids" in self.tokenizer.model_input_names:
-            inputs["token_type_ids"] = [t.type_ids for t in ids]
+        inputs: dict[str, list[list[int]]] = {"input_ids": [t.ids for t in ids]}
+        if ids and ids[0].type_ids is not None:
+            inputs["token_type_ids"] = [t.type_ids or [] for t in ids]
         return dict(self.tokenizer.pad(inputs, padding=True, return_tensors="pt"))
 
     def _forward(self, features: dict[str, Any]) -> Any:
