@@ -117,9 +117,7 @@ class EmbeddingService:
             raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
                                 f"for model {backend.model}, got {dims}", param="dimensions")
         texts = self._prompted(backend, request)
-        model, batcher = self._model, self._batcher
-        if model is None or batcher is None:
-            assert self._encoder is not None  # attach set one or the other
+        if self._encoder is not None:
             # The hash tier computes `dimensions` buckets directly: its features carry no
             # order of importance, so a shortened 384-d vector would be mostly zeros.
             with self._encode_lock, self.backend_call():
@@ -127,20 +125,26 @@ class EmbeddingService:
                                                dimensions=dims)
             vectors, tokens = encoded.vectors, sum(encoded.token_counts)
         else:
-            if EMBED not in model.capabilities:
-                raise ApiError(400, f"model {model.model} does not embed text (it can: "
-                                    f"{', '.join(sorted(model.capabilities)) or 'nothing'})")
-            check_well_formed(texts)
-            # Tokenized once, here in the request thread: the counts checked and reported
-            # are those of the very ids the model thread pads.
-            encodings = model.prepare(texts, truncate_left=request.truncate_left)
-            self._check_lengths(model, encodings, request.truncate)
-            vectors = batcher.embed(encodings, request.normalize)
-            tokens = sum(e.tokens for e in encodings)
+            vectors, tokens = self._embed_batched(texts, request)
             if dims is not None and dims < backend.dimensions:
                 vectors = [shorten(v, dims, request.normalize) for v in vectors]
         self.metrics.observe_embedding(len(vectors), tokens)
         return EmbedResult(vectors, self._names.primary, tokens)
+
+    def _embed_batched(self, texts: list[str], request: EmbedRequest
+                       ) -> tuple[list[list[float]], int]:
+        model, batcher = self._model, self._batcher
+        assert model is not None and batcher is not None  # attach: no encoder, so a model
+        if EMBED not in model.capabilities:
+            raise ApiError(400, f"model {model.model} does not embed text (it can: "
+                                f"{', '.join(sorted(model.capabilities)) or 'nothing'})")
+        check_well_formed(texts)
+        # Tokenized once, here in the request thread: the counts checked and reported are
+        # those of the very ids the model thread pads.
+        encodings = model.prepare(texts, truncate_left=request.truncate_left)
+        self._check_lengths(model, encodings, request.truncate)
+        vectors = batcher.embed(encodings, request.normalize)
+        return vectors, sum(e.tokens for e in encodings)
 
     def model_names(self) -> ModelNames:
         self._ready_backend()

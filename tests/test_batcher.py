@@ -127,9 +127,9 @@ def test_no_length_is_starved_under_a_stream_of_newcomers() -> None:
 PURE_PYTHON = r"""
 import json, sys, threading
 sys.modules["torch"] = None  # any import of torch, however indirect, fails
-from contextlib import nullcontext
 from embedserve.backends import Encoding, Loaded
 from embedserve.config import Config
+from embedserve.errors import ApiError
 from embedserve.requests import EmbedRequest
 from embedserve.service import EmbeddingService
 
@@ -197,16 +197,28 @@ for t in threads:
     t.start()
 for t in threads:
     t.join(30)
-print(json.dumps({"answers": answers, "passes": passes,
+# A model that declares no "embed" is not asked to embed.
+scorer = WordModel()
+scorer.capabilities = frozenset({"score"})
+scoring = EmbeddingService(Config())
+scoring.attach(Loaded(None, scorer, {}))
+try:
+    scoring.embed(EmbedRequest(["x"]))
+    refused = None
+except ApiError as exc:
+    refused = [exc.status, exc.message]
+print(json.dumps({"answers": answers, "passes": passes, "refused": refused,
                   "info": {k: service.info()[k] for k in ("backend", "pass_overhead_tokens")},
-                  "torch": "torch" in sys.modules and sys.modules["torch"] is not None}))
+                  "heavy": [name for name in ("torch", "transformers", "sentence_transformers",
+                                              "tokenizers", "numpy") if sys.modules.get(name)]}))
 """
 
 
 def test_the_batcher_drives_a_pure_python_model_without_torch() -> None:
     """The service and batcher need nothing from a model but the BatchedModel protocol: a
     word-counting model in plain Python (torch made unimportable) is planned, batched and
-    answered in each request's order, normalised or not, cut from the side asked."""
+    answered in each request's order, normalised or not, cut from the side asked; one that
+    declares no "embed" capability is refused."""
     done = subprocess.run([sys.executable, "-c", PURE_PYTHON], capture_output=True, text=True,
                           env=server_env(), cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -225,4 +237,5 @@ def test_the_batcher_drives_a_pure_python_model_without_torch() -> None:
             [x / (4 + 16 + 1) ** 0.5 for x in (2, 4, 1)]]
     assert [pytest.approx(row) for row in unit] == answers["c"][0] and answers["c"][1] == 3
     assert result["info"] == {"backend": "words", "pass_overhead_tokens": 0}
-    assert result["torch"] is False
+    assert result["refused"] == [400, "model word-model does not embed text (it can: score)"]
+    assert result["heavy"] == []  # nor anything else an ML tier imports
