@@ -26,11 +26,14 @@ def make_tiny_models(root: Path) -> tuple[str, str]:
 
     bert = root / "tiny-bert"
     bert.mkdir(parents=True, exist_ok=True)
-    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
-             + list(string.digits) + list(string.punctuation) + WORDS
-             + ["##" + c for c in string.ascii_lowercase])
+    vocab = list(dict.fromkeys(  # "a" is both a letter and a word: one entry
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+        + list(string.digits) + list(string.punctuation) + WORDS
+        + ["##" + c for c in string.ascii_lowercase]))
     (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(bert / "vocab.txt"), model_max_length=64).save_pretrained(bert)
+    # from_pretrained reads vocab.txt on every transformers version; the constructor's
+    # vocab_file is ignored from transformers 5 on (every word became [UNK]).
+    BertTokenizerFast.from_pretrained(str(bert), model_max_length=64).save_pretrained(bert)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64,
