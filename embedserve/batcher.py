@@ -3,6 +3,12 @@ their texts here (tokenized already: see backends.BatchedModel.prepare) and are 
 batches bounded by a token budget, grouped by length at the least cost in padding and
 passes, and each request gets its own vectors back in order. It drives any BatchedModel
 through that protocol alone, and imports no tensor library.
+
+Fair under pressure: the model is shared between requests, not handed to the oldest text.
+Each pass is planned from the waiting requests taken in turn (a text from each, then the
+next from each...), and the requests take turns leading the pass, so a one-text search
+sent while a 2,048-text indexing job runs waits about one pass, not the whole job. A
+request whose client has gone is dropped between passes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 from embedserve.backends import BatchedModel, Encoding
 from embedserve.config import Config
-from embedserve.errors import ApiError
+from embedserve.errors import ApiError, ClientGone
 
 log = logging.getLogger("embedserve.batcher")
 
@@ -28,6 +34,12 @@ log = logging.getLogger("embedserve.batcher")
 # by length (at 2, big requests on a CPU got 10 texts a pass instead of 14). Planning is
 # O(texts x --max-batch-texts) in Python: 0.6 ms a pass at the default 32 here.
 POOL_BATCHES = 4
+# How often a waiting request looks whether its client is still there: well within a pass.
+ABANDON_POLL = 0.05
+# Retry-After for a full queue: the measured time to drain it, within these bounds.
+RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
+# Weight of the newest pass in the measured rate (texts per second).
+RATE_WEIGHT = 0.2
 
 
 @dataclass(eq=False)
@@ -35,6 +47,7 @@ class _Job:
     normalize: bool
     vectors: list[Any]
     remaining: int
+    waiting: deque[_Item] = field(default_factory=deque)  # not yet in a pass
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -64,33 +77,83 @@ class Batcher:
                  "are planned with that", self.overhead)
         self._track_call = track_call
         self._observe_batch = observe_batch
-        self._pending: deque[_Item] = deque()
+        # Requests with texts waiting, in turn order; the lock guards them and _queued.
+        self._jobs: deque[_Job] = deque()
+        self._queued = 0
         self._ready = threading.Condition()
+        self._closed: ApiError | None = None
+        self._in_pass: list[_Item] = []
+        self._rate = 0.0  # texts per second through the model, measured
         self.batches = 0
+        self.abandoned = 0  # requests dropped because their client had gone
         threading.Thread(target=self._run, name="model", daemon=True).start()
 
-    def embed(self, encodings: Sequence[Encoding], normalize: bool) -> list[list[float]]:
-        """The texts' vectors, in order, once the model thread has run them."""
+    def check_room(self, texts: int) -> None:
+        """429 unless `texts` more fit in the queue: asked before a request is tokenized,
+        so that refusing one costs next to nothing."""
+        with self._ready:
+            self._check_room(texts)
+
+    def _check_room(self, texts: int) -> None:
+        if self._closed is not None:
+            raise self._closed
+        if self._queued + texts > self.max_queue:
+            raise ApiError(429, f"the queue is full ({self._queued} texts waiting, limit "
+                                f"{self.max_queue}); retry shortly",
+                           headers={"Retry-After": str(self._drain_seconds())})
+
+    def _drain_seconds(self) -> int:
+        """When the queue should have room again, from the measured rate of the model."""
+        if not self._rate:
+            return RETRY_AFTER_MIN
+        return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(self._queued / self._rate)))
+
+    def embed(self, encodings: Sequence[Encoding], normalize: bool,
+              client_gone: Callable[[], bool] | None = None) -> list[list[float]]:
+        """The texts' vectors, in order, once the model thread has run them. While waiting,
+        `client_gone` is asked now and then: once it says yes, the request's texts leave
+        the queue and ClientGone is raised."""
         if not encodings:
             return []
         job = _Job(normalize, [None] * len(encodings), len(encodings))
+        job.waiting.extend(_Item(job, i, encoding, encoding.tokens)
+                           for i, encoding in enumerate(encodings))
         with self._ready:
-            if len(self._pending) + len(encodings) > self.max_queue:
-                raise ApiError(429, f"the queue is full ({len(self._pending)} texts waiting, "
-                                    f"limit {self.max_queue}); retry shortly",
-                               headers={"Retry-After": "1"})
-            self._pending.extend(_Item(job, i, encoding, encoding.tokens)
-                                 for i, encoding in enumerate(encodings))
+            self._check_room(len(encodings))
+            self._jobs.append(job)
+            self._queued += len(encodings)
             self._ready.notify()
         # No timeout of our own: a wedged model stops the worker's heartbeat, and the
         # supervisor replaces the worker.
-        job.done.wait()
+        while not job.done.wait(ABANDON_POLL):
+            if client_gone is not None and client_gone():
+                self._drop(job)
+                raise ClientGone(f"client gone; {len(job.waiting)} of its texts dropped")
         if job.error is not None:
             raise job.error
         return job.vectors
 
+    def _drop(self, job: _Job) -> None:
+        with self._ready:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                self._queued -= len(job.waiting)
+            job.waiting.clear()
+            self.abandoned += 1
+
+    def close(self, error: ApiError) -> None:
+        """Answer every request still waiting with `error` (a worker that must stop now),
+        and refuse new ones with it. A pass in progress finishes, unread."""
+        with self._ready:
+            self._closed = error
+            jobs, self._jobs, self._queued = list(self._jobs), deque(), 0
+        jobs += [item.job for item in self._in_pass]
+        for job in jobs:
+            job.error = error
+            job.done.set()
+
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return self._queued
 
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -107,41 +170,56 @@ class Batcher:
                 self._fail(pool, ApiError(500, f"batching failed: {type(exc).__name__}: {exc}"))
                 continue
             self._remove(pool, batch)
+            self._in_pass = batch
             try:
                 self._forward(batch)
             except Exception as exc:  # past the model call (a backend's odd output): as above
                 log.exception("finishing a batch of %d texts failed", len(batch))
                 self._fail(batch, ApiError(500, f"inference failed: {type(exc).__name__}: "
                                                 f"{exc}"))
+            self._in_pass = []
 
     def _peek(self) -> list[_Item]:
-        """The oldest few batches' worth of waiting texts (enough to group by length; a
-        longer backlog waits its turn in order), left in the queue so that its length, which
-        admission checks, stays true while they are planned."""
+        """A few batches' worth of waiting texts, taken from the waiting requests in turn
+        (the first text of each, then the second...), the request whose turn it is first.
+        They stay queued, so that the length admission checks stays true while they are
+        planned."""
         with self._ready:
-            idle = not self._pending
-            while not self._pending:
+            idle = not self._jobs
+            while not self._jobs:
                 self._ready.wait()
             if idle and self.wait:
                 # An optional short wait for company, once per busy spell: more texts per
                 # forward pass, at the price of that much latency for a lone request.
                 deadline = time.monotonic() + self.wait
-                while len(self._pending) < self.max_batch_texts:
+                while self._queued < self.max_batch_texts:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._ready.wait(left):
                         break
-            return list(itertools.islice(self._pending, POOL_BATCHES * self.max_batch_texts))
+            size = POOL_BATCHES * self.max_batch_texts
+            rounds = itertools.zip_longest(*(itertools.islice(job.waiting, size)
+                                             for job in self._jobs))
+            pool = [item for turn in rounds for item in turn if item is not None]
+            return pool[:size]
 
     def _remove(self, pool: list[_Item], taken: list[_Item]) -> None:
-        """Take `taken` out of the queue; the rest of `pool` stays at its head, in order.
-        (Only this thread removes texts, and others append at the tail: the queue's head is
-        still `pool`.)"""
+        """Take `taken` out of the queue, and pass the turn: the request that led this pass
+        goes to the back. (Only this thread removes texts; others add requests at the back
+        or drop their own, so a dropped request's items are simply gone.)"""
         gone = {id(item) for item in taken}
         with self._ready:
-            head = [self._pending.popleft() for _ in pool]
-            self._pending.extendleft(reversed([item for item in head if id(item) not in gone]))
+            for job in {id(item.job): item.job for item in taken}.values():
+                before = len(job.waiting)
+                job.waiting = deque(item for item in job.waiting if id(item) not in gone)
+                if job in self._jobs:
+                    self._queued -= before - len(job.waiting)
+            leader = pool[0].job
+            if self._jobs and self._jobs[0] is leader:
+                self._jobs.rotate(-1)
+            self._jobs = deque(job for job in self._jobs if job.waiting)
 
     def _forward(self, batch: list[_Item]) -> None:
+        began = time.monotonic()
         try:
             with self._track_call():
                 rows = self.model.forward([item.encoding for item in batch])
@@ -160,6 +238,9 @@ class Batcher:
             return
         self.batches += 1
         self._observe_batch(len(batch))
+        rate = len(batch) / max(time.monotonic() - began, 1e-6)
+        self._rate = rate if not self._rate else (1 - RATE_WEIGHT) * self._rate + \
+            RATE_WEIGHT * rate
         if len(rows) != len(batch):  # answered as a failure past the model call (_run)
             raise RuntimeError(f"the model gave {len(rows)} rows for {len(batch)} texts")
         unit = rows.lists(normalize=True) if any(item.job.normalize for item in batch) else []

@@ -13,6 +13,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class ClientGone(Exception):
+    """The client hung up before its answer was ready: its work was dropped, and there is
+    no one to answer."""
+
+
 ECHO_LIMIT = 80
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from embedserve import __version__
 from embedserve.connections import ConnectionServer, DeadlineReader
 from embedserve.dialects import Dialect
-from embedserve.errors import ApiError, quoted
+from embedserve.errors import ApiError, ClientGone, quoted
 from embedserve.guards import is_json_media_type
 from embedserve.routes import ROUTES
 from embedserve.routing import Reply, Route
@@ -35,6 +35,8 @@ _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
 _MAX_TRAILERS = 64
+# The status counted for a request whose client hung up before its answer (nginx's).
+CLIENT_GONE = 499
 # An unread body up to this size is read away to keep the connection; a bigger one closes
 # it, after a short lingering drain so that the close does not reset the connection before
 # the client has read the answer (a client still sending gets an RST otherwise).
@@ -189,6 +191,12 @@ class Handler(BaseHTTPRequestHandler):
                 reply = method.answer(self)
         except (TimeoutError, ConnectionError):
             raise  # the connection is unusable: handle_one_request closes it
+        except ClientGone as gone:
+            # Nobody to answer; counted apart (nginx's 499) so a dashboard can tell it from
+            # a served request.
+            status = CLIENT_GONE
+            self.close_connection = True
+            log.debug("%s %s: %s", self.command, path, gone)
         except ApiError as error:
             status = error.status
             if status >= 500 and status != 503:
@@ -312,6 +320,17 @@ class Handler(BaseHTTPRequestHandler):
                 size -= len(chunk)
         except (OSError, TimeoutError):
             self.close_connection = True
+
+    def client_gone(self) -> bool:
+        """True once the client has closed its end: the socket reads as ended (or fails).
+        Bytes of a next, pipelined request mean it is still there."""
+        conn = self.connection
+        try:
+            if not select.select([conn], [], [], 0)[0]:
+                return False
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def read_json(self) -> Any:
         """The request body as JSON; the caller holds a slot from service.admit()."""

@@ -72,7 +72,7 @@ def embed(exchange: Exchange) -> Reply:
     with service.admit():
         request = dialect.parse(exchange.read_json(), service.config.max_batch_size)
         computing = time.monotonic()
-        result = service.embed(request)
+        result = service.embed(request, exchange.client_gone)
         body = dialect.render(request, result)
     now = time.monotonic()
     # TEI's timing headers, for clients and proxies that log them.

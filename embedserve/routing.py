@@ -47,6 +47,10 @@ class Exchange(Protocol):
         """The request body as JSON; call it holding a slot from service.admit()."""
         ...
 
+    def client_gone(self) -> bool:
+        """Whether the client has hung up (asked while its answer is being computed)."""
+        ...
+
 
 Answer = Callable[[Exchange], Reply]
 

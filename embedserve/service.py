@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
@@ -107,8 +107,11 @@ class EmbeddingService:
             started = min(self._calls.values(), default=None)
         return 0.0 if started is None else time.monotonic() - started
 
-    def embed(self, request: EmbedRequest) -> EmbedResult:
-        """Run one request; callers hold a slot from `admit` around it."""
+    def embed(self, request: EmbedRequest, client_gone: Callable[[], bool] | None = None
+              ) -> EmbedResult:
+        """Run one request; callers hold a slot from `admit` around it. `client_gone`, asked
+        while the request waits for the model, lets a request whose client hung up be
+        dropped (ClientGone) instead of computed for no one."""
         backend = self._ready_backend()
         if request.model is not None:
             self.check_model(request.model)
@@ -125,13 +128,14 @@ class EmbeddingService:
                                                dimensions=dims)
             vectors, tokens = encoded.vectors, sum(encoded.token_counts)
         else:
-            vectors, tokens = self._embed_batched(texts, request)
+            vectors, tokens = self._embed_batched(texts, request, client_gone)
             if dims is not None and dims < backend.dimensions:
                 vectors = [shorten(v, dims, request.normalize) for v in vectors]
         self.metrics.observe_embedding(len(vectors), tokens)
         return EmbedResult(vectors, self._names.primary, tokens)
 
-    def _embed_batched(self, texts: list[str], request: EmbedRequest
+    def _embed_batched(self, texts: list[str], request: EmbedRequest,
+                       client_gone: Callable[[], bool] | None
                        ) -> tuple[list[list[float]], int]:
         model, batcher = self._model, self._batcher
         assert model is not None and batcher is not None  # attach: no encoder, so a model
@@ -139,12 +143,19 @@ class EmbeddingService:
             raise ApiError(400, f"model {model.model} does not embed text (it can: "
                                 f"{', '.join(sorted(model.capabilities)) or 'nothing'})")
         check_well_formed(texts)
+        batcher.check_room(len(texts))  # before tokenizing: a refusal should cost nothing
         # Tokenized once, here in the request thread: the counts checked and reported are
         # those of the very ids the model thread pads.
         encodings = model.prepare(texts, truncate_left=request.truncate_left)
         self._check_lengths(model, encodings, request.truncate)
-        vectors = batcher.embed(encodings, request.normalize)
+        vectors = batcher.embed(encodings, request.normalize, client_gone)
         return vectors, sum(e.tokens for e in encodings)
+
+    def stop_now(self, error: ApiError) -> None:
+        """A worker out of time to drain: answer what still waits for the model with
+        `error`, so that its clients retry elsewhere instead of losing the connection."""
+        if self._batcher is not None:
+            self._batcher.close(error)
 
     def model_names(self) -> ModelNames:
         self._ready_backend()
@@ -223,6 +234,8 @@ class EmbeddingService:
             "prompts": sorted(backend.prompts),
             "max_batch_tokens": config.max_batch_tokens if self._batcher else None,
             "batches": self._batcher.batches if self._batcher else None,
+            # Requests dropped while waiting for the model because their client hung up.
+            "abandoned_requests": self._batcher.abandoned if self._batcher else None,
             # What a forward pass was measured to cost beyond its tokens (see batcher.py).
             "pass_overhead_tokens": round(self._batcher.overhead) if self._batcher else None,
             "default_prompt_name": backend.default_prompt_name,

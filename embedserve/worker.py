@@ -19,12 +19,14 @@ from typing import Any
 from embedserve.backends import BackendError, load_backend
 from embedserve.config import Config
 from embedserve.contracts import EXIT_CONFIG_ERROR
+from embedserve.errors import ApiError
 from embedserve.server import EmbedServer
 from embedserve.service import EmbeddingService, SharedInt
 
 log = logging.getLogger("embedserve.worker")
 
-LOADING_GRACE = 0.3  # seconds of loading before a lone worker answers 503 "loading"
+LOADING_GRACE = 0.3
+ANSWER_GRACE = 0.5  # seconds to write the 503s of a drain cut short  # seconds of loading before a lone worker answers 503 "loading"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,14 @@ def run(config: Config, sock: socket.socket, link: WorkerLink) -> None:
     # the supervisor should act on it; it then sends SIGTERM here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    sys.exit(Worker(config, sock, link).run())
+    code = Worker(config, sock, link).run()
+    # Leave without the interpreter's shutdown: a model thread still inside a forward pass
+    # (a drain cut short) then aborts the process from C++ ("terminate called without an
+    # active exception"). Nothing is left to clean up but the logs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Worker:
@@ -155,8 +164,13 @@ class Worker:
         self._stop_listening()
         if self.server.wait_idle(self.config.graceful_timeout):
             return 0
-        log.warning("requests still in flight after %gs; exiting anyway",
-                    self.config.graceful_timeout)
+        # Out of time: what still waits for the model is answered 503, so its clients
+        # retry on a worker that stays, instead of losing their connections with us.
+        self.service.stop_now(ApiError(503, "this worker is stopping before your request "
+                                            "was served; retry", headers={"Retry-After": "1"}))
+        self.server.wait_idle(ANSWER_GRACE)
+        log.warning("requests still in flight after %gs: those waiting for the model were "
+                    "answered 503", self.config.graceful_timeout)
         return 1
 
     def _stop(self, reason: str) -> None:
