@@ -67,8 +67,23 @@ class ServerError(EmbedServeError):
 
 
 class ValidationError(ServerError, ValueError):
-    """The request is wrong (400, 413, 422); retrying it cannot help. Raised the same way
-    when the client itself catches the problem before sending (e.g. an empty text)."""
+    """The request is wrong (400, 413, 422; 404 for a model: ModelNotFound); retrying it
+    cannot help. Raised the same way when the client itself catches the problem before
+    sending (e.g. an empty text)."""
+
+
+class ModelNotFound(ValidationError):
+    """The server serves no model of the name a call asked for (404). `message` is the
+    server's own text, which lists the names it serves; `model` is the name asked for, and
+    `available` the names the server serves (GET /v1/models; None where they could not be
+    read). Never answered by the fallback: the server is there, the name is wrong."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None,
+                 code: str | None = None, param: str | None = None, url: str = "",
+                 model: str | None = None, available: Sequence[str] | None = None) -> None:
+        super().__init__(status, message, type=type, code=code, param=param, url=url)
+        self.model = model
+        self.available = None if available is None else list(available)
 
 
 class AuthenticationError(ServerError):

@@ -5,8 +5,9 @@ of the client follows.
 A Client is thread-safe (share one): each thread keeps its own HTTPConnection, all of
 them listed so that close() can close them. A kept-alive connection the server closed
 while idle is resent once on a fresh connection before it counts as a failure. Error
-answers are read in any of the server's dialects: ValidationError (400, 413, 422) and
-AuthenticationError (401, 403) carry the server's message, at once.
+answers are read in any of the server's dialects: ValidationError (400, 413, 422),
+ModelNotFound (404 for the request's `model`) and AuthenticationError (401, 403) carry the
+server's message, at once.
 
 Riding out restarts: retry_timeout. A worker that crashed is replaced by its supervisor;
 meanwhile requests in flight see their connection reset, and a replacement that loads a
@@ -40,7 +41,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from embedserve import __version__
-from embedserve.client.errors import AuthenticationError, ServerError, ValidationError
+from embedserve.client.errors import (
+    AuthenticationError,
+    ModelNotFound,
+    ServerError,
+    ValidationError,
+)
 from embedserve.client.process import ServerProcess
 
 RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
@@ -123,7 +129,10 @@ def http_error(response: Response, url: str, first: int = 0) -> ServerError:
     """The typed error of an answer that is not retried; `first`: the index of the first
     text of the request, when it was not the call's first."""
     message, kind, code, param = error_fields(response.body)
-    cls = (ValidationError if response.status in VALIDATION_STATUSES else
+    # A 404 about the request's `model` field: the server serves no model of that name
+    # (any other 404 is a wrong URL, a plain ServerError).
+    cls = (ModelNotFound if response.status == 404 and param == "model" else
+           ValidationError if response.status in VALIDATION_STATUSES else
            AuthenticationError if response.status in AUTH_STATUSES else ServerError)
     error = cls(response.status, message, type=kind, code=code, param=param, url=url)
     if first:

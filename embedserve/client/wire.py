@@ -1,6 +1,7 @@
 """What goes over the wire for one embed call: request bodies for the OpenAI route, split
 into chunks that respect the server's /info limits (max_batch_size, max_body_bytes), and
-the vectors read back from its answers (base64 float32 or JSON floats).
+the vectors read back from its answers (base64 float32 or JSON floats), and the served
+model names of GET /v1/models.
 
 Vectors are decoded with `array`: numpy was measured no faster at building the lists
 returned here (list creation dominates), so it is not imported.
@@ -26,10 +27,11 @@ BODY_OVERHEAD = 256
 
 
 def chunks(texts: list[str], info: Mapping[str, Any], dimensions: int | None,
-           encoding_format: EncodingFormat, batch_size: int | None
-           ) -> Iterator[tuple[int, bytes]]:
+           encoding_format: EncodingFormat, batch_size: int | None,
+           model: str | None = None) -> Iterator[tuple[int, bytes]]:
     """(index of the first text, request body) per request, within the server's limits
-    (and within `batch_size` texts, when given)."""
+    (and within `batch_size` texts, when given). `model`, when given, is every request's
+    OpenAI `model` field: the served model that embeds them all."""
     max_batch = info.get("max_batch_size")
     max_batch = max_batch if isinstance(max_batch, int) and max_batch > 0 else DEFAULT_MAX_BATCH
     if batch_size is not None:
@@ -39,6 +41,8 @@ def chunks(texts: list[str], info: Mapping[str, Any], dimensions: int | None,
     tail: dict[str, str | int] = {"encoding_format": encoding_format}
     if dimensions is not None:
         tail["dimensions"] = dimensions
+    if model is not None:
+        tail["model"] = model
     head = b'{"input":'
     end = b"," + json.dumps(tail, separators=(",", ":")).encode()[1:]
     budget = max_body - len(head) - len(end) - BODY_OVERHEAD
@@ -98,3 +102,15 @@ def decode(body: bytes, encoding_format: EncodingFormat, url: str
     except (ValueError, KeyError, TypeError) as exc:
         raise EmbedServeError(f"unexpected response from {url}/v1/embeddings: "
                               f"{exc!r}") from exc
+
+
+def model_ids(body: bytes, url: str) -> list[str]:
+    """The served names of an OpenAI-shaped GET /v1/models answer from `url`, in order."""
+    try:
+        items = json.loads(body)["data"]
+        ids = [item["id"] for item in items]
+        if not all(isinstance(name, str) for name in ids):
+            raise TypeError(f"a model id is not a string: {ids!r}")
+        return ids
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EmbedServeError(f"unexpected response from {url}/v1/models: {exc!r}") from exc
