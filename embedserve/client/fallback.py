@@ -20,6 +20,11 @@ server's hash tier, the fallback computes N buckets directly (HashEmbedder(N)) a
 the result with the served model's name (hash-v1-384 for a default server), as the server
 does for that request.
 
+A call that names its model (`embed(..., model=...)`) gets that model's vectors or none:
+the fallback answers it only when the name is the hash tier's -- `hash`, `hash-v1-<D>`, or
+a name the server's /info listed for its hash tier -- under any policy but "never", and
+never for another model (ServerUnavailable then), whatever the policy.
+
 Only the hash encoder is imported here: nothing of the server (service, dialects, backends).
 """
 
@@ -29,16 +34,29 @@ import copy
 import logging
 import threading
 from array import array
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from embedserve.client.errors import ServerUnavailable, ValidationError
-from embedserve.client.options import Options
+from embedserve.client.options import HASH_MODEL, Options
 from embedserve.client.results import Embeddings
-from embedserve.hashing import HashEmbedder, model_name
+from embedserve.hashing import HASH_VERSION, HashEmbedder, model_name
 
 log = logging.getLogger("embedserve.client")
 
 # Fallback embedders kept for request-time `dimensions` other than the model's own size.
 MAX_FALLBACK_SIZES = 4
+# What a call may name the hash tier: `--model hash` serves it; hash-v1-<D> is its model id.
+HASH_TIER = "hash"
+
+
+class Plan(NamedTuple):
+    """What the fallback would answer a call with: `embedder` and the model name its result
+    carries; or no embedder, and `refusal` says why."""
+
+    embedder: HashEmbedder | None
+    label: str = ""
+    refusal: str = ""
 
 
 class Fallback:
@@ -52,16 +70,45 @@ class Fallback:
         self.served_dimensions: int | None = None
         # Whether the last call was answered here: the switch either way is logged once.
         self.active = False
+        # Names the server's /info gave its hash tier, lower-cased: (the name its answers
+        # carry, its size). A call naming one of them may be answered here.
+        self._hash_names: dict[str, tuple[str, int]] = {}
         self._embedder: HashEmbedder | None = None
         self._sized: dict[int, HashEmbedder] = {}  # for `dimensions`, oldest first
         # Not the client's lock: that one is held while a server starts.
         self._sized_lock = threading.Lock()
 
-    def plan(self) -> tuple[HashEmbedder | None, str]:
-        """The in-process embedder the policy allows, or None and why not."""
+    def learn(self, info: Mapping[str, Any]) -> None:
+        """What a server's GET /info says it serves: its default model (what calls without
+        a model get), and the names of its hash tier (its "models" list, where it has one)."""
+        model, dims = info.get("model"), info.get("dimensions")
+        if not isinstance(model, str):
+            return
+        self.served_model = model
+        self.served_dimensions = dims if isinstance(dims, int) else None
+        hash_names: dict[str, tuple[str, int]] = {}
+        entries = info.get("models")
+        if not isinstance(entries, list):
+            entries = [{"names": [model], **info}]  # a server of one model
+        for entry in entries:
+            if not isinstance(entry, dict) or entry.get("backend") != "hash":
+                continue
+            size, names = entry.get("dimensions"), entry.get("names")
+            names = [n for n in (names if isinstance(names, list) else []) + [entry.get("model")]
+                     if isinstance(n, str)]
+            if isinstance(size, int) and size > 0 and names:
+                for name in names:
+                    hash_names.setdefault(name.lower(), (names[0], size))
+        self._hash_names = hash_names
+
+    def plan(self, model: str | None = None) -> Plan:
+        """The in-process embedder the policy allows for a call asking for `model` (None:
+        the server's default), or None and why not."""
         policy = self._options.fallback
         if policy == "never":
-            return None, "fallback is off (fallback='never')"
+            return Plan(None, refusal="fallback is off (fallback='never')")
+        if model is not None:
+            return self._plan_named(model)
         served_dims = self.served_dimensions
         # A hash-tier server's size wins over the options: the fallback must match it.
         dims = (served_dims if served_dims and self.served_model == model_name(served_dims)
@@ -70,19 +117,46 @@ class Fallback:
         if policy == "same-model":
             expected = self.served_model or self._options.requested_model(local_model)
             if expected is not None and expected != local_model:
-                return None, (f"the server's model is {expected}, the in-process fallback "
-                              f"would be {local_model} (pass fallback='always' to accept "
-                              "vectors from another model)")
+                return Plan(None, refusal=(
+                    f"the server's model is {expected}, the in-process fallback would be "
+                    f"{local_model} (pass fallback='always' to accept vectors from another "
+                    "model)"))
         embedder = self._embedder
         if embedder is None or embedder.dimensions != dims:
             embedder = self._embedder = HashEmbedder(dims)
-        return embedder, ""
+        return Plan(embedder, local_model)
+
+    def _plan_named(self, model: str) -> Plan:
+        """A call that named its model: the hash tier's vectors when it names the hash
+        tier, under any policy but "never"; otherwise nothing, whatever the policy."""
+        wanted = model.lower()
+        known = self._hash_names.get(wanted)
+        if known is None and wanted == HASH_TIER:
+            # The hash tier the server listed; else the one a server started here would run.
+            tiers = list(self._hash_names.values())
+            dims = self._options.configured_dimensions()
+            known = tiers[0] if tiers else (model_name(dims), dims)
+        if known is None:
+            match = HASH_MODEL.fullmatch(wanted)
+            if match is not None:
+                known = (model_name(int(match.group(1))), int(match.group(1)))
+        if known is None:
+            return Plan(None, refusal=(
+                f"the call asked for model {model!r}, and the in-process fallback serves "
+                f"only the hash tier ('{HASH_TIER}', hash-v{HASH_VERSION}-<dimensions>)"))
+        label, dims = known
+        embedder = self._embedder
+        if embedder is None or embedder.dimensions != dims:
+            embedder = self._sized_embedder(None, dims)
+        return Plan(embedder, label)
 
     def embed(self, texts: list[str], dimensions: int | None,
-              cause: ServerUnavailable | None, url: str) -> Embeddings:
-        """Embed in-process when the policy allows; else raise `cause` (or a
-        ServerUnavailable for `url`) saying why the fallback did not answer."""
-        embedder, refusal = self.plan()
+              cause: ServerUnavailable | None, url: str, model: str | None = None
+              ) -> Embeddings:
+        """Embed in-process when the policy allows for a call asking for `model` (None: the
+        server's default); else raise `cause` (or a ServerUnavailable for `url`) saying why
+        the fallback did not answer."""
+        embedder, label, refusal = self.plan(model)
         if embedder is None:
             if cause is None:
                 raise ServerUnavailable(f"the server is unavailable; no fallback: {refusal}",
@@ -98,18 +172,20 @@ class Fallback:
                                        f"{dimensions}", param="dimensions")
         if not self.active:
             self.active = True
-            log.warning("embedding in-process with %s: %s", embedder.model, cause)
+            log.warning("embedding in-process with %s: %s", label, cause)
         # As the server's hash tier answers `dimensions`: that many buckets computed directly
         # (not the first values of the full vector), labelled with the served model's name.
         vectors = self._sized_embedder(embedder, dimensions).embed(texts)
         if self._options.encoding_format == "base64":
             # What the server's base64 transport would have delivered: bit-identical.
             vectors = [array("f", v).tolist() for v in vectors]
-        return Embeddings(vectors, model=embedder.model, backend="hash", source="fallback")
+        return Embeddings(vectors, model=label, backend="hash", source="fallback")
 
-    def _sized_embedder(self, embedder: HashEmbedder, dimensions: int | None) -> HashEmbedder:
-        if dimensions is None or dimensions == embedder.dimensions:
+    def _sized_embedder(self, embedder: HashEmbedder | None, dimensions: int | None
+                        ) -> HashEmbedder:
+        if embedder is not None and (dimensions is None or dimensions == embedder.dimensions):
             return embedder
+        assert dimensions is not None
         with self._sized_lock:
             # A few recent sizes only: each embedder keeps its own word cache.
             sized = self._sized.pop(dimensions, None) or HashEmbedder(dimensions)

@@ -5,6 +5,7 @@ that fails to start later or a fallback of a silently other size."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,12 +14,15 @@ from urllib.parse import urlsplit
 
 from embedserve.config import DEFAULT_PORT, Config, parse_option
 from embedserve.contracts import URL_ENV, env_name
+from embedserve.hashing import HASH_VERSION
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 FallbackPolicy = Literal["same-model", "always", "never"]
 EncodingFormat = Literal["base64", "float"]
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 ML_BACKENDS = frozenset({"sentence-transformers", "transformers"})
+# The hash tier's model ids (hash-v1-384): what a model name of the hash tier looks like.
+HASH_MODEL = re.compile(rf"hash-v{HASH_VERSION}-([1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,10 @@ class Options:
         the hash backend); None if unknown."""
         backend = self.backend or self.env_backend or "auto"
         model = self.model or self.env_model
-        if backend == "hash":
+        if backend == "hash" or (model or "").lower() == "hash":  # --model hash: the tier
             return hash_model
+        if model and HASH_MODEL.fullmatch(model.lower()):
+            return model.lower()
         if backend in ML_BACKENDS or model:
             return f"{model or backend} ({backend})"
         return None
@@ -130,7 +136,11 @@ def resolve_options(url: str | None, *, autostart: bool, backend: str | None,
     environ = {**os.environ, **env}
     env_dimensions: int | None = _env_setting("dimensions", environ)
     env_backend: str | None = _env_setting("backend", environ)
-    env_model: str | None = _env_setting("model", environ) or None
+    # EMBEDSERVE_MODEL may list several models (a tuple, where the server's config reads
+    # it so): the first is the server's default.
+    model_setting: str | tuple[str, ...] | None = _env_setting("model", environ)
+    env_model: str | None = ((model_setting[0] if model_setting else None)
+                             if isinstance(model_setting, tuple) else model_setting or None)
     if api_key is None:
         api_key = _env_setting("api_key", environ) or None
     return Options(
