@@ -8,6 +8,8 @@ nothing of the server: importing it loads no backend, dialect or service module.
     with Client() as client:                  # EMBEDSERVE_URL or http://127.0.0.1:8765
         vectors = client.embed(["first text", "second text"])
         vectors.model, vectors.backend, vectors.source   # 'hash-v1-384', 'hash', 'server'
+        client.models()                       # ['hash-v1-384']: the served names
+        client.embed(["a text"], model="hash-v1-384")    # one served model, by name
 
 Each part lives in a module of its own (as in the Node client, extras/node/lib):
   options.py    the constructor's arguments, checked once, EMBEDSERVE_* variables included
@@ -23,7 +25,13 @@ Each part lives in a module of its own (as in the Node client, extras/node/lib):
 
 Every result says where it came from (`.model`, `.backend`, `.source` "server" or
 "fallback"; also `client.last_model` ...), one call's vectors always come from one model,
-and a change of model between calls is logged as a warning. A call fails with
+and a change of model between calls asking for the same one is logged as a warning.
+
+Models. A server may serve several models; a call names one with `model=` (the OpenAI
+request's `model` field), else gets the client's `model` option when given, else the
+server's default (the first of `models()`). A name the server does not serve is a
+ModelNotFound (a ValidationError) listing the names it does. The fallback answers a call
+that names its model only when that is the hash tier (see fallback.py). A call fails with
 ServerUnavailable (or falls back, as `fallback` allows) only after its requests were
 retried until `retry_timeout` (60 s: long enough for a restarted worker to load its
 model). While the server is down, calls within RECHECK_INTERVAL of the last failure go
@@ -33,6 +41,7 @@ straight to the fallback instead of paying for retries each time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -43,6 +52,7 @@ from embedserve.client.errors import (
     AuthenticationError,
     EmbedServeError,
     ModelMismatch,
+    ModelNotFound,
     ServerError,
     ServerStartError,
     ServerUnavailable,
@@ -76,6 +86,8 @@ log = logging.getLogger("embedserve.client")
 
 # Times one request may find its server gone and re-find or restart it (not retries).
 MAX_RELOCATIONS = 2
+# Model names whose last answer's model is remembered (to warn when it changes).
+MAX_SEEN_MODELS = 64
 
 
 class Client:
@@ -86,8 +98,9 @@ class Client:
         only). restart: start a new one when the server in use goes away.
     backend, model, dimensions, server_args, env, python: how a started server runs
         (--backend, --model, --dimensions, extra CLI flags, extra environment variables,
-        the interpreter; default sys.executable). port: overrides the URL's port; 0 starts
-        a private server on a free port every time.
+        the interpreter; default sys.executable). `model` is also the model every call
+        asks for (the request's `model` field) unless it names its own. port: overrides
+        the URL's port; 0 starts a private server on a free port every time.
     api_key: Bearer token (default $EMBEDSERVE_API_KEY); also given to a started server.
     encoding_format: "base64" (float32, compact, the default) or "float" (JSON doubles).
     batch_size: most texts per request (the server's max_batch_size caps it anyway).
@@ -135,19 +148,30 @@ class Client:
                                         connect_timeout=options.connect_timeout,
                                         api_key=options.api_key)
         self._fallback = Fallback(options)
-        self._finder = ServerFinder(options, self._connections, self._retry,
-                                    lambda: self._fallback.plan()[0] is not None)
+        # The model the call in progress on this thread named (None: the server's default):
+        # whether the fallback may answer it decides how long a lost server is waited for.
+        self._call = threading.local()
+        self._finder = ServerFinder(
+            options, self._connections, self._retry,
+            lambda: self._fallback.plan(getattr(self._call, "model", None)).embedder
+            is not None)
         # The server's /info, for the target that answered it.
         self._info: tuple[Target, dict[str, Any]] | None = None
 
         self.last_model: str | None = None
         self.last_backend: str | None = None
         self.last_source: Source | None = None
+        # The model each name asked for (None: the default) last came from, lower-cased.
+        self._seen_models: dict[str | None, str] = {}
 
     # -- public API ------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], *, dimensions: int | None = None) -> Embeddings:
-        """Embed `texts` (a list of non-empty strings), in order. `dimensions` asks for
-        shorter vectors where the model allows it: the hash tier computes that many buckets
+    def embed(self, texts: Sequence[str], *, dimensions: int | None = None,
+              model: str | None = None) -> Embeddings:
+        """Embed `texts` (a list of non-empty strings), in order. `model` names the served
+        model to use (one of `models()`, or any name the server accepts for it); default:
+        the client's `model` option when given, else the server's default model. A name
+        the server does not serve raises ModelNotFound. `dimensions` asks for shorter
+        vectors where the model allows it: the hash tier computes that many buckets
         directly (the vectors of hash-v1-<dimensions>, still labelled with the served
         model's name, as the server does); ML models keep the first values, re-normalised."""
         texts = self._checked(texts)
@@ -155,27 +179,45 @@ class Client:
                                        or isinstance(dimensions, bool) or dimensions < 1):
             raise ValidationError(400, f"'dimensions' must be a positive integer, got "
                                        f"{dimensions!r}", param="dimensions")
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str, got {type(model).__name__}")
+        if model is not None and not model.strip():
+            raise ValidationError(400, "'model' must name a model, got an empty string",
+                                  param="model")
         finder = self._finder
         finder.check_open()
-        if self._options.fallback != "never" and finder.recently_failed():
-            # Recently failed: do not pay for retries and start attempts on every call.
-            result = self._fallback.embed(texts, dimensions, finder.down_error, self.url)
-        else:
-            try:
-                result = self._embed_remote(texts, dimensions)
-            except ServerUnavailable as exc:
-                finder.check_open()
-                finder.note_failure(exc)
-                result = self._fallback.embed(texts, dimensions, exc, self.url)
-        self._note(result)
+        self._call.model = model
+        try:
+            if self._options.fallback != "never" and finder.recently_failed():
+                # Recently failed: do not pay for retries and start attempts on every call.
+                result = self._fallback.embed(texts, dimensions, finder.down_error, self.url,
+                                              model)
+            else:
+                try:
+                    result = self._embed_remote(texts, dimensions, model)
+                except ServerUnavailable as exc:
+                    finder.check_open()
+                    finder.note_failure(exc)
+                    result = self._fallback.embed(texts, dimensions, exc, self.url, model)
+        finally:
+            self._call.model = None
+        self._note(result, model)
         return result
 
-    def embed_single(self, text: str, *, dimensions: int | None = None) -> Embedding:
+    def embed_single(self, text: str, *, dimensions: int | None = None,
+                     model: str | None = None) -> Embedding:
         if not isinstance(text, str):
             raise TypeError(f"embed_single() takes one str, got {type(text).__name__}")
-        result = self.embed([text], dimensions=dimensions)
+        result = self.embed([text], dimensions=dimensions, model=model)
         return Embedding(result[0], model=result.model, backend=result.backend,
                          source=result.source)
+
+    def models(self) -> list[str]:
+        """The names of the models the server serves (GET /v1/models), in its order: the
+        first is its default, which calls that name no model get. Starts a server if
+        allowed; ServerUnavailable when none can be had (the fallback does not answer)."""
+        response, target = self._request("GET", "/v1/models")
+        return wire.model_ids(response.body, target.url)
 
     def info(self) -> dict[str, Any]:
         """The server's GET /info (starting a server if allowed)."""
@@ -274,17 +316,25 @@ class Client:
                 raise ValidationError(400, f"texts[{i}] is an empty string", param="input")
         return texts
 
-    def _embed_remote(self, texts: list[str], dimensions: int | None) -> Embeddings:
+    def _embed_remote(self, texts: list[str], dimensions: int | None, asked: str | None
+                      ) -> Embeddings:
+        """The call's vectors from the server; `asked`: the model the call named."""
         encoding_format = self._options.encoding_format
+        # Every chunk asks for the same model: one call's vectors come from one model.
+        wanted = asked if asked is not None else self._options.model
         for _ in range(2):  # a server swapped for another model mid-call: redo it once
             info_target, info = self._server_info()
             vectors: list[list[float]] = []
             model: str | None = None
             last_target = info_target
             for start, body in wire.chunks(texts, info, dimensions, encoding_format,
-                                           self._options.batch_size):
-                response, last_target = self._request("POST", "/v1/embeddings", body,
-                                                      first=start)
+                                           self._options.batch_size, wanted):
+                try:
+                    response, last_target = self._request("POST", "/v1/embeddings", body,
+                                                          first=start)
+                except ModelNotFound as exc:
+                    self._name_missing_model(exc, wanted)
+                    raise
                 chunk_model, chunk = wire.decode(response.body, encoding_format,
                                                  last_target.url)
                 if model is None:
@@ -301,18 +351,40 @@ class Client:
                     raise EmbedServeError(f"server returned {len(vectors)} vectors for "
                                           f"{len(texts)} texts")
                 model = model or str(info.get("model", ""))
-                self._fallback.served_model = model
+                if asked is None:  # what the server's default (or the option's) model is
+                    self._fallback.served_model = model
                 return Embeddings(vectors, model=model, backend=str(info.get("backend", "")),
                                   source="server")
         raise ModelMismatch("the server changed models twice during one call")
 
-    def _note(self, result: Embeddings) -> None:
+    def _name_missing_model(self, error: ModelNotFound, asked: str | None) -> None:
+        """Completes the 404 of a model name the server does not serve: the name asked for,
+        and the served names (one GET /v1/models, not retried: the error comes at once)."""
+        error.model = asked
+        target = self._finder.target
+        if target is None:
+            return
+        try:
+            response = self._connections.send(target, "GET", "/v1/models", None)
+            if response.status == 200:
+                error.available = wire.model_ids(response.body, target.url)
+        except (*TRANSPORT_ERRORS, EmbedServeError):
+            pass  # the server's message lists them anyway
+
+    def _note(self, result: Embeddings, asked: str | None) -> None:
         if result.source == "server" and self._fallback.active:
             self._fallback.active = False
             log.warning("server at %s answers again; leaving the in-process fallback", self.url)
-        if self.last_model is not None and result.model != self.last_model:
+        # A call asking for another model than the last one gets another model: no news.
+        # The same request answered by another model is (a server swapped, a fallback).
+        key = asked.lower() if asked is not None else None
+        previous = self._seen_models.get(key)
+        if previous is not None and result.model != previous:
             log.warning("model changed from %s to %s (%s): vectors of different models are "
-                        "not comparable", self.last_model, result.model, result.source)
+                        "not comparable", previous, result.model, result.source)
+        self._seen_models[key] = result.model
+        if len(self._seen_models) > MAX_SEEN_MODELS:
+            del self._seen_models[next(iter(self._seen_models))]
         self.last_model, self.last_backend, self.last_source = (
             result.model, result.backend, result.source)
 
@@ -328,10 +400,7 @@ class Client:
 
     def _remember_info(self, target: Target, info: dict[str, Any]) -> None:
         self._info = (target, info)
-        model, dims = info.get("model"), info.get("dimensions")
-        if isinstance(model, str):
-            self._fallback.served_model = model
-            self._fallback.served_dimensions = dims if isinstance(dims, int) else None
+        self._fallback.learn(info)
 
     # -- requests with retries -------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, *, first: int = 0
@@ -380,4 +449,6 @@ __all__ = [
     "AuthenticationError", "Client", "EmbedServeError", "Embedding", "Embeddings",
     "ModelMismatch", "ServerError", "ServerStartError", "ServerUnavailable", "ValidationError",
     "DEFAULT_URL", "URL_ENV",
+    # ModelNotFound joins these once embedserve/__init__.py exports it too (every class
+    # named here must be importable from embedserve itself: test_client_imports).
 ]
