@@ -32,6 +32,7 @@ from embedserve.client import (
     AuthenticationError,
     Client,
     EmbedServeError,
+    ModelNotFound,
     ServerStartError,
     ServerUnavailable,
     ValidationError,
@@ -159,13 +160,14 @@ def supervisor_pid(info: dict[str, Any]) -> int:
 
 class Stub:
     """A scripted HTTP/1.1 peer: answers the first POSTs from `script` (status, headers),
-    then embeds for real; counts POSTs and connections."""
+    then embeds for real; counts POSTs and connections, and keeps the POSTed bodies."""
 
     def __init__(self, script: list[tuple[int, dict[str, str]]] | None = None,
                  model: str = "hash-v1-384", backend: str = "hash") -> None:
         self.script = list(script or [])
         self.model, self.backend = model, backend
         self.posts = 0
+        self.bodies: list[dict[str, Any]] = []
         self.connections: set[tuple[str, int]] = set()
         self.sockets: list[socket.socket] = []
         stub = self
@@ -204,6 +206,7 @@ class Stub:
                 stub.connections.add(self.client_address)
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.posts += 1
+                stub.bodies.append(request)
                 if stub.script:
                     status, headers = stub.script.pop(0)
                     self.reply(status, {"error": {"message": f"scripted {status}",
@@ -750,6 +753,125 @@ def test_fallback_dimensions_match_a_server_started_with_them() -> None:
         TEXTS + ["single"], dimensions=32)
     assert (served.model, served.source, local.source) == ("hash-v1-32", "server", "fallback")
     assert local == served
+
+
+# --- models: named per call or by the client, listed, unknown -------------------------------
+
+def test_models_lists_the_served_names_and_a_call_names_one(caplog: Any) -> None:
+    # One model under two served names: enough to see the name travel and be checked.
+    srv = start_server("--backend", "hash", "--served-model-name", "small,large",
+                       env=server_env())
+    try:
+        with Client(srv.url, autostart=False, fallback="never") as client:
+            assert client.models() == ["small", "large"]  # in order: the default first
+            with caplog.at_level(logging.WARNING, logger="embedserve.client"):
+                named = client.embed(TEXTS, model="large")
+                default = client.embed(TEXTS)
+                single = client.embed_single("one text", model="LARGE")  # any case
+            # Responses carry the model's first name, whichever name the call used.
+            assert (named.model, named.source, default.model) == ("small", "server", "small")
+            assert named == default == expected(TEXTS)
+            assert single == expected(["one text"])[0] and single.model == "small"
+            assert "model changed" not in caplog.text
+    finally:
+        assert srv.stop() == 0
+
+
+def test_the_model_of_a_call_or_of_the_client_is_sent_with_every_chunk(
+        stubs: list[Stub]) -> None:
+    stub = Stub()
+    stubs.append(stub)
+    texts = [f"text {i}" for i in range(5)]
+    with Client(stub.url, autostart=False, batch_size=2) as client:
+        assert client.embed(texts) == expected(texts)
+        assert client.embed(texts, model="hash-v1-384") == expected(texts)
+    with Client(stub.url, autostart=False, batch_size=2, model="theirs") as client:
+        client.embed(texts)
+        client.embed(texts, model="mine")  # the call's own model wins over the client's
+    # Three requests per call (2 + 2 + 1 texts), each naming the call's model.
+    assert [body.get("model") for body in stub.bodies] == (
+        [None] * 3 + ["hash-v1-384"] * 3 + ["theirs"] * 3 + ["mine"] * 3)
+    assert [len(body["input"]) for body in stub.bodies] == [2, 2, 1] * 4
+
+
+def test_an_unknown_model_is_a_model_not_found_listing_the_served_names(
+        clients: list[Client]) -> None:
+    import pickle
+
+    client = Client(port=0, fallback="always", server_args=[
+        "--served-model-name", "small,large", "--max-batch-size", "2"])
+    clients.append(client)
+    with pytest.raises(ModelNotFound) as caught:
+        client.embed(TEXTS, model="huge")  # never answered by the fallback, even "always"
+    error = caught.value
+    assert (error.status, error.param, error.model) == (404, "model", "huge")
+    assert error.available == ["small", "large"]
+    # The server's own words, which name what it serves.
+    assert error.message == ("model 'huge' is not served here; this server serves 'small', "
+                             "'large'")
+    assert error.message in str(error)
+    assert isinstance(error, ValidationError) and not isinstance(error, ServerUnavailable)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.model, copy.available, str(copy)) == (
+        ModelNotFound, "huge", ["small", "large"], str(error))
+    assert client.embed(TEXTS, model="large").source == "server"  # the client is fine
+    # The client's own `model` names every call's model the same way.
+    other = Client(client.url, autostart=False, model="huge")
+    clients.append(other)
+    with pytest.raises(ModelNotFound, match="this server serves 'small', 'large'"):
+        other.embed(TEXTS)
+    with pytest.raises(ValidationError, match="'model' must name a model"):
+        client.embed(TEXTS, model=" ")
+    with pytest.raises(TypeError, match="model must be a str"):
+        client.embed(TEXTS, model=3)  # type: ignore[arg-type]
+
+
+def test_the_fallback_answers_a_named_model_only_when_it_is_the_hash_tier() -> None:
+    for policy in ("same-model", "always"):
+        client = Client(f"http://{HOST}:{free_port()}", autostart=False, fallback=policy)
+        for name, dims in (("hash", 384), ("hash-v1-384", 384), ("HASH-v1-32", 32)):
+            result = client.embed(TEXTS, model=name)
+            assert (result.source, result.model) == ("fallback", f"hash-v1-{dims}")
+            assert result == expected(TEXTS, dims)
+        # Another model's vectors are never made up, whatever the policy.
+        with pytest.raises(ServerUnavailable, match="asked for model 'text-embedding-3-small'"):
+            client.embed(TEXTS, model="text-embedding-3-small")
+    never = Client(f"http://{HOST}:{free_port()}", autostart=False, fallback="never")
+    with pytest.raises(ServerUnavailable, match="fallback is off"):
+        never.embed(TEXTS, model="hash")
+
+
+def test_a_named_hash_model_falls_back_even_after_an_ml_model_answered(
+        clients: list[Client]) -> None:
+    # The default model was an ML one: calls that name none get no fallback ...
+    client = stubbed_then_stopped(clients, fallback="same-model")
+    with pytest.raises(ServerUnavailable, match="all-MiniLM-L6-v2"):
+        client.embed(TEXTS)
+    # ... but a call that names the hash tier asks for exactly what the fallback makes.
+    result = client.embed(TEXTS, model="hash-v1-384")
+    assert (result.source, result.model, result) == ("fallback", "hash-v1-384",
+                                                     expected(TEXTS))
+
+
+def test_a_name_the_server_gave_its_hash_tier_falls_back_to_its_vectors() -> None:
+    srv = start_server("--backend", "hash", "--dimensions", "32", "--served-model-name",
+                       "small,large", env=server_env())
+    client = Client(srv.url, autostart=False)
+    try:
+        served = client.embed(TEXTS, model="large")
+        listed = "models" in client.info()
+    finally:
+        assert srv.stop() == 0
+    try:
+        # Its /info said which model that is: hash-v1-32, whose vectors the fallback makes.
+        local = client.embed(TEXTS, model="hash-v1-32")
+        assert (local.source, local) == ("fallback", served)
+        assert client.embed(TEXTS, model="hash").dimensions == 32  # the server's hash tier
+        if listed:  # a server whose /info lists its models' names: those names too
+            by_name = client.embed(TEXTS, model="large")
+            assert (by_name.source, by_name.model, by_name) == ("fallback", "small", served)
+    finally:
+        client.close()
 
 
 # --- transport --------------------------------------------------------------------------------
