@@ -1,6 +1,7 @@
 """`embedserve embed|health|info`: the Python client from a shell. `embed` and `info` start
 a server the way the client does when none answers, and stop it when the command ends;
-`health` is a probe and never starts one (a started server would always answer ready)."""
+`health` is a probe and never starts one (a started server would always answer ready).
+`embedserve pull|models|rm`: the models in the Hugging Face cache (hub.py does the work)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,25 @@ import json
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("embed", "health", "info")
+from embedserve import hub, modelcache
+
+CLIENT_COMMANDS = ("embed", "health", "info")
+MODEL_COMMANDS = ("pull", "models", "rm")
+COMMANDS = CLIENT_COMMANDS + MODEL_COMMANDS
+# `embedserve --help` is the server's parser (config.py), which names the client commands;
+# cli.py adds this for the model commands, which live here.
+MODEL_COMMANDS_HELP = (
+    "Model commands, for offline machines and container builds (the Hugging Face cache, "
+    "HF_HOME): `embedserve pull MODEL...` downloads models and checks that each one serves "
+    "offline; `embedserve models` lists the cached ones, their sizes and whether they load "
+    "offline; `embedserve rm MODEL...` deletes them.")
 
 
 def run(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="embedserve", description=(
         "Talk to an embedserve server (EMBEDSERVE_URL or http://127.0.0.1:8765). embed and "
         "info start one if nothing answers and stop it afterwards; health never starts one. "
+        "pull, models and rm manage the models in the Hugging Face cache. "
         "`embedserve --help` lists the server's options."))
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser(
@@ -48,7 +61,10 @@ def run(argv: Sequence[str]) -> int:
                          help=argparse.SUPPRESS if sub is health else "never start a server")
         sub.add_argument("--timeout", type=float, default=60.0,
                          help="seconds to wait for a response (default 60)")
+    _add_model_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        return _run_model_command(args)
 
     from embedserve.client import Client, EmbedServeError, FallbackPolicy
 
@@ -79,3 +95,116 @@ def run(argv: Sequence[str]) -> int:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pull = commands.add_parser(
+        "pull", help="download models into the Hugging Face cache and check each one serves",
+        description="Download models into the Hugging Face cache (HF_HOME; from HF_ENDPOINT, "
+                    "default https://huggingface.co), with progress bars on stderr, then check "
+                    "that each one serves offline: start `python -m embedserve --model MODEL` "
+                    "with HF_HUB_OFFLINE=1 and ask it for an embedding. What a container "
+                    "build runs to bake its models in. 'hash' needs no download. Exit status "
+                    "0 when every model is in and serves, 1 otherwise.")
+    pull.add_argument("models", nargs="+", metavar="MODEL",
+                      help="Hugging Face model ids (org/name), or 'hash'")
+    pull.add_argument("--revision", help="a branch, tag or commit (default: main, what "
+                                         "--model MODEL serves; another one is served from "
+                                         "its snapshot folder, which pull prints)")
+    pull.add_argument("--no-check", action="store_true",
+                      help="only download (and look at the files): for a machine without the "
+                           "ML packages that prepares a cache for one that has them")
+    pull.add_argument("--check-timeout", type=float, default=hub.CHECK_TIMEOUT,
+                      help="seconds the check waits for the server to load a model "
+                           f"(default {hub.CHECK_TIMEOUT:.0f})")
+    models = commands.add_parser(
+        "models", help="list the models in the Hugging Face cache",
+        description="List the models in the Hugging Face cache: id, cached revisions (short "
+                    "commit hashes and their branches), size on disk, and whether `--model "
+                    "ID` loads offline (judged by the files: config.json, weights, tokenizer, "
+                    "a complete download); nothing is loaded.")
+    models.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    remove = commands.add_parser(
+        "rm", help="delete models from the Hugging Face cache",
+        description="Delete models from the Hugging Face cache, every revision, and print "
+                    "what was freed. Exit status 1 if a model is not in the cache.")
+    remove.add_argument("models", nargs="+", metavar="MODEL", help="cached model ids")
+
+
+def _run_model_command(args: argparse.Namespace) -> int:
+    try:
+        hub.require_hub()
+        if args.command == "pull":
+            return _pull(args)
+        if args.command == "models":
+            return _models(args.json)
+        return _remove(args.models)
+    except modelcache.HubError as exc:
+        print(f"embedserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _pull(args: argparse.Namespace) -> int:
+    failed = 0
+    for model in args.models:
+        try:
+            got = hub.pull(model, revision=args.revision, check=not args.no_check,
+                           check_timeout=args.check_timeout)
+        except modelcache.HubError as exc:
+            print(f"embedserve pull: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if not got.commit:  # the hash tier
+            print(f"{model}: {got.check}")
+            continue
+        line = f"{model}: revision {got.commit[:8]}, {modelcache.human_size(got.size)}: {got.check}"
+        if got.serve_with != model:
+            line += (f"; serve this revision with --model {got.serve_with} (--model {model} "
+                     f"serves '{modelcache.DEFAULT_REVISION}')")
+        print(line, flush=True)
+    return 1 if failed else 0
+
+
+def _models(as_json: bool) -> int:
+    cache = modelcache.cached_models()
+    for warning in cache.warnings:
+        print(f"embedserve models: skipped a folder: {warning}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"cache": cache.folder, "models": [{
+            "id": m.id, "size_bytes": m.size, "path": m.path,
+            "loads_offline": m.loads_offline, "problems": list(m.problems),
+            "revisions": [{"commit": r.commit, "refs": list(r.refs), "size_bytes": r.size,
+                           "snapshot": r.snapshot, "problems": list(r.problems)}
+                          for r in m.revisions]} for m in cache.models]}, indent=2))
+        return 0
+    if not cache.models:
+        print(f"no models in the Hugging Face cache ({cache.folder})")
+        return 0
+    rows = [("MODEL", "REVISIONS", "SIZE", "LOADS OFFLINE")] + [
+        (m.id, ", ".join(r.commit[:8] + (f" ({', '.join(r.refs)})" if r.refs else "")
+                         for r in m.revisions) or "-",
+         modelcache.human_size(m.size), "yes" if m.loads_offline else "no: " + "; ".join(m.problems))
+        for m in cache.models]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    total = sum(m.size for m in cache.models)
+    count = len(cache.models)
+    print(f"{count} model{'' if count == 1 else 's'}, {modelcache.human_size(total)} in "
+          f"{cache.folder}")
+    return 0
+
+
+def _remove(models: Sequence[str]) -> int:
+    failed = 0
+    for model in models:
+        try:
+            removed = modelcache.remove(model)
+        except modelcache.HubError as exc:
+            print(f"embedserve rm: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        n = removed.revisions
+        what = f"{n} revision{'' if n == 1 else 's'}" if n else "a damaged copy"
+        print(f"removed {removed.model} ({what}): {modelcache.human_size(removed.freed)} freed")
+    return 1 if failed else 0

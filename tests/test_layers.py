@@ -12,7 +12,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "embedserve"
 # Top to bottom: a module may import its own layer, any layer below it, and the leaves.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "processes": ("cli", "commands", "supervisor", "worker", "__main__"),
+    "processes": ("cli", "commands", "supervisor", "worker", "__main__", "hub", "modelcache"),
     "transport": ("server", "connections", "handler", "routes", "routing", "openapi",
                   "guards"),
     "dialects": ("dialects",),
