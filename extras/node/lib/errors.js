@@ -15,6 +15,7 @@ const UNAVAILABLE = {
   start_failed: true, // the server process could not run, or exited before it was ready
   start_timeout: true, // the server did not become ready within startTimeoutMs
   validation: false, // HTTP 400/413/422, or caught before sending: the input is wrong
+  model_not_found: false, // HTTP 404 for the request's model: the server serves no model of that name
   authentication: false, // HTTP 401/403: missing or wrong apiKey
   http_error: false, // any other HTTP error status
   bad_response: false, // an answer that is not in embedserve's shape
@@ -37,6 +38,8 @@ export class EmbedServeError extends Error {
    * @param {string} [details.url] the URL involved
    * @param {string[]} [details.serverLog] the server process's last output lines
    * @param {number|null} [details.exitCode] how the server process exited, if it did
+   * @param {string} [details.model] model_not_found: the name the call asked for
+   * @param {string[]} [details.available] model_not_found: the names the server serves
    * @param {unknown} [details.cause]
    */
   constructor(message, { code, cause, ...details } = {}) {
@@ -55,4 +58,10 @@ export class EmbedServeError extends Error {
   get serverUnavailable() {
     return UNAVAILABLE[this.code] ?? false;
   }
+}
+
+/** A request that is wrong (the server would answer `status`), caught before sending. */
+export function validationError(message, param, status = 400) {
+  return new EmbedServeError(`${status} ${message}`,
+    { code: 'validation', status, serverMessage: message, param });
 }

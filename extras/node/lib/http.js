@@ -65,8 +65,11 @@ export function errorFields(json, text, statusText) {
 }
 
 export function httpError(status, { message, type, code, param }, url) {
-  const kind = VALIDATION_STATUSES.has(status) ? 'validation'
-    : AUTH_STATUSES.has(status) ? 'authentication' : 'http_error';
+  // A 404 about the request's `model` field: the server serves no model of that name (any
+  // other 404 is a wrong URL, a plain http_error).
+  const kind = status === 404 && param === 'model' ? 'model_not_found'
+    : VALIDATION_STATUSES.has(status) ? 'validation'
+      : AUTH_STATUSES.has(status) ? 'authentication' : 'http_error';
   const hint = kind === 'authentication' ? ' (set the apiKey option or EMBEDSERVE_API_KEY)' : '';
   return new EmbedServeError(`${status}${code ? ` ${code}` : ''}: ${message}${hint}`, {
     code: kind, status, serverMessage: message, type, param, url,
