@@ -5,8 +5,8 @@
 
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { EmbedServeError } from './errors.js';
-import { DEFAULT_DIMENSIONS, HashEmbedder, hashModelName } from './hash.js';
+import { EmbedServeError, validationError } from './errors.js';
+import { Fallback } from './fallback.js';
 import {
   RetryableStatus, RETRYABLE_STATUSES, TransportError, decodeFloat32Base64, errorFields, httpError,
   parseJson, retryAfterMs,
@@ -14,7 +14,6 @@ import {
 import { isLoopback, resolveOptions } from './options.js';
 import { ServerProcess } from './server-process.js';
 
-const ML_BACKENDS = ['sentence-transformers', 'transformers'];
 // Bytes of a request body around its texts, with room to spare.
 const BODY_OVERHEAD = 256;
 // While a failure is this recent, calls go straight to the fallback (when allowed) and no
@@ -31,8 +30,8 @@ const MAX_RELOCATIONS = 2;
 const REFUSAL_RETRIES = 3;
 // The shortest wait for an answer a retry gets, even at its deadline.
 const MIN_WAIT_MS = 50;
-// Fallback embedders kept for request-time `dimensions` other than the model's own size.
-const MAX_FALLBACK_SIZES = 4;
+// Model names whose last result's model is remembered (to tell when it changes).
+const MAX_SEEN_MODELS = 64;
 
 /**
  * Events (none is required; there is no 'error' event):
@@ -42,12 +41,11 @@ const MAX_FALLBACK_SIZES = 4;
  * - 'connect' ({url, owned, info}): the client (re)connected to a ready server
  * - 'fallback' ({error, model}): a call was answered in-process because of `error`
  * - 'modelChange' ({from, to, source}): a result came from another model than the last one
+ *   that asked for the same model (a call naming another model than the last is no news)
  * - 'log' (line, stream): a line printed by a server this client started
  */
 export class EmbedServeClient extends EventEmitter {
   #options;
-  /** EMBEDSERVE_DIMENSIONS, _BACKEND and _MODEL, parsed once at construction. */
-  #settings;
   /** Where to look for a server (and start one): parsed from url and port. */
   #target;
   /** Base URL of the server in use: the configured one, or a started server's ready URL. */
@@ -68,12 +66,10 @@ export class EmbedServeClient extends EventEmitter {
   #restartTimes = [];
   #downUntil = 0;
   #downError = null;
-  /** The model and size the server last answered with: what a fallback must match. */
-  #servedModel = null;
-  #servedDimensions = null;
-  #fallbackEmbedder = null;
-  /** @type {Map<number, HashEmbedder>} fallbacks for request-time `dimensions`, oldest first */
-  #sizedEmbedders = new Map();
+  /** The in-process hash embedding, and what the server serves that it must match. */
+  #fallback;
+  /** @type {Map<string|null, string>} the model each name asked for (null: the default) last came from */
+  #seenModels = new Map();
   /**
    * A server this client did not start went away: whoever runs it may be restarting it,
    * so a client that may not start one waits for it (once per loss).
@@ -90,7 +86,8 @@ export class EmbedServeClient extends EventEmitter {
     super();
     const { options: resolved, target, settings } = resolveOptions(options);
     this.#options = resolved;
-    this.#settings = settings;
+    // EMBEDSERVE_DIMENSIONS, _BACKEND and _MODEL, parsed once at construction.
+    this.#fallback = new Fallback(resolved, settings);
     this.#target = target;
     this.#baseUrl = target.base;
   }
@@ -134,14 +131,23 @@ export class EmbedServeClient extends EventEmitter {
    * vector in it), `backend` (the server's backend, e.g. 'hash') and `source` ('server',
    * or 'fallback' when the in-process hash embedding answered).
    * @param {string[]} texts
-   * @param {{dimensions?: number}} [options] shorter vectors where the model allows: the
-   *   hash tier computes that many buckets directly (labelled with the served model's
-   *   name, as the server does); ML models keep the first values, re-normalised
+   * @param {{dimensions?: number, model?: string}} [options] `model`: the served model to
+   *   use, by any name the server accepts for it (default: the `model` option when given,
+   *   else the server's default); a name it does not serve is a `model_not_found` error.
+   *   `dimensions`: shorter vectors where the model allows: the hash tier computes that
+   *   many buckets directly (labelled with the served model's name, as the server does);
+   *   ML models keep the first values, re-normalised
    */
-  async embed(texts, { dimensions } = {}) {
+  async embed(texts, { dimensions, model } = {}) {
     checkTexts(texts);
     if (dimensions !== undefined && !(Number.isSafeInteger(dimensions) && dimensions > 0)) {
       throw validationError(`'dimensions' must be a positive integer, got ${dimensions}`, 'dimensions');
+    }
+    if (model !== undefined && typeof model !== 'string') {
+      throw new TypeError(`embed(): model must be a string, got ${describeType(model)}`);
+    }
+    if (model !== undefined && !model.trim()) {
+      throw validationError("'model' must name a model, got an empty string", 'model');
     }
     this.#checkOpen();
     if (texts.length === 0) return tagged([], null, null, null);
@@ -149,26 +155,26 @@ export class EmbedServeClient extends EventEmitter {
     let result;
     if (this.#options.fallback !== 'never' && Date.now() < this.#downUntil) {
       // Failed moments ago: do not pay for retries and start attempts on every call.
-      result = this.#embedFallback(texts, dimensions, this.#downError);
+      result = this.#embedFallback(texts, dimensions, this.#downError, model);
     } else {
       try {
-        result = await this.#embedRemote(texts, dimensions);
+        result = await this.#embedRemote(texts, dimensions, model);
       } catch (error) {
         if (!(error instanceof EmbedServeError) || !error.serverUnavailable) throw error;
         this.#checkOpen();
         this.#downUntil = Date.now() + RECHECK_INTERVAL_MS;
         this.#downError = error;
-        result = this.#embedFallback(texts, dimensions, error);
+        result = this.#embedFallback(texts, dimensions, error, model);
       }
     }
-    this.#note(result);
+    this.#note(result, model);
     return result;
   }
 
   /**
    * Embed one text. Resolves to one vector with the same `model`, `backend` and `source`.
    * @param {string} text
-   * @param {{dimensions?: number}} [options]
+   * @param {{dimensions?: number, model?: string}} [options]
    */
   async embedSingle(text, options) {
     if (typeof text !== 'string') {
@@ -206,6 +212,17 @@ export class EmbedServeClient extends EventEmitter {
   }
 
   /**
+   * The names of the models the server serves (GET /v1/models), in its order: the first
+   * is its default, which calls that name no model get. Starts a server if allowed; the
+   * fallback does not answer this.
+   */
+  async models() {
+    this.#checkOpen();
+    const [answer] = await this.#request('GET', '/v1/models');
+    return this.#modelIds(answer);
+  }
+
+  /**
    * Stop the server this client started (SIGTERM; SIGKILL after stopTimeoutMs) and refuse
    * further calls. A server this client did not start is left running. Idempotent.
    */
@@ -224,10 +241,11 @@ export class EmbedServeClient extends EventEmitter {
 
   // -- embedding ------------------------------------------------------------------------
 
-  async #embedRemote(texts, dimensions) {
+  /** The call's vectors from the server; `asked`: the model the call named, if any. */
+  async #embedRemote(texts, dimensions, asked) {
     for (let attempt = 0; attempt < 2; attempt++) {
       // A server replaced by another model mid-call: embed the whole call again, once.
-      const result = await this.#embedOnce(texts, dimensions);
+      const result = await this.#embedOnce(texts, dimensions, asked);
       if (result) return result;
     }
     throw new EmbedServeError('the server changed models twice during one call',
@@ -235,16 +253,26 @@ export class EmbedServeClient extends EventEmitter {
   }
 
   /** The call's vectors from the server, or null when its model changed mid-call. */
-  async #embedOnce(texts, dimensions) {
-    await this.#ensureConnected(); // the chunk limits come from /info
+  async #embedOnce(texts, dimensions, asked) {
+    await this.#ensureConnected(asked); // the chunk limits come from /info
+    // Every chunk asks for the same model: one call's vectors come from one model.
+    const wanted = asked ?? this.#options.model;
     const vectors = [];
     let model = null;
     let info = this.#info;
-    for (const [first, chunk] of this.#chunks(texts)) {
+    for (const [first, chunk] of this.#chunks(texts, wanted)) {
       const body = { input: chunk, encoding_format: this.#options.encodingFormat };
       if (dimensions !== undefined) body.dimensions = dimensions;
+      if (wanted !== undefined) body.model = wanted;
       let answer;
-      [answer, info] = await this.#request('POST', '/v1/embeddings', body, first);
+      try {
+        [answer, info] = await this.#request('POST', '/v1/embeddings', body, first, asked);
+      } catch (error) {
+        if (error instanceof EmbedServeError && error.code === 'model_not_found') {
+          await this.#nameMissingModel(error, wanted);
+        }
+        throw error;
+      }
       const chunkVectors = this.#decode(answer, chunk.length);
       if (model !== null && answer.model !== model) {
         this.emit('modelChange', { from: model, to: answer.model, source: 'server' });
@@ -253,17 +281,39 @@ export class EmbedServeClient extends EventEmitter {
       model = answer.model;
       for (const vector of chunkVectors) vectors.push(vector);
     }
-    this.#servedModel = model;
+    if (asked === undefined) this.#fallback.servedModel = model; // the default's (or the option's)
     return tagged(vectors, model, info?.backend ?? null, 'server');
   }
 
+  /**
+   * Completes a model_not_found error: the name asked for, and the served names (one GET
+   * /v1/models, not retried: the error comes at once; the server's message lists them too).
+   */
+  async #nameMissingModel(error, asked) {
+    error.model = asked;
+    try {
+      error.available = this.#modelIds(await this.#fetchJson('GET', '/v1/models', undefined, this.#options.timeoutMs));
+    } catch {
+      // The server's message names them anyway.
+    }
+  }
+
+  #modelIds(answer) {
+    const ids = Array.isArray(answer?.data) ? answer.data.map((item) => item?.id) : null;
+    if (!ids || !ids.every((id) => typeof id === 'string')) {
+      throw this.#badResponse('GET /v1/models did not list model ids');
+    }
+    return ids;
+  }
+
   /** [index of the first text, texts] per request, within the server's /info limits. */
-  *#chunks(texts) {
+  *#chunks(texts, model) {
     const info = this.#info ?? {};
     let maxCount = positiveInteger(info.max_batch_size) ?? 2048;
     if (this.#options.batchSize) maxCount = Math.min(maxCount, this.#options.batchSize);
     const maxBody = positiveInteger(info.max_body_bytes) ?? 8 * 1024 * 1024;
-    const budget = maxBody - BODY_OVERHEAD;
+    // The model's name travels in every body too.
+    const budget = maxBody - BODY_OVERHEAD - (model === undefined ? 0 : Buffer.byteLength(JSON.stringify(model)));
     let start = 0;
     let bytes = 2;
     for (let i = 0; i < texts.length; i++) {
@@ -306,10 +356,17 @@ export class EmbedServeClient extends EventEmitter {
       { code: 'bad_response', url: this.#baseUrl });
   }
 
-  #note(result) {
-    if (this.lastModel !== null && result.model !== this.lastModel) {
-      this.emit('modelChange', { from: this.lastModel, to: result.model, source: result.source });
+  #note(result, asked) {
+    // A call naming another model than the last gets another model: no news. The same
+    // request answered by another model is (a server swapped, a fallback).
+    const key = asked === undefined ? null : asked.toLowerCase();
+    const previous = this.#seenModels.get(key);
+    if (previous !== undefined && result.model !== previous) {
+      this.emit('modelChange', { from: previous, to: result.model, source: result.source });
     }
+    this.#seenModels.delete(key);
+    this.#seenModels.set(key, result.model);
+    if (this.#seenModels.size > MAX_SEEN_MODELS) this.#seenModels.delete(this.#seenModels.keys().next().value);
     this.lastModel = result.model;
     this.lastBackend = result.backend;
     this.lastSource = result.source;
@@ -317,81 +374,17 @@ export class EmbedServeClient extends EventEmitter {
 
   // -- fallback -------------------------------------------------------------------------
 
-  #embedFallback(texts, dimensions, cause) {
-    const { embedder, refusal } = this.#fallbackPlan();
+  #embedFallback(texts, dimensions, cause, model) {
+    const { embedder, label, refusal } = this.#fallback.plan(model);
     if (!embedder) {
       // The same error, saying why nothing else was tried.
       const { name: _name, ...details } = cause;
       throw new EmbedServeError(`${cause.message}; no fallback: ${refusal}`,
         { ...details, cause: cause.cause });
     }
-    if (dimensions !== undefined && dimensions > embedder.dimensions) {
-      throw validationError(`'dimensions' must be between 1 and ${embedder.dimensions} for ` +
-        `model ${embedder.model}, got ${dimensions}`, 'dimensions', 422);
-    }
-    this.emit('fallback', { error: cause, model: embedder.model });
-    // As the server's hash tier answers `dimensions`: that many buckets computed directly
-    // (not the first values of the full vector), labelled with the served model's name.
-    let vectors = this.#sizedEmbedder(embedder, dimensions).embed(texts);
-    // The server's base64 transport carries float32: round the same way, so that the
-    // fallback's vectors equal the server's hash tier's bit for bit in either format.
-    if (this.#options.encodingFormat === 'base64') {
-      vectors = vectors.map((vector) => vector.map(Math.fround));
-    }
-    return tagged(vectors, embedder.model, 'hash', 'fallback');
-  }
-
-  #sizedEmbedder(embedder, dimensions) {
-    if (dimensions === undefined || dimensions === embedder.dimensions) return embedder;
-    // A few recent sizes only: each embedder keeps its own word cache.
-    const sized = this.#sizedEmbedders.get(dimensions) ?? new HashEmbedder(dimensions);
-    this.#sizedEmbedders.delete(dimensions);
-    this.#sizedEmbedders.set(dimensions, sized);
-    if (this.#sizedEmbedders.size > MAX_FALLBACK_SIZES) {
-      this.#sizedEmbedders.delete(this.#sizedEmbedders.keys().next().value);
-    }
-    return sized;
-  }
-
-  /** The in-process embedder the policy allows, or why none. */
-  #fallbackPlan() {
-    const policy = this.#options.fallback;
-    if (policy === 'never') return { refusal: "fallback is off (fallback: 'never')" };
-    const served = this.#servedDimensions;
-    // A hash-tier server's size wins over the options: the fallback must match it.
-    const dimensions = served && this.#servedModel === hashModelName(served)
-      ? served : this.#configuredDimensions();
-    const local = hashModelName(dimensions);
-    if (policy === 'same-model') {
-      const expected = this.#servedModel ?? this.#requestedModel(dimensions);
-      if (expected !== null && expected !== local) {
-        return {
-          refusal: `the server's model is ${expected}, the in-process fallback would be ` +
-            `${local} (pass fallback: 'always' to accept vectors from another model)`,
-        };
-      }
-    }
-    if (this.#fallbackEmbedder?.dimensions !== dimensions) {
-      this.#fallbackEmbedder = new HashEmbedder(dimensions);
-    }
-    return { embedder: this.#fallbackEmbedder };
-  }
-
-  #setting(name) {
-    return this.#options[name] ?? this.#settings[name];
-  }
-
-  #configuredDimensions() {
-    return this.#setting('dimensions') ?? DEFAULT_DIMENSIONS;
-  }
-
-  /** The model a started server would serve, where the options say; null if unknown. */
-  #requestedModel(dimensions) {
-    const backend = this.#setting('backend') ?? 'auto';
-    const model = this.#setting('model');
-    if (backend === 'hash') return hashModelName(dimensions);
-    if (ML_BACKENDS.includes(backend) || model) return `${model || backend} (${backend})`;
-    return null;
+    const vectors = this.#fallback.embed(embedder, texts, dimensions);
+    this.emit('fallback', { error: cause, model: label });
+    return tagged(vectors, label, 'hash', 'fallback');
   }
 
   // -- requests with retries ------------------------------------------------------------
@@ -404,7 +397,7 @@ export class EmbedServeClient extends EventEmitter {
    * answers 503 loading while its model loads). Other errors are raised at once.
    * @returns {Promise<[any, object]>} the answer, and the /info of the server that gave it
    */
-  async #request(method, path, body, first = 0) {
+  async #request(method, path, body, first = 0, model = undefined) {
     const { timeoutMs, retryTimeoutMs, retries } = this.#options;
     const started = Date.now();
     const deadline = started + retryTimeoutMs;
@@ -421,7 +414,7 @@ export class EmbedServeClient extends EventEmitter {
       try {
         // Inside the try: finding the server again can meet the same failures (its /info
         // answered 503, or the connection was reset), and they are retried the same way.
-        await this.#ensureConnected();
+        await this.#ensureConnected(model);
         info = this.#info;
         server = this.#server;
         return [await this.#fetchJson(method, path, body, wait), info];
@@ -517,8 +510,7 @@ export class EmbedServeClient extends EventEmitter {
       throw this.#badResponse('GET /info did not describe a model');
     }
     this.#info = info;
-    this.#servedModel = info.model;
-    this.#servedDimensions = Number.isInteger(info.dimensions) ? info.dimensions : null;
+    this.#fallback.learn(info);
   }
 
   /** The server behind `info` stopped answering: forget it (once, whoever sees it first). */
@@ -526,10 +518,11 @@ export class EmbedServeClient extends EventEmitter {
     if (this.#info === info) this.#info = null;
   }
 
-  async #ensureConnected() {
+  /** `model`: the one the call asks for, which says whether a fallback could answer it. */
+  async #ensureConnected(model) {
     this.#checkOpen();
     if (this.#info) return;
-    this.#connecting ??= this.#findOrStart().finally(() => {
+    this.#connecting ??= this.#findOrStart(model).finally(() => {
       this.#connecting = null;
     });
     try {
@@ -539,7 +532,7 @@ export class EmbedServeClient extends EventEmitter {
     }
   }
 
-  async #findOrStart() {
+  async #findOrStart(model) {
     const deadline = Date.now() + this.#options.startTimeoutMs;
     const target = this.#target;
     const recentlyFailed = Date.now() < this.#downUntil && this.#downError !== null;
@@ -562,7 +555,7 @@ export class EmbedServeClient extends EventEmitter {
     // meanwhile. Otherwise (nothing was ever there, or waiting for it already failed once)
     // look a few times only: the fallback or the error is better than a minute's wait for
     // a server that is not coming.
-    const waitUntil = this.#foreignLost && !this.#fallbackPlan().embedder
+    const waitUntil = this.#foreignLost && !this.#fallback.plan(model).embedder
       ? started + this.#options.retryTimeoutMs : null;
     for (;;) {
       this.#checkOpen();
@@ -771,11 +764,6 @@ function checkTexts(texts) {
 
 function describeType(value) {
   return value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value;
-}
-
-function validationError(message, param, status = 400) {
-  return new EmbedServeError(`${status} ${message}`,
-    { code: 'validation', status, serverMessage: message, param });
 }
 
 function annotateChunk(error, first) {

@@ -81,7 +81,8 @@ function serverSettings(env) {
     if (!BACKENDS.includes(backend)) fail('EMBEDSERVE_BACKEND', `backend must be one of ${BACKENDS.join(', ')}`);
     settings.backend = backend;
   }
-  settings.model = environment.EMBEDSERVE_MODEL || undefined;
+  // Several models, comma-separated, for a server that serves several: the first is its default.
+  settings.model = (environment.EMBEDSERVE_MODEL ?? '').split(',').map((m) => m.trim()).find(Boolean);
   return Object.freeze(settings);
 }
 
@@ -137,6 +138,9 @@ function validateOptions(opts) {
   }
   if (typeof opts.env !== 'object' || opts.env === null) fail('env: expected an object');
   if (typeof opts.python !== 'string' || !opts.python) fail('python: expected a command or path');
+  if (opts.model !== undefined && !(typeof opts.model === 'string' && opts.model.trim())) {
+    fail(`model: ${JSON.stringify(opts.model)}; expected a model name (a started server's --model, and every call's model)`);
+  }
   if (opts.port !== undefined && !(Number.isInteger(opts.port) && opts.port >= 0 && opts.port <= 65535)) {
     fail(`port: ${opts.port}; expected an integer from 0 to 65535`);
   }
