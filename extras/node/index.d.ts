@@ -12,6 +12,9 @@ export type Source = 'server' | 'fallback';
  *   ask for: backend 'hash' yes, an ML backend or model no, nothing said: yes).
  * - 'always': whatever the server's model was (check `result.model`).
  * - 'never' (also `false`): raise the error.
+ * A call that names its model (`embed(texts, { model })`) is answered in-process only when
+ * that name is the hash tier's ('hash', 'hash-v1-<D>', or a name the server gave it), under
+ * either of the first two policies; never for another model.
  */
 export type FallbackPolicy = 'same-model' | 'always' | 'never';
 
@@ -26,7 +29,10 @@ export interface EmbedServeOptions {
   restart?: boolean;
   /** --backend of a started server ('auto', 'hash', 'sentence-transformers', 'transformers'). */
   backend?: string;
-  /** --model of a started server (ML backends). */
+  /**
+   * --model of a started server; also the model every call asks for (the request's `model`
+   * field) unless the call names its own.
+   */
   model?: string;
   /** --dimensions of a started server (hash backend), and the fallback's size. */
   dimensions?: number;
@@ -75,6 +81,12 @@ export interface EmbedServeOptions {
 
 export interface EmbedOptions {
   /**
+   * The served model to use, by any name the server accepts for it (see `models()`).
+   * Default: the client's `model` option when given, else the server's default model. A
+   * name the server does not serve rejects with code 'model_not_found'.
+   */
+  model?: string;
+  /**
    * Shorter vectors, where the model allows: the hash tier computes this many buckets directly
    * (hash-v1-<dimensions>'s vectors, labelled with the served model's name, as the server
    * does); ML models keep the first values, re-normalised.
@@ -109,6 +121,7 @@ export interface HealthResult {
 /** The server's GET /info; the fields clients rely on, and whatever else it says. */
 export interface ServerInfo {
   backend: string;
+  /** The default model (what calls that name none get). */
   model: string;
   dimensions: number;
   max_batch_size?: number;
@@ -123,6 +136,7 @@ export interface EmbedServeClientEvents {
   serverExit: [{ pid: number; code: number | null; signal: string | null; expected: boolean }];
   connect: [{ url: string; owned: boolean; info: ServerInfo }];
   fallback: [{ error: EmbedServeError; model: string }];
+  /** A call got another model than the last call that asked for the same model (or none). */
   modelChange: [{ from: string; to: string; source: Source }];
   log: [line: string, stream: 'stdout' | 'stderr'];
 }
@@ -153,6 +167,11 @@ export class EmbedServeClient extends EventEmitter {
   health(): Promise<HealthResult>;
   /** The server's GET /info (starting a server if allowed). */
   info(): Promise<ServerInfo>;
+  /**
+   * The names of the served models (GET /v1/models), in the server's order: the first is its
+   * default (starting a server if allowed).
+   */
+  models(): Promise<string[]>;
   /** Stop the server this client started, if any, and refuse further calls. Idempotent. */
   close(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -174,6 +193,7 @@ export type ErrorCode =
   | 'start_failed'
   | 'start_timeout'
   | 'validation'
+  | 'model_not_found'
   | 'authentication'
   | 'http_error'
   | 'bad_response'
@@ -202,6 +222,10 @@ export class EmbedServeError extends Error {
   readonly exitCode?: number | null;
   /** Index of the first text of the request that failed, when a call was split. */
   readonly inputOffset?: number;
+  /** model_not_found: the model name the call asked for. */
+  readonly model?: string;
+  /** model_not_found: the names the server serves (GET /v1/models), when they could be read. */
+  readonly available?: string[];
   /** Whether no server could be had (the errors a fallback may answer in place of). */
   readonly serverUnavailable: boolean;
 }
