@@ -6,6 +6,9 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from embedserve.commands import COMMANDS
 from embedserve.config import BACKENDS
@@ -106,3 +109,22 @@ def test_health_never_starts_a_server() -> None:
     # The old spelling is still accepted (status 1, not a usage error's 2).
     done = run("health", "--no-autostart", EMBEDSERVE_URL=url)
     assert done.returncode == 1 and "no answer from" in done.stderr, done.stderr
+
+
+def test_model_commands_say_what_they_do() -> None:
+    # Their parsers live in commands.py, beside the client's; `embedserve --help` names them.
+    expected = {"pull": "check that each one serves offline",
+                "models": "whether `--model ID` loads offline",
+                "rm": "Delete models from the Hugging Face cache"}
+    for command, phrase in expected.items():
+        done = run(command, "--help")
+        assert done.returncode == 0, done.stderr
+        assert phrase in unwrapped(done.stdout), command
+        assert "--url" not in done.stdout  # no server is involved
+
+
+def test_rm_of_a_model_not_cached_fails_clearly(tmp_path: Path) -> None:
+    pytest.importorskip("huggingface_hub")  # the model commands need it; the core does not
+    done = run("rm", "org/absent", HF_HOME=str(tmp_path))
+    assert done.returncode == 1
+    assert "org/absent is not in the Hugging Face cache" in done.stderr, done.stderr
