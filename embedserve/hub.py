@@ -154,7 +154,7 @@ def check_serves(model: str, *, timeout: float = CHECK_TIMEOUT,
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # The check asks the model for an embedding: a key it would demand, or a model set to load
     # on first use, is not what is being checked. --model and friends come as flags.
-    for name in ("EMBEDSERVE_API_KEY", "EMBEDSERVE_PRELOAD"):
+    for name in ("EMBEDSERVE_API_KEY", "EMBEDSERVE_PRELOAD", "EMBEDSERVE_SERVED_MODEL_NAME"):
         env.pop(name, None)
     # This very embedserve serves the check, wherever it was imported from.
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -173,9 +173,13 @@ def check_serves(model: str, *, timeout: float = CHECK_TIMEOUT,
         except queue.Empty:
             raise HubError(f"{model}: the server did not load it within {timeout:.0f} s "
                            f"(--check-timeout){_why(lines)}") from None
-        if announced is None:
+        if announced is None:  # its output ended: it exited, or is about to
+            try:
+                code: int | str = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                code = "none yet"
             raise HubError(f"{model} downloaded, but the server cannot load it offline (exit "
-                           f"code {proc.wait()}){_why(lines, snapshot)}")
+                           f"code {code}){_why(lines, snapshot)}")
         if announced.backend == HASH_MODEL:
             raise HubError(f"{model} downloaded, but the server would serve the hash tier "
                            f"instead{_why(lines, snapshot)}")
