@@ -40,6 +40,7 @@ ABANDON_POLL = 0.05
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 # Weight of the newest pass in the measured rate (texts per second).
 RATE_WEIGHT = 0.2
+STOP_WAIT = 30.0  # seconds a stopping model thread may take to finish its pass
 
 
 @dataclass(eq=False)
@@ -86,7 +87,8 @@ class Batcher:
         self._rate = 0.0  # texts per second through the model, measured
         self.batches = 0
         self.abandoned = 0  # requests dropped because their client had gone
-        threading.Thread(target=self._run, name="model", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
 
     def check_room(self, texts: int) -> None:
         """429 unless `texts` more fit in the queue: asked before a request is tokenized,
@@ -152,6 +154,14 @@ class Batcher:
             job.error = error
             job.done.set()
 
+    def stop(self) -> None:
+        """For an unloaded model: refuse what waits, and let the model thread end (it holds
+        the model: while it lives, the memory cannot be given back)."""
+        self.close(ApiError(503, "the model was unloaded; retry", headers={"Retry-After": "1"}))
+        with self._ready:
+            self._ready.notify_all()
+        self._thread.join(STOP_WAIT)  # a pass in progress finishes first
+
     def queue_depth(self) -> int:
         return self._queued
 
@@ -159,6 +169,9 @@ class Batcher:
     def _run(self) -> None:
         while True:
             pool = self._peek()
+            if pool is None:  # stopped
+                self.model = None  # type: ignore[assignment]  # its memory can go now
+                return
             try:
                 batch = pick_batch(pool, self.overhead, self.max_batch_texts,
                                    self.max_batch_tokens)
@@ -179,7 +192,7 @@ class Batcher:
                                                 f"{exc}"))
             self._in_pass = []
 
-    def _peek(self) -> list[_Item]:
+    def _peek(self) -> list[_Item] | None:
         """A few batches' worth of waiting texts, taken from the waiting requests in turn
         (the first text of each, then the second...), the request whose turn it is first.
         They stay queued, so that the length admission checks stays true while they are
@@ -187,6 +200,8 @@ class Batcher:
         with self._ready:
             idle = not self._jobs
             while not self._jobs:
+                if self._closed is not None:
+                    return None
                 self._ready.wait()
             if idle and self.wait:
                 # An optional short wait for company, once per busy spell: more texts per

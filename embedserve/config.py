@@ -25,8 +25,11 @@ DEFAULT_PORT = 8765
 
 
 def _option(default: Any, help: str, *, choices: Sequence[str] | None = None,
-            minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+            minimum: float | None = None, separator: str = ",") -> Any:
+    """A field and its flag. A tuple default makes a flag that may be given several times;
+    its variable then holds the values joined by `separator`."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
+                                            "separator": separator})
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,24 @@ class Config:
                         minimum=0)
     backend: str = _option("auto", "embedding backend; auto picks the best one installed",
                            choices=BACKENDS)
-    model: str = _option("", "Hugging Face model id or local folder for the ML backends "
-                              "(default sentence-transformers/all-MiniLM-L6-v2; hash: unused)")
-    served_model_name: str = _option(
-        "", "comma-separated names clients may use for the model (responses carry the "
-            "first), e.g. text-embedding-3-small; the model's own names stay accepted")
+    model: tuple[str, ...] = _option(
+        (), "a model to serve: Hugging Face id, local folder, or 'hash' for the hash tier; "
+            "give it several times to serve several (the first answers requests that name "
+            "none; default: sentence-transformers/all-MiniLM-L6-v2 on the ML backends)")
+    served_model_name: tuple[str, ...] = _option(
+        (), "comma-separated names clients may use for a model (responses carry the first), "
+            "e.g. text-embedding-3-small; given several times, paired with the --model "
+            "flags by position (env: one model's names after another's, split by ';'); "
+            "a model's own names stay accepted", separator=";")
+    preload: bool = _option(
+        True, "load every model at start (/health is 200 once all are ready); with "
+              "--no-preload a model loads on its first request")
+    model_idle_timeout: float = _option(
+        0.0, "unload an ML model unused this many seconds, giving its memory back "
+             "(0: never)", minimum=0.0)
+    max_loaded_models: int = _option(
+        0, "most ML models loaded at once; loading one more unloads the least recently "
+           "used (0: no limit)", minimum=0)
     device: str = _option("auto", f"where the ML backends run: {DEVICES}")
     fp32: bool = _option(False, "keep float32 on CUDA (default there: float16)")
     trust_remote_code: bool = _option(
@@ -112,6 +128,16 @@ class Config:
             return False
 
     @property
+    def model_id(self) -> str:
+        """The one model a backend loads from this config ('' for its default): the
+        registry hands each backend a config naming its model alone."""
+        return self.model[0] if self.model else ""
+
+    def for_model(self, spec: str) -> Config:
+        return dataclasses.replace(self, model=(spec,) if spec else (),
+                                   served_model_name=())
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
@@ -119,10 +145,17 @@ class Config:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
                   environ: Mapping[str, str] | None = None) -> Config:
-        parser = build_parser(os.environ if environ is None else environ)
+        environ = os.environ if environ is None else environ
+        parser = build_parser(environ)
         namespace = parser.parse_args(argv)
+        values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if isinstance(_OPTIONS[name].default, tuple):
+                # Flags given replace the variable's values; none given: the variable's.
+                values[name] = tuple(value) if value is not None else _tuple_default(
+                    name, environ)
         try:
-            return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+            return cls(**values)
         except ValueError as exc:
             parser.error(str(exc))
             raise  # unreachable: parser.error exits
@@ -152,9 +185,18 @@ def parse_option(name: str, text: str) -> Any:
     so a bad value is the same error everywhere, never a silent default."""
     option = _OPTIONS[name]
     kind: Any = type(option.default)
+    if kind is tuple:
+        return tuple(item.strip() for item in text.split(option.metadata["separator"])
+                     if item.strip())
     value = (_parse_bool if kind is bool else kind)(text)
     _check(option, value)
     return value
+
+
+def _tuple_default(name: str, environ: Mapping[str, str]) -> tuple[str, ...]:
+    env = env_name(name)
+    default: tuple[str, ...] = _OPTIONS[name].default  # type: ignore[assignment]
+    return tuple(parse_option(name, environ[env])) if env in environ else default
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -188,6 +230,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
+        elif kind is tuple:  # given several times; from_args falls back to the variable
+            parser.add_argument(flag, action="append", default=None, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (env {env})")
         else:
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices=f.metadata["choices"], metavar=f.name.upper())

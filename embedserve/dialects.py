@@ -7,8 +7,9 @@ backends; the core knows nothing of dialects.
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -228,16 +229,12 @@ class Ollama:
         body = _object(payload)
         truncate = _optional(body, "truncate", bool, "a boolean")
         _optional(body, "options", dict, "an object")
-        keep_alive = body.get("keep_alive")  # accepted for compatibility; models stay loaded
-        if keep_alive is not None and (isinstance(keep_alive, bool)
-                                       or not isinstance(keep_alive, (str, int, float))):
-            raise ApiError(400, "'keep_alive' must be a duration string or a number of seconds",
-                           param="keep_alive")
         return EmbedRequest(
             texts=texts_from(body.get("input"), "input", max_batch_size),
             model=_required_model(body),
             truncate=True if truncate is None else truncate,
             dimensions=_optional(body, "dimensions", int, "an integer"),
+            keep_alive=_keep_alive(body.get("keep_alive")),
         )
 
     def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
@@ -262,6 +259,21 @@ class Ollama:
                         "parameter_size": "", "quantization_level": ""}}
             for name in names]}
 
+    def render_ps(self, models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """GET /api/ps: the models loaded now, with their size and when they unload (a
+        model kept for good shows a far future, as Ollama shows it)."""
+        def when(expires: float | None) -> str:
+            if expires is None:
+                return "2318-01-01T00:00:00Z"
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+
+        return {"models": [{
+            "name": f"{m['name']}:latest", "model": f"{m['name']}:latest",
+            "size": m["size"], "size_vram": 0, "digest": "", "expires_at": when(m["expires_at"]),
+            "details": {"format": m["backend"], "family": m["backend"],
+                        "families": [m["backend"]], "parameter_size": "",
+                        "quantization_level": ""}} for m in models]}
+
     def render_version(self, version: str) -> dict[str, Any]:
         return {"version": version}
 
@@ -279,6 +291,29 @@ class OllamaLegacy(Ollama):
 
     def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
         return f'{{"embedding":{float_array_json(result.vectors[0])}}}'.encode()
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1")."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if _PLAIN_NUMBER.fullmatch(text):
+            return float(text)
+        sign, rest = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+        parts = _DURATION_PART.findall(rest)
+        if parts and "".join(n + unit for n, unit in parts) == rest:
+            return sign * sum(float(n) * _DURATION_UNITS[unit] for n, unit in parts)
+    raise ApiError(400, "'keep_alive' must be a duration (\"5m\", \"1h30m\", \"0\", \"-1\") or "
+                        "a number of seconds", param="keep_alive")
 
 
 def _required_model(body: dict[str, Any]) -> str:

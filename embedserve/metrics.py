@@ -48,9 +48,10 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
-        self.texts = 0
-        self.tokens = 0
-        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        # By model: several models share a server (names come from the server's own list).
+        self.texts: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+        self.batch_sizes: dict[str, Histogram] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -61,21 +62,28 @@ class Metrics:
                 histogram = self.latency[route] = Histogram(LATENCY_BUCKETS)
             histogram.observe(seconds)
 
-    def observe_embedding(self, texts: int, tokens: int) -> None:
+    def observe_embedding(self, model: str, texts: int, tokens: int) -> None:
         with self._lock:
-            self.texts += texts
-            self.tokens += tokens
+            self.texts[model] = self.texts.get(model, 0) + texts
+            self.tokens[model] = self.tokens.get(model, 0) + tokens
 
-    def observe_batch(self, size: int) -> None:
+    def observe_batch(self, model: str, size: int) -> None:
         with self._lock:
-            self.batch_sizes.observe(size)
+            histogram = self.batch_sizes.get(model)
+            if histogram is None:
+                histogram = self.batch_sizes[model] = Histogram(BATCH_BUCKETS)
+            histogram.observe(size)
 
-    def render(self, *, backend: dict[str, str], queue_depth: int, restarts: int) -> str:
+    def render(self, *, backends: list[dict[str, str]], queue_depth: dict[str, int],
+               restarts: int) -> str:
+        """`backends`: the labels of each model loaded (backend, model, device...);
+        `queue_depth`: texts waiting, by model."""
         pid = f'worker="{os.getpid()}"'
-        lines = ["# HELP embedserve_backend_info The backend and model this worker serves.",
-                 "# TYPE embedserve_backend_info gauge",
-                 "embedserve_backend_info{%s} 1" % ",".join(
-                     [pid] + [f'{k}="{_escape(v)}"' for k, v in sorted(backend.items())])]
+        lines = ["# HELP embedserve_backend_info The models this worker has loaded.",
+                 "# TYPE embedserve_backend_info gauge"]
+        lines += ["embedserve_backend_info{%s} 1" % ",".join(
+            [pid] + [f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())])
+            for labels in backends]
         with self._lock:
             lines += ["# HELP embedserve_requests_total HTTP requests by route and status.",
                       "# TYPE embedserve_requests_total counter"]
@@ -88,18 +96,23 @@ class Metrics:
                 lines += histogram.lines("embedserve_request_duration_seconds",
                                          f'{pid},route="{_escape(route)}"')
             lines += ["# HELP embedserve_texts_embedded_total Texts embedded.",
-                      "# TYPE embedserve_texts_embedded_total counter",
-                      f"embedserve_texts_embedded_total{{{pid}}} {self.texts}",
-                      "# HELP embedserve_tokens_embedded_total Tokens embedded.",
-                      "# TYPE embedserve_tokens_embedded_total counter",
-                      f"embedserve_tokens_embedded_total{{{pid}}} {self.tokens}",
-                      "# HELP embedserve_batch_size Texts per forward pass (ML tiers).",
+                      "# TYPE embedserve_texts_embedded_total counter"]
+            lines += [f'embedserve_texts_embedded_total{{{pid},model="{_escape(model)}"}} '
+                      f"{count}" for model, count in sorted(self.texts.items())]
+            lines += ["# HELP embedserve_tokens_embedded_total Tokens embedded.",
+                      "# TYPE embedserve_tokens_embedded_total counter"]
+            lines += [f'embedserve_tokens_embedded_total{{{pid},model="{_escape(model)}"}} '
+                      f"{count}" for model, count in sorted(self.tokens.items())]
+            lines += ["# HELP embedserve_batch_size Texts per forward pass (ML tiers).",
                       "# TYPE embedserve_batch_size histogram"]
-            lines += self.batch_sizes.lines("embedserve_batch_size", pid)
+            for model, histogram in sorted(self.batch_sizes.items()):
+                lines += histogram.lines("embedserve_batch_size",
+                                         f'{pid},model="{_escape(model)}"')
         lines += ["# HELP embedserve_queue_depth Texts waiting for the model.",
-                  "# TYPE embedserve_queue_depth gauge",
-                  f"embedserve_queue_depth{{{pid}}} {queue_depth}",
-                  "# HELP embedserve_worker_restarts_total Workers restarted by the supervisor.",
+                  "# TYPE embedserve_queue_depth gauge"]
+        lines += [f'embedserve_queue_depth{{{pid},model="{_escape(model)}"}} {depth}'
+                  for model, depth in sorted(queue_depth.items())]
+        lines += ["# HELP embedserve_worker_restarts_total Workers restarted by the supervisor.",
                   "# TYPE embedserve_worker_restarts_total counter",
                   f"embedserve_worker_restarts_total {restarts}"]
         return "\n".join(lines) + "\n"

@@ -12,6 +12,8 @@ from pathlib import Path
 # Folder names that say nothing about the model inside: look one level up instead.
 _GENERIC_FOLDERS = frozenset({"model", "models", "snapshot", "snapshots", "weights",
                               "checkpoint", "final", "latest", "main"})
+# Titles of generated model cards (sentence-transformers' save() writes one), not names.
+_GENERIC_TITLES = frozenset({"sentencetransformer", "model", "model-card", "readme"})
 _HUB_CACHE_FOLDER = re.compile(r"^models--(.+?)--(.+)$")
 _CARD_TITLE = re.compile(r"^#\s+(\S[^\n]*?)\s*$", re.MULTILINE)
 
@@ -78,6 +80,8 @@ def _card_title(folder: Path) -> str | None:
         return None
     match = _CARD_TITLE.search(text)
     title = match.group(1) if match else ""
+    if title.lower() in _GENERIC_TITLES:
+        return None
     return title if title and len(title) <= 100 and " " not in title else None
 
 

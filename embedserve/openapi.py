@@ -65,7 +65,9 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
             required=["id", "text", "special", "start", "stop"])}},
         "OllamaEmbedRequest": _object({
             "model": ollama_model, "input": texts, "truncate": {"type": "boolean"},
-            "dimensions": dimensions, "keep_alive": {"type": ["string", "number"]},
+            "dimensions": dimensions, "keep_alive": {"oneOf": [
+                {"type": "number"},
+                {"type": "string", "pattern": r"^(-?[0-9]+(\.[0-9]+)?|-?([0-9]+(\.[0-9]+)?(ms|h|m|s))+)$"}]},
             "options": {"type": "object"}}, required=["model", "input"]),
         "OllamaEmbedResponse": _object({
             "model": {"type": "string"}, "embeddings": {"type": "array", "items": vector},

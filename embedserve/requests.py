@@ -17,6 +17,9 @@ class EmbedRequest:
     model: str | None = None
     encoding_format: str = "float"
     truncate_left: bool = False  # TEI truncation_direction=Left: keep the end of the text
+    # How long the model stays loaded after this request, in seconds (Ollama's keep_alive):
+    # None: the server's policy; negative: for good; 0: unload after this request.
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ def ollama_tags(exchange: Exchange) -> Reply:
     return Reply(OLLAMA.render_tags(service.model_names().listed, backend, service.started))
 
 
+def ollama_ps(exchange: Exchange) -> Reply:
+    return Reply(OLLAMA.render_ps(exchange.service.loaded_models()))
+
+
 def ollama_version(exchange: Exchange) -> Reply:
     return Reply(OLLAMA.render_version(__version__))
 
@@ -118,5 +122,6 @@ ROUTES = RouteTable.of([
         embed, "Embed one prompt (Ollama, legacy)", "OllamaEmbeddingsRequest",
         "OllamaEmbeddingsResponse")}),
     Route("/api/tags", OLLAMA, {"GET": Method(ollama_tags, "Served models (Ollama)")}),
+    Route("/api/ps", OLLAMA, {"GET": Method(ollama_ps, "Models loaded now (Ollama)")}),
     Route("/api/version", OLLAMA, {"GET": Method(ollama_version, "Version (Ollama)")}),
 ], default_dialect=TEI_DIALECT)

@@ -12,19 +12,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from embedserve import __version__
-from embedserve.backends import EMBED, BackendInfo, BatchedModel, Encoder, Encoding, Loaded, Token
+from embedserve.backends import (EMBED, BackendError, BackendInfo, BatchedModel, Encoding,
+                                 Loaded, Token, load_backend)
 from embedserve.config import Config
 from embedserve.errors import ApiError, quoted
 from embedserve.metrics import Metrics
-from embedserve.names import ModelNames, served_names
+from embedserve.names import ModelNames
+from embedserve.registry import Registry, Slot
 from embedserve.requests import EmbedRequest, EmbedResult
 from embedserve.vectors import shorten
-
-if TYPE_CHECKING:
-    from embedserve.batcher import Batcher
 
 log = logging.getLogger("embedserve.service")
 
@@ -36,45 +35,53 @@ class SharedInt(Protocol):
 
 
 class EmbeddingService:
-    """Created before the backend is loaded (so a loading worker can answer 503), and made
-    ready by `attach`. Tracks backend calls in progress so the worker's heartbeat can tell
+    """Created before any model is loaded (so a loading worker can answer 503), and made
+    ready by `load`. Tracks backend calls in progress so the worker's heartbeat can tell
     a stuck call from a long series of progressing ones."""
 
     def __init__(self, config: Config, restarts: SharedInt | None = None) -> None:
         self.config = config
         self._restarts = restarts
-        self.backend: BackendInfo | None = None
-        self._encoder: Encoder | None = None
-        self._model: BatchedModel | None = None
-        self.skipped: dict[str, str] = {}
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(config.max_concurrent_requests)
         # The in-thread encoder (hash) runs one call at a time anyway (its caches are
         # locked); queueing here, outside backend_call, keeps a call's measured age to the
         # call itself, so a worker busy with a queue of big requests is not taken for hung.
         self._encode_lock = threading.Lock()
-        self._names = ModelNames(("",), ("",))
         self.metrics = Metrics()
-        self._batcher: Batcher | None = None
         self._calls_lock = threading.Lock()
         self._calls: dict[int, float] = {}
         self._next_call = 0
+        self._registry: Registry | None = None
 
     @property
     def ready(self) -> bool:
-        return self.backend is not None
+        return self._registry is not None
+
+    def load(self, loader: Callable[[Config], Loaded] = load_backend) -> None:
+        """Know the models and, unless --no-preload, load them all: then ready. A model
+        that cannot load, or names two models share, are a BackendError (a boot error)."""
+        try:
+            registry = Registry(self.config, self.backend_call, self.metrics.observe_batch,
+                                loader)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        if self.config.preload:
+            registry.preload()
+        self._registry = registry
 
     def attach(self, loaded: Loaded) -> None:
-        self.skipped = loaded.skipped
-        if loaded.model is not None:  # one model thread, dynamic batches
-            from embedserve.batcher import Batcher
+        """Serve `loaded` as the one model (tests and hosts that load it themselves)."""
+        self.load(lambda config: loaded)
 
-            self._batcher = Batcher(loaded.model, self.config, self.backend_call,
-                                    self.metrics.observe_batch)
-        self._encoder, self._model = loaded.encoder, loaded.model
-        backend = loaded.backend
-        self._names = served_names(backend.model, self.config.served_model_name)
-        self.backend = backend
+    @property
+    def backend(self) -> BackendInfo | None:
+        """The default model's backend, once it is loaded."""
+        return self._registry.default.backend if self._registry is not None else None
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self._registry.default.skipped if self._registry is not None else {}
 
     @contextmanager
     def admit(self) -> Iterator[None]:
@@ -109,36 +116,40 @@ class EmbeddingService:
 
     def embed(self, request: EmbedRequest, client_gone: Callable[[], bool] | None = None
               ) -> EmbedResult:
-        """Run one request; callers hold a slot from `admit` around it. `client_gone`, asked
-        while the request waits for the model, lets a request whose client hung up be
-        dropped (ClientGone) instead of computed for no one."""
-        backend = self._ready_backend()
-        if request.model is not None:
-            self.check_model(request.model)
-        dims = request.dimensions
-        if dims is not None and not 1 <= dims <= backend.dimensions:
-            raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
-                                f"for model {backend.model}, got {dims}", param="dimensions")
-        texts = self._prompted(backend, request)
-        if self._encoder is not None:
-            # The hash tier computes `dimensions` buckets directly: its features carry no
-            # order of importance, so a shortened 384-d vector would be mostly zeros.
-            with self._encode_lock, self.backend_call():
-                encoded = self._encoder.encode(texts, normalize=request.normalize,
-                                               dimensions=dims)
-            vectors, tokens = encoded.vectors, sum(encoded.token_counts)
-        else:
-            vectors, tokens = self._embed_batched(texts, request, client_gone)
-            if dims is not None and dims < backend.dimensions:
-                vectors = [shorten(v, dims, request.normalize) for v in vectors]
-        self.metrics.observe_embedding(len(vectors), tokens)
-        return EmbedResult(vectors, self._names.primary, tokens)
+        """Run one request on the model it names; callers hold a slot from `admit` around
+        it. `client_gone`, asked while the request waits for the model, lets a request
+        whose client hung up be dropped (ClientGone) instead of computed for no one."""
+        registry = self._ready_registry()
+        slot = registry.resolve(request.model)
+        with registry.use(slot, request.keep_alive):
+            backend = slot.backend
+            assert backend is not None  # use() loads it
+            dims = request.dimensions
+            if dims is not None and not 1 <= dims <= backend.dimensions:
+                raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
+                                    f"for model {backend.model}, got {dims}",
+                               param="dimensions")
+            texts = self._prompted(backend, request)
+            if slot.encoder is not None:
+                # The hash tier computes `dimensions` buckets directly: its features carry
+                # no order of importance, so a shortened 384-d vector would be mostly zeros.
+                with self._encode_lock, self.backend_call():
+                    encoded = slot.encoder.encode(texts, normalize=request.normalize,
+                                                  dimensions=dims)
+                vectors, tokens = encoded.vectors, sum(encoded.token_counts)
+            else:
+                vectors, tokens = self._embed_batched(slot, texts, request, client_gone)
+                if dims is not None and dims < backend.dimensions:
+                    vectors = [shorten(v, dims, request.normalize) for v in vectors]
+        self.metrics.observe_embedding(backend.model, len(vectors), tokens)
+        return EmbedResult(vectors, slot.names.primary, tokens)
 
-    def _embed_batched(self, texts: list[str], request: EmbedRequest,
+    @staticmethod
+    def _embed_batched(slot: Slot, texts: list[str], request: EmbedRequest,
                        client_gone: Callable[[], bool] | None
                        ) -> tuple[list[list[float]], int]:
-        model, batcher = self._model, self._batcher
-        assert model is not None and batcher is not None  # attach: no encoder, so a model
+        model, batcher = slot.model, slot.batcher
+        assert model is not None and batcher is not None  # loaded, and not an encoder
         if EMBED not in model.capabilities:
             raise ApiError(400, f"model {model.model} does not embed text (it can: "
                                 f"{', '.join(sorted(model.capabilities)) or 'nothing'})")
@@ -147,41 +158,56 @@ class EmbeddingService:
         # Tokenized once, here in the request thread: the counts checked and reported are
         # those of the very ids the model thread pads.
         encodings = model.prepare(texts, truncate_left=request.truncate_left)
-        self._check_lengths(model, encodings, request.truncate)
+        _check_lengths(model, encodings, request.truncate)
         vectors = batcher.embed(encodings, request.normalize, client_gone)
         return vectors, sum(e.tokens for e in encodings)
 
     def stop_now(self, error: ApiError) -> None:
-        """A worker out of time to drain: answer what still waits for the model with
+        """A worker out of time to drain: answer what still waits for a model with
         `error`, so that its clients retry elsewhere instead of losing the connection."""
-        if self._batcher is not None:
-            self._batcher.close(error)
+        for slot in self._registry.slots if self._registry is not None else []:
+            if slot.batcher is not None:
+                slot.batcher.close(error)
 
     def model_names(self) -> ModelNames:
-        self._ready_backend()
-        return self._names
+        """Every served model's names, the default model's first."""
+        slots = self._ready_registry().slots
+        return ModelNames(tuple(n for slot in slots for n in slot.names.accepted),
+                          tuple(n for slot in slots for n in slot.names.listed))
 
-    def check_model(self, name: str) -> None:
-        # A request for another model must not silently get this one's vectors.
-        names = self.model_names()
-        if name.lower() not in (n.lower() for n in names.accepted):
-            listed = ", ".join(repr(n) for n in names.listed)
-            raise ApiError(404, f"model {quoted(name)} is not served here; this server serves "
-                                f"{listed}", param="model")
+    def loaded_models(self) -> list[dict[str, object]]:
+        """The ML models in memory now (Ollama's /api/ps): name, size, expiry (epoch s)."""
+        registry, now = self._ready_registry(), time.monotonic()
+        result: list[dict[str, object]] = []
+        for slot in registry.slots:
+            if not slot.unloadable:
+                continue
+            expiry = registry.expires_at(slot)
+            result.append({"name": slot.names.primary, "backend": slot.backend.name
+                           if slot.backend else "", "size": _memory(slot.backend),
+                           "expires_at": None if expiry is None else
+                           time.time() + max(0.0, expiry - now)})
+        return result
 
     def render_metrics(self) -> str:
-        backend = self.backend
-        labels = ({"backend": backend.name, "model": backend.model, "device": backend.device,
-                   "dimensions": str(backend.dimensions)} if backend else {"backend": "loading"})
+        slots = self._registry.slots if self._registry is not None else []
+        backends = [{"backend": b.name, "model": b.model, "device": b.device,
+                     "dimensions": str(b.dimensions)} for slot in slots
+                    if (b := slot.backend) is not None] or [{"backend": "loading"}]
+        depth = {slot.backend.model: slot.batcher.queue_depth() for slot in slots
+                 if slot.batcher is not None and slot.backend is not None}
         return self.metrics.render(
-            backend=labels, queue_depth=self._batcher.queue_depth() if self._batcher else 0,
+            backends=backends, queue_depth=depth,
             restarts=self._restarts.value if self._restarts is not None else 0)
 
     def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
-        backend = self._ready_backend()
-        if self._model is not None:
-            check_well_formed(texts)
-        return backend.tokenize(texts, add_special_tokens=add_special_tokens)
+        registry = self._ready_registry()
+        with registry.use(registry.default) as slot:
+            backend = slot.backend
+            assert backend is not None
+            if slot.model is not None:
+                check_well_formed(texts)
+            return backend.tokenize(texts, add_special_tokens=add_special_tokens)
 
     @staticmethod
     def _prompted(backend: BackendInfo, request: EmbedRequest) -> list[str]:
@@ -195,32 +221,23 @@ class EmbeddingService:
                                 f"(its prompts: {known})", param="prompt_name")
         return [prompt + text for text in request.texts]
 
-    @staticmethod
-    def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: bool) -> None:
-        limit = model.max_input_tokens
-        if truncate or not limit:
-            return
-        for i, encoding in enumerate(encodings):
-            if encoding.untruncated > limit:
-                raise ApiError(422, f"input {i} has {encoding.untruncated} tokens; model "
-                                    f"{model.model} takes at most {limit}. Shorten it, or "
-                                    "allow truncation (truncate=true)", param="truncate")
-
-    def _ready_backend(self) -> BackendInfo:
-        backend = self.backend
-        if backend is None:
+    def _ready_registry(self) -> Registry:
+        registry = self._registry
+        if registry is None:
             raise ApiError(503, "the model is still loading; retry shortly",
                            headers={"Retry-After": "1"})
-        return backend
+        return registry
 
     def info(self) -> dict[str, object]:
-        backend, config = self._ready_backend(), self.config
+        """The default model's facts at the top (what single-model clients read), every
+        model's under "models"."""
+        registry, config = self._ready_registry(), self.config
+        models = [self._model_info(registry, slot) for slot in registry.slots]
+        default = models[0]
         return {
-            "backend": backend.name,
-            "model": backend.model,
-            "dimensions": backend.dimensions,
-            "device": backend.device,
-            "max_input_tokens": backend.max_input_tokens,
+            **{key: default[key] for key in ("backend", "model", "dimensions", "device",
+                                             "max_input_tokens", "prompts",
+                                             "default_prompt_name")},
             "max_batch_size": config.max_batch_size,
             "max_body_bytes": config.max_body_bytes,
             "max_concurrent_requests": config.max_concurrent_requests,
@@ -230,20 +247,53 @@ class EmbeddingService:
             "workers": config.workers,
             "restarts": self._restarts.value if self._restarts is not None else 0,
             "uptime_s": round(time.time() - self.started, 3),
-            "skipped_backends": self.skipped,
-            "prompts": sorted(backend.prompts),
-            "max_batch_tokens": config.max_batch_tokens if self._batcher else None,
-            "batches": self._batcher.batches if self._batcher else None,
-            # Requests dropped while waiting for the model because their client hung up.
-            "abandoned_requests": self._batcher.abandoned if self._batcher else None,
-            # What a forward pass was measured to cost beyond its tokens (see batcher.py).
-            "pass_overhead_tokens": round(self._batcher.overhead) if self._batcher else None,
-            "default_prompt_name": backend.default_prompt_name,
+            "skipped_backends": registry.default.skipped,
+            **{key: default[key] for key in ("max_batch_tokens", "batches",
+                                             "abandoned_requests", "pass_overhead_tokens")},
             # The names TEI clients read.
-            "model_id": backend.model,
-            "max_input_length": backend.max_input_tokens,
+            "model_id": default["model"],
+            "max_input_length": default["max_input_tokens"],
             "max_client_batch_size": config.max_batch_size,
+            "models": models,
         }
+
+    def _model_info(self, registry: Registry, slot: Slot) -> dict[str, object]:
+        backend, batcher = slot.backend, slot.batcher
+        return {
+            "names": list(slot.names.listed),
+            "loaded": backend is not None,
+            "backend": backend.name if backend else None,
+            "model": backend.model if backend else slot.names.primary,
+            "dimensions": backend.dimensions if backend else None,
+            "device": backend.device if backend else None,
+            "max_input_tokens": backend.max_input_tokens if backend else None,
+            "prompts": sorted(backend.prompts) if backend else [],
+            "default_prompt_name": backend.default_prompt_name if backend else None,
+            # Weights x dtype: what loading it costs in memory (each worker its own copy).
+            "memory_bytes": _memory(backend),
+            "skipped_backends": slot.skipped,
+            "max_batch_tokens": self.config.max_batch_tokens if batcher else None,
+            "batches": batcher.batches if batcher else None,
+            # Requests dropped while waiting for the model because their client hung up.
+            "abandoned_requests": batcher.abandoned if batcher else None,
+            # What a forward pass was measured to cost beyond its tokens (see batcher.py).
+            "pass_overhead_tokens": round(batcher.overhead) if batcher else None,
+        }
+
+
+def _memory(backend: BackendInfo | None) -> int:
+    return int(getattr(backend, "memory_bytes", 0) or 0)
+
+
+def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: bool) -> None:
+    limit = model.max_input_tokens
+    if truncate or not limit:
+        return
+    for i, encoding in enumerate(encodings):
+        if encoding.untruncated > limit:
+            raise ApiError(422, f"input {i} has {encoding.untruncated} tokens; model "
+                                f"{model.model} takes at most {limit}. Shorten it, or "
+                                "allow truncation (truncate=true)", param="truncate")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

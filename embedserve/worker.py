@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from embedserve.backends import BackendError, load_backend
+from embedserve.backends import BackendError
 from embedserve.config import Config
 from embedserve.contracts import EXIT_CONFIG_ERROR
 from embedserve.errors import ApiError
@@ -93,19 +93,21 @@ class Worker:
         early.daemon = True
         early.start()
         try:
-            loaded = load_backend(self.config)
+            self.service.load()
         except BackendError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_CONFIG_ERROR
         finally:
             early.cancel()
-        self.service.attach(loaded)
         if self._start_accepting():
-            backend = loaded.backend
-            self.link.channel.send(("ready", {"pid": os.getpid(), "backend": backend.name,
-                                              "model": backend.model,
-                                              "dimensions": backend.dimensions}))
-            log.info("serving %s (%s) on %s", backend.model, backend.name, self.config.url)
+            # The ready line names the default model; with --no-preload it is not loaded.
+            backend = self.service.backend
+            names = self.service.model_names()
+            self.link.channel.send(("ready", {
+                "pid": os.getpid(), "backend": backend.name if backend else "not-loaded",
+                "model": backend.model if backend else names.listed[0],
+                "dimensions": backend.dimensions if backend else 0}))
+            log.info("serving %s on %s", ", ".join(names.listed), self.config.url)
         self._stopping.wait()
         return self._drain()
 

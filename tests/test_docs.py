@@ -94,7 +94,7 @@ def assert_unit_vectors(document: Any, where: str) -> None:
 
 def test_every_option_is_documented_with_its_default() -> None:
     for f in dataclasses.fields(Config):
-        default = "(none)" if f.default == "" else f.default
+        default = "(none)" if f.default in ("", ()) else f.default
         row = (f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{default}` |")
         assert row in README, f"README lacks the row for --{f.name}: {row}"
 

@@ -14,8 +14,10 @@ MAX_SEQ_LENGTH = 32
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
-def make_tiny_models(root: Path) -> tuple[str, str]:
-    """Returns (transformers folder, sentence-transformers folder)."""
+def make_tiny_models(root: Path, *, hidden_size: int = 32, layers: int = 2,
+                     intermediate_size: int = 64, seed: int = 0) -> tuple[str, str]:
+    """Returns (transformers folder, sentence-transformers folder). Bigger sizes make a
+    model of some MB, for tests that watch memory."""
     import torch
     from sentence_transformers import SentenceTransformer
     try:  # sentence-transformers >= 6 moved the module classes
@@ -34,15 +36,15 @@ def make_tiny_models(root: Path) -> tuple[str, str]:
     # from_pretrained reads vocab.txt on every transformers version; the constructor's
     # vocab_file is ignored from transformers 5 on (every word became [UNK]).
     BertTokenizerFast.from_pretrained(str(bert), model_max_length=64).save_pretrained(bert)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size,
+                        num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=intermediate_size, max_position_embeddings=64)
     BertModel(config).eval().save_pretrained(bert)
 
     st = root / "tiny-st"
     transformer = models.Transformer(str(bert), max_seq_length=MAX_SEQ_LENGTH)
-    model = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean"),
+    model = SentenceTransformer(modules=[transformer, models.Pooling(hidden_size, "mean"),
                                          models.Normalize()], prompts=PROMPTS, device="cpu")
     model.save(str(st))
     return str(bert), str(st)

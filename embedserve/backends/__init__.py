@@ -13,10 +13,13 @@ stays standard-library only.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -160,15 +163,28 @@ def load_backend(config: Config) -> Loaded:
         return Loaded(None, backend, skipped)
     from embedserve.backends.hash import HashBackend
 
-    if config.model and config.backend == "auto":
+    if config.model_id and config.backend == "auto":
         # The model was asked for and will not be used: never silently.
         if all(reason.startswith("not installed") for reason in skipped.values()):
             why = "the ML packages are not installed (pip install 'embedserve[ml]')"
         else:
             why = "no ML backend could load it (see above)"
         log.warning("--model %s is ignored: serving the hash tier instead, because %s",
-                    config.model, why)
+                    config.model_id, why)
     return Loaded(HashBackend(config.dimensions), None, skipped)
+
+
+def release_memory() -> None:
+    """After a model is dropped: collect it now and hand its memory back -- CUDA's cache
+    to the device, glibc's freed heap to the system -- so that unloading shows."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps what it keeps
+        pass
 
 
 def looks_like_path(model: str) -> bool:
@@ -197,7 +213,7 @@ def _load_ml(name: str, package: str, target: str, config: Config) -> BatchedMod
         raise BackendError(f"not installed ({missing} is missing; pip install 'embedserve[ml]')")
     # Before importing anything heavy (seconds): a folder that is not there is not worth
     # it, and is better said in those words than as advice about the Hugging Face cache.
-    problem = model_folder_problem(config.model)
+    problem = model_folder_problem(config.model_id)
     if problem:
         raise BackendError(f"installed but failed to load: {problem}")
     module_name, class_name = target.split(":")
@@ -211,6 +227,7 @@ def _load_ml(name: str, package: str, target: str, config: Config) -> BatchedMod
         raise BackendError(f"installed but failed to import: {exc}") from exc
     except Exception as exc:  # a model that fails to load must not take the server down
         log.debug("loading %s failed", name, exc_info=True)
-        raise BackendError(f"installed but failed to load {config.model or 'the default model'}"
+        raise BackendError(f"installed but failed to load "
+                           f"{config.model_id or 'the default model'}"
                            f": {type(exc).__name__}: {exc}") from exc
     return backend

@@ -157,7 +157,7 @@ class TorchBackend:
 
     def _locate(self, config: Config) -> tuple[str, Any]:
         """Set model and device; return where to load the model from, and the dtype."""
-        self.model = config.model or DEFAULT_MODEL
+        self.model = config.model_id or DEFAULT_MODEL
         self.device = pick_device(config.device)
         return locate_model(self.model), pick_dtype(self.device, config.fp32)
 
@@ -223,6 +223,16 @@ class TorchBackend:
                 # Give the failed pass's memory back before the batcher retries its halves.
                 torch.cuda.empty_cache()
             raise
+
+    @property
+    def memory_bytes(self) -> int:
+        """The weights' size (parameters and buffers x their dtype): what this model costs
+        in memory, in each worker that loads it."""
+        network = getattr(self, "network", None)
+        if network is None:
+            return 0
+        tensors = list(network.parameters()) + list(network.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return is_out_of_memory(exc)

@@ -1,0 +1,263 @@
+"""The models one server serves, by name: which request goes to which model, and when a
+model is loaded and unloaded. Each loaded ML model has its own batcher and model thread;
+models share the device. No HTTP here, and no tensor library (backends/ has those).
+
+Loading policy: every model loads at start unless --no-preload (then on its first
+request, which waits; requests for other models do not). --model-idle-timeout unloads an
+ML model unused that long; --max-loaded-models evicts the least recently used; a request's
+keep_alive (Ollama's) sets how long its model stays, 0 meaning: unload after this request.
+The hash tier costs nothing to keep and is never unloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+from embedserve.backends import (BackendError, BackendInfo, BatchedModel, Encoder, Loaded,
+                                 load_backend, release_memory)
+from embedserve.batcher import Batcher
+from embedserve.config import Config
+from embedserve.errors import ApiError, quoted
+from embedserve.hashing import model_name
+from embedserve.names import ModelNames, served_names
+
+log = logging.getLogger("embedserve.registry")
+
+HASH = "hash"  # --model hash: the hash tier, beside or instead of ML models
+SWEEP_EVERY = 1.0  # seconds between looks for idle models (at most)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One served model, loaded or not."""
+
+    spec: str  # as given to --model ('' for the backend's default)
+    configured_names: str  # its --served-model-name value
+    names: ModelNames
+    loaded: Loaded | None = None
+    batcher: Batcher | None = None
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    keep_until: float | None = None  # set by a request's keep_alive; else the idle timeout
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def backend(self) -> BackendInfo | None:
+        return self.loaded.backend if self.loaded is not None else None
+
+    @property
+    def encoder(self) -> Encoder | None:
+        return self.loaded.encoder if self.loaded is not None else None
+
+    @property
+    def model(self) -> BatchedModel | None:
+        return self.loaded.model if self.loaded is not None else None
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Why each better backend tier was passed over for this model."""
+        return self.loaded.skipped if self.loaded is not None else {}
+
+    @property
+    def unloadable(self) -> bool:
+        return self.model is not None
+
+
+def _configured(slot: Slot) -> set[str]:
+    return {n.strip().lower() for n in slot.configured_names.split(",") if n.strip()}
+
+
+class Registry:
+    def __init__(self, config: Config,
+                 track_call: Callable[[], AbstractContextManager[None]],
+                 observe_batch: Callable[[str, int], None] = lambda model, size: None,
+                 loader: Callable[[Config], Loaded] = load_backend) -> None:
+        self.config = config
+        self._track_call = track_call
+        self._observe_batch = observe_batch
+        self._loader = loader
+        self._lock = threading.Lock()  # in_use, last_used, keep_until of every slot
+        specs = config.model or ("",)
+        configured = config.served_model_name
+        if len(configured) > len(specs):
+            raise ValueError(f"{len(configured)} --served-model-name values for "
+                             f"{len(specs)} --model values: they pair by position")
+        self.slots = [Slot(spec, configured[i] if i < len(configured) else "",
+                           self._expected_names(spec, configured[i] if i < len(configured)
+                                                else ""))
+                      for i, spec in enumerate(specs)]
+        self._check_unique_names()
+        threading.Thread(target=self._sweep, name="model-sweeper", daemon=True).start()
+
+    @property
+    def default(self) -> Slot:
+        return self.slots[0]
+
+    # -- names -----------------------------------------------------------------------------
+    def _expected_names(self, spec: str, configured: str) -> ModelNames:
+        """Names known before loading (for --no-preload); corrected after a load."""
+        model = model_name(self.config.dimensions) if spec == HASH else spec
+        return served_names(model or "sentence-transformers/all-MiniLM-L6-v2", configured)
+
+    def _check_unique_names(self) -> None:
+        """A name two models would answer to: an error if it was given with
+        --served-model-name; if it is only their own (two folders named alike), neither
+        answers to it, and each must keep a name of its own."""
+        owners: dict[str, list[Slot]] = {}
+        for slot in self.slots:
+            for name in dict.fromkeys(n.lower() for n in slot.names.accepted):
+                owners.setdefault(name, []).append(slot)
+        shared = {name for name, slots in owners.items() if len(slots) > 1}
+        for name in sorted(shared):
+            given = [s.spec for s in owners[name] if name in _configured(s)]
+            if given:
+                raise ValueError(f"--served-model-name {name!r} would serve two models: "
+                                 + ", ".join(repr(s.spec) for s in owners[name]))
+            log.warning("models %s are all called %r: none answers to it",
+                        ", ".join(repr(s.spec) for s in owners[name]), name)
+        for slot in self.slots:
+            if not shared:
+                break
+            keep = tuple(n for n in slot.names.accepted if n.lower() not in shared)
+            if not keep:
+                raise ValueError(f"model {slot.spec!r} has no name of its own: give it one "
+                                 "with --served-model-name")
+            slot.names = ModelNames(keep, tuple(n for n in slot.names.listed
+                                                if n.lower() not in shared) or keep[:1])
+
+    def listed_names(self) -> list[str]:
+        return [name for slot in self.slots for name in slot.names.listed]
+
+    def resolve(self, name: str | None) -> Slot:
+        """The model a request names (any accepted name, any case); None: the default."""
+        if name is None:
+            return self.default
+        wanted = name.lower()
+        for slot in self.slots:
+            if wanted in (n.lower() for n in slot.names.accepted):
+                return slot
+        listed = ", ".join(repr(n) for n in self.listed_names())
+        raise ApiError(404, f"model {quoted(name)} is not served here; this server serves "
+                            f"{listed}", param="model")
+
+    # -- loading and unloading -------------------------------------------------------------
+    def preload(self) -> None:
+        """Load every model now (a worker's start); a model that cannot load is a
+        BackendError, as a boot error."""
+        for slot in self.slots:
+            self._load(slot)
+
+    @contextmanager
+    def use(self, slot: Slot, keep_alive: float | None = None) -> Iterator[Slot]:
+        """`slot`, loaded, for one request. `keep_alive` (seconds; negative: forever; 0:
+        unload once this request is done) replaces the idle timeout for this model."""
+        with self._lock:
+            slot.in_use += 1
+        try:
+            if slot.loaded is None:
+                try:
+                    self._load(slot)
+                except BackendError as exc:
+                    log.error("model %s failed to load: %s", slot.spec or "(default)", exc)
+                    raise ApiError(500, f"model {slot.names.primary} failed to load: {exc}"
+                                   ) from None
+            yield slot
+        finally:
+            now = time.monotonic()
+            with self._lock:
+                slot.in_use -= 1
+                slot.last_used = now
+                if keep_alive is not None:
+                    slot.keep_until = math.inf if keep_alive < 0 else now + keep_alive
+                release = keep_alive == 0 and not slot.in_use
+            if release:
+                self.unload(slot, "keep_alive 0")
+
+    def _load(self, slot: Slot) -> None:
+        self._make_room(slot)
+        with slot.load_lock:
+            if slot.loaded is not None:
+                return
+            began = time.monotonic()
+            loaded = self._load_backend(slot)
+            if loaded.model is not None:
+                name = loaded.model.model
+                slot.batcher = Batcher(loaded.model, self.config, self._track_call,
+                                       lambda size: self._observe_batch(name, size))
+            backend = loaded.backend
+            # Known now for sure (a folder's card, or `auto` falling back to the hash tier).
+            if backend.model != slot.spec:
+                slot.names = served_names(backend.model, slot.configured_names)
+                self._check_unique_names()
+            with self._lock:
+                slot.loaded = loaded
+                slot.last_used = time.monotonic()
+                slot.keep_until = None
+            log.info("loaded %s (%s on %s) in %.1fs", backend.model, backend.name,
+                     backend.device, time.monotonic() - began)
+
+    def _load_backend(self, slot: Slot) -> Loaded:
+        if slot.spec == HASH:
+            from embedserve.backends.hash import HashBackend
+
+            return Loaded(HashBackend(self.config.dimensions), None, {})
+        loaded = self._loader(self.config.for_model(slot.spec))
+        if loaded.model is None and len(self.slots) > 1:
+            # `auto` fell back to the hash tier: beside other models that would serve hash
+            # vectors under this model's name. Alone, it is the tier's documented fallback.
+            raise BackendError(f"no ML backend could load {slot.spec or 'the default model'}: "
+                               + "; ".join(f"{k}: {v}" for k, v in loaded.skipped.items()))
+        return loaded
+
+    def _make_room(self, slot: Slot) -> None:
+        """--max-loaded-models: unload the least recently used idle ML model first."""
+        limit = self.config.max_loaded_models
+        if not limit or slot.spec == HASH:
+            return
+        with self._lock:
+            loaded = [s for s in self.slots if s.unloadable and s is not slot]
+            idle = sorted((s for s in loaded if not s.in_use), key=lambda s: s.last_used)
+            surplus = len(loaded) + 1 - limit
+        for victim in idle[:max(0, surplus)]:
+            self.unload(victim, f"--max-loaded-models {limit}")
+
+    def unload(self, slot: Slot, reason: str) -> None:
+        """Give an idle ML model's memory back; a model in use stays."""
+        with slot.load_lock:
+            with self._lock:
+                if slot.in_use or not slot.unloadable:
+                    return
+                loaded, batcher = slot.loaded, slot.batcher
+                slot.loaded = slot.batcher = None
+                slot.keep_until = None
+            if batcher is not None:
+                batcher.stop()
+            name = loaded.backend.model if loaded is not None else slot.spec
+            del loaded, batcher
+            release_memory()
+            log.info("unloaded %s (%s)", name, reason)
+
+    def expires_at(self, slot: Slot) -> float | None:
+        """time.monotonic() at which an idle model will be unloaded; None: never."""
+        if not slot.unloadable:
+            return None
+        if slot.keep_until is not None:
+            return None if slot.keep_until == math.inf else slot.keep_until
+        idle = self.config.model_idle_timeout
+        return slot.last_used + idle if idle else None
+
+    def _sweep(self) -> None:
+        interval = min(SWEEP_EVERY, self.config.model_idle_timeout / 4 or SWEEP_EVERY)
+        while True:
+            time.sleep(interval)
+            now = time.monotonic()
+            for slot in self.slots:
+                expiry = self.expires_at(slot)
+                if expiry is not None and now >= expiry and not slot.in_use:
+                    self.unload(slot, "idle")
