@@ -353,7 +353,7 @@ class Client:
                 model = model or str(info.get("model", ""))
                 if asked is None:  # what the server's default (or the option's) model is
                     self._fallback.served_model = model
-                return Embeddings(vectors, model=model, backend=str(info.get("backend", "")),
+                return Embeddings(vectors, model=model, backend=wire.backend_of(info, model),
                                   source="server")
         raise ModelMismatch("the server changed models twice during one call")
 

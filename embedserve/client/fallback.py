@@ -4,7 +4,8 @@ reached or started, and the policy that says when they may stand in for the serv
 When no server can be reached or started, `fallback` decides:
   "same-model" (default, also `True`): embed in-process with embedserve's hash tier, but
       only when that is the model the server would have used: the model this client last
-      got from a server; before any server answered, the one the options ask for
+      got from a server (a name its /info gave its hash tier counts as the hash tier's,
+      and labels the result); before any server answered, the one the options ask for
       (backend="hash": yes; an ML backend or a model name: no; auto/unset: allowed, as
       this client has no vectors yet to mix with). After a server answered with another
       model (e.g. a sentence-transformers one) the call raises ServerUnavailable instead:
@@ -109,13 +110,19 @@ class Fallback:
             return Plan(None, refusal="fallback is off (fallback='never')")
         if model is not None:
             return self._plan_named(model)
-        served_dims = self.served_dimensions
-        # A hash-tier server's size wins over the options: the fallback must match it.
-        dims = (served_dims if served_dims and self.served_model == model_name(served_dims)
-                else self._options.configured_dimensions())
-        local_model = model_name(dims)
+        served, served_dims = self.served_model, self.served_dimensions
+        # A name the server's /info gave its hash tier (e.g. by --served-model-name): that
+        # is the model, under the name the server's answers carry.
+        known = self._hash_names.get(served.lower()) if served is not None else None
+        if known is not None:
+            local_model, dims = known
+        else:
+            # A hash-tier server's size wins over the options: the fallback must match it.
+            dims = (served_dims if served_dims and served == model_name(served_dims)
+                    else self._options.configured_dimensions())
+            local_model = model_name(dims)
         if policy == "same-model":
-            expected = self.served_model or self._options.requested_model(local_model)
+            expected = served or self._options.requested_model(local_model)
             if expected is not None and expected != local_model:
                 return Plan(None, refusal=(
                     f"the server's model is {expected}, the in-process fallback would be "

@@ -114,3 +114,18 @@ def model_ids(body: bytes, url: str) -> list[str]:
         return ids
     except (ValueError, KeyError, TypeError) as exc:
         raise EmbedServeError(f"unexpected response from {url}/v1/models: {exc!r}") from exc
+
+
+def backend_of(info: Mapping[str, Any], model: str) -> str:
+    """The backend of the served model whose answers carry the name `model`: a server of
+    several lists each one's names and backend in its /info "models"; else the server's."""
+    entries = info.get("models")
+    wanted = model.lower()
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        names = entry.get("names")
+        names = [*(names if isinstance(names, list) else []), entry.get("model")]
+        if any(isinstance(name, str) and name.lower() == wanted for name in names):
+            return str(entry.get("backend", ""))
+    return str(info.get("backend", ""))
