@@ -874,6 +874,46 @@ def test_a_name_the_server_gave_its_hash_tier_falls_back_to_its_vectors() -> Non
         client.close()
 
 
+def test_two_models_in_one_server_each_by_name(tiny_model: str) -> None:
+    # The hash tier beside an ML model, each under its own names: one call's vectors come
+    # from the model it names, and only the hash tier's names may fall back.
+    srv = start_server("--model", "hash", "--model", tiny_model, "--served-model-name",
+                       "hashy", "--served-model-name", "tiny,mini", timeout=120,
+                       env=server_env(EMBEDSERVE_BACKEND="sentence-transformers"))
+    client = Client(srv.url, autostart=False)
+    texts = [f"sentence number {i}" for i in range(5)]
+    try:
+        if len(client.info().get("models", [])) < 2:
+            pytest.skip("this server serves one model (several --model flags need the "
+                        "multi-model server)")
+        assert client.models() == ["hashy", "tiny", "mini"]
+        default, hashed = client.embed(TEXTS), client.embed(TEXTS, model="HASHY")
+        assert (default.model, default.backend, default.dimensions) == ("hashy", "hash", 384)
+        assert default == hashed == expected(TEXTS)
+        ml = client.embed(TEXTS, model="mini")
+        assert (ml.model, ml.backend, ml.dimensions, ml.source) == (
+            "tiny", "sentence-transformers", 32, "server")
+        # Split into requests of two texts, every one for the model the call named.
+        with Client(srv.url, autostart=False, batch_size=2) as chunked:
+            split = chunked.embed(texts, model="mini")
+        assert (split.model, len(split), split.dimensions) == ("tiny", 5, 32)
+        with pytest.raises(ModelNotFound) as caught:
+            client.embed(TEXTS, model="huge")
+        assert caught.value.available == ["hashy", "tiny", "mini"]
+    finally:
+        assert srv.stop() == 0
+    try:
+        # Gone: the ML model's vectors are never made up; the hash tier's are its own.
+        with pytest.raises(ServerUnavailable, match="asked for model 'mini'"):
+            client.embed(TEXTS, model="mini")
+        local = client.embed(TEXTS, model="hashy")
+        assert (local.source, local.model, local) == ("fallback", "hashy", hashed)
+        by_default = client.embed(TEXTS)  # the default model is the hash tier, as /info said
+        assert (by_default.source, by_default.model, by_default) == ("fallback", "hashy", default)
+    finally:
+        client.close()
+
+
 # --- transport --------------------------------------------------------------------------------
 
 def test_10000_texts_are_chunked_within_the_limits_and_kept_in_order(caplog: Any,
