@@ -282,7 +282,7 @@ export class EmbedServeClient extends EventEmitter {
       for (const vector of chunkVectors) vectors.push(vector);
     }
     if (asked === undefined) this.#fallback.servedModel = model; // the default's (or the option's)
-    return tagged(vectors, model, info?.backend ?? null, 'server');
+    return tagged(vectors, model, backendOf(info, model), 'server');
   }
 
   /**
@@ -746,6 +746,21 @@ function tagged(value, model, backend, source) {
     source: { value: source, enumerable: false },
   });
   return value;
+}
+
+/**
+ * The backend of the served model whose answers carry the name `model`: a server of several
+ * lists each one's names and backend in its /info `models`; else the server's.
+ */
+function backendOf(info, model) {
+  const wanted = model.toLowerCase();
+  for (const entry of Array.isArray(info?.models) ? info.models : []) {
+    const names = [...(Array.isArray(entry?.names) ? entry.names : []), entry?.model];
+    if (names.some((name) => typeof name === 'string' && name.toLowerCase() === wanted)) {
+      return entry.backend ?? null;
+    }
+  }
+  return info?.backend ?? null;
 }
 
 function checkTexts(texts) {

@@ -2,7 +2,8 @@
 // policy that says when it may stand in for the server's vectors. As the Python client's
 // (embedserve/client/fallback.py):
 // - a call that names no model: 'same-model' answers only with the model the server would
-//   have used (the one it last answered with; before that, the one the options ask for),
+//   have used (the one it last answered with, a name /info gave the hash tier counting as
+//   the hash tier's; before that, the one the options ask for),
 //   'always' whatever it was, 'never' not at all;
 // - a call that names its model (`embed(texts, {model})`) gets that model's vectors or
 //   none: the fallback answers it only when the name is the hash tier's ('hash',
@@ -72,10 +73,14 @@ export class Fallback {
     if (policy === 'never') return { refusal: "fallback is off (fallback: 'never')" };
     if (model !== undefined) return this.#planNamed(model);
     const served = this.servedDimensions;
-    // A hash-tier server's size wins over the options: the fallback must match it.
-    const dimensions = served && this.servedModel === hashModelName(served)
-      ? served : this.#configuredDimensions();
-    const local = hashModelName(dimensions);
+    // A name the server's /info gave its hash tier (e.g. by --served-model-name): that is
+    // the model, under the name the server's answers carry.
+    const known = typeof this.servedModel === 'string'
+      ? this.#hashNames.get(this.servedModel.toLowerCase()) : undefined;
+    // Else a hash-tier server's size wins over the options: the fallback must match it.
+    const [local, dimensions] = known ?? (served && this.servedModel === hashModelName(served)
+      ? [hashModelName(served), served]
+      : [hashModelName(this.#configuredDimensions()), this.#configuredDimensions()]);
     if (policy === 'same-model') {
       const expected = this.servedModel ?? this.#requestedModel(dimensions);
       if (expected !== null && expected !== local) {

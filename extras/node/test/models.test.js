@@ -5,10 +5,16 @@
 // and a local HTTP peer where the request bodies themselves are checked.
 
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:http';
-import { test } from 'node:test';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
 import { EmbedServeClient, EmbedServeError, HashEmbedder } from '../index.js';
-import { clientOptions, freePort, startServer } from '../test-support/helpers.js';
+import { clientOptions, freePort, makeTinyModel, startServer } from '../test-support/helpers.js';
+
+const scratch = mkdtempSync(join(tmpdir(), 'embedserve-node-models-'));
+after(() => rmSync(scratch, { recursive: true, force: true }));
 
 const TEXTS = ['The cat sat on the mat.', 'Feature hashing is deterministic', 'naïve café ☕'];
 
@@ -191,6 +197,44 @@ test("a name the server gave its hash tier falls back to that tier's vectors", {
       const byName = await client.embed(TEXTS, { model: 'large' });
       assert.deepEqual([byName.source, byName.model, [...byName]], ['fallback', 'small', [...served]]);
     }
+  } finally {
+    await client.close();
+  }
+});
+
+test('two models in one server, each by name: its own vectors, and a fallback for the hash tier only', { timeout: 300_000 }, async (t) => {
+  const tinyModel = makeTinyModel(scratch);
+  if (!tinyModel) return t.skip('needs the ML extra (torch, sentence-transformers) in that Python');
+  const server = await startServer(['--backend', 'sentence-transformers', '--model', 'hash', '--model', tinyModel,
+    '--served-model-name', 'hashy', '--served-model-name', 'tiny,mini'], { timeoutMs: 120_000 });
+  const client = new EmbedServeClient(clientOptions({ url: server.url, autoStart: false, retries: 0 }));
+  let byDefault;
+  try {
+    if (!((await client.info()).models?.length >= 2)) {
+      return t.skip('this server serves one model (several --model flags need the multi-model server)');
+    }
+    assert.deepEqual(await client.models(), ['hashy', 'tiny', 'mini']);
+    byDefault = await client.embed(TEXTS);
+    assert.deepEqual([byDefault.model, byDefault.backend, byDefault[0].length], ['hashy', 'hash', 384]);
+    assert.deepEqual([...byDefault], expected(TEXTS));
+    const ml = await client.embed(TEXTS, { model: 'mini' });
+    assert.deepEqual([ml.model, ml.backend, ml[0].length, ml.source], ['tiny', 'sentence-transformers', 32, 'server']);
+    // Split into requests of two texts, every one for the model the call named.
+    const chunked = new EmbedServeClient(clientOptions({ url: server.url, autoStart: false, batchSize: 2 }));
+    const split = await chunked.embed(['a', 'b', 'c', 'd', 'e'], { model: 'mini' });
+    await chunked.close();
+    assert.deepEqual([split.model, split.length, split[0].length], ['tiny', 5, 32]);
+    await assert.rejects(client.embed(TEXTS, { model: 'huge' }), { code: 'model_not_found', available: ['hashy', 'tiny', 'mini'] });
+  } finally {
+    await server.stop();
+  }
+  try {
+    // Gone: the ML model's vectors are never made up; the hash tier's are its own.
+    await assert.rejects(client.embed(TEXTS, { model: 'mini' }), { message: /asked for model "mini"/ });
+    const local = await client.embed(TEXTS, { model: 'hashy' });
+    assert.deepEqual([local.source, local.model, [...local]], ['fallback', 'hashy', [...byDefault]]);
+    const fallback = await client.embed(TEXTS); // the default model is the hash tier, as /info said
+    assert.deepEqual([fallback.source, fallback.model, [...fallback]], ['fallback', 'hashy', [...byDefault]]);
   } finally {
     await client.close();
   }
