@@ -145,7 +145,7 @@ def client_script(body: str) -> subprocess.Popen[str]:
 
 
 def read_json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()
     if not line:
         proc.wait(10)
