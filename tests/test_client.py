@@ -768,10 +768,13 @@ def test_models_lists_the_served_names_and_a_call_names_one(caplog: Any) -> None
                 named = client.embed(TEXTS, model="large")
                 default = client.embed(TEXTS)
                 single = client.embed_single("one text", model="LARGE")  # any case
+                # 'hash' (what --model hash serves) names the server's hash tier.
+                tier = client.embed(TEXTS, model="hash")
             # Responses carry the model's first name, whichever name the call used.
             assert (named.model, named.source, default.model) == ("small", "server", "small")
             assert named == default == expected(TEXTS)
             assert single == expected(["one text"])[0] and single.model == "small"
+            assert (tier.model, tier.source, tier) == ("small", "server", default)
             assert "model changed" not in caplog.text
     finally:
         assert srv.stop() == 0
@@ -792,6 +795,15 @@ def test_the_model_of_a_call_or_of_the_client_is_sent_with_every_chunk(
     assert [body.get("model") for body in stub.bodies] == (
         [None] * 3 + ["hash-v1-384"] * 3 + ["theirs"] * 3 + ["mine"] * 3)
     assert [len(body["input"]) for body in stub.bodies] == [2, 2, 1] * 4
+
+
+def test_a_client_for_model_hash_starts_and_asks_for_the_hash_tier(
+        clients: list[Client]) -> None:
+    client = Client(port=0, model="hash", fallback="never")  # --model hash: the hash tier
+    clients.append(client)
+    result = client.embed(TEXTS)
+    assert (result.model, result.backend, result.source) == ("hash-v1-384", "hash", "server")
+    assert result == expected(TEXTS)
 
 
 def test_an_unknown_model_is_a_model_not_found_listing_the_served_names(
@@ -888,8 +900,9 @@ def test_two_models_in_one_server_each_by_name(tiny_model: str) -> None:
                         "multi-model server)")
         assert client.models() == ["hashy", "tiny", "mini"]
         default, hashed = client.embed(TEXTS), client.embed(TEXTS, model="HASHY")
+        tier = client.embed(TEXTS, model="hash")  # what --model hash serves, by any name
         assert (default.model, default.backend, default.dimensions) == ("hashy", "hash", 384)
-        assert default == hashed == expected(TEXTS)
+        assert default == hashed == tier == expected(TEXTS) and tier.model == "hashy"
         ml = client.embed(TEXTS, model="mini")
         assert (ml.model, ml.backend, ml.dimensions, ml.source) == (
             "tiny", "sentence-transformers", 32, "server")

@@ -327,8 +327,9 @@ class Client:
             vectors: list[list[float]] = []
             model: str | None = None
             last_target = info_target
+            sent = None if wanted is None else self._fallback.request_name(wanted)
             for start, body in wire.chunks(texts, info, dimensions, encoding_format,
-                                           self._options.batch_size, wanted):
+                                           self._options.batch_size, sent):
                 try:
                     response, last_target = self._request("POST", "/v1/embeddings", body,
                                                           first=start)

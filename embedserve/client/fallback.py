@@ -102,6 +102,14 @@ class Fallback:
                     hash_names.setdefault(name.lower(), (names[0], size))
         self._hash_names = hash_names
 
+    def request_name(self, model: str) -> str:
+        """The name to send for `model`: 'hash' (what `--model hash` serves, and what the
+        fallback answers for) becomes the name the server's /info gave its hash tier, where
+        the server does not list 'hash' itself; any other name goes as it is."""
+        if model.lower() != HASH_TIER or HASH_TIER in self._hash_names:
+            return model
+        return next(iter(self._hash_names.values()), (model, 0))[0]
+
     def plan(self, model: str | None = None) -> Plan:
         """The in-process embedder the policy allows for a call asking for `model` (None:
         the server's default), or None and why not."""
