@@ -1,16 +1,60 @@
 """Tokenizing for the PyTorch tiers in the request threads, each text once: token ids cut to
 the model's limit exactly as the library's own call cuts them, so that the model thread only
 pads them and runs the pass. Needs no torch; imported only when an ML tier is tried.
+
+A text is cut to what the model can use before it is tokenized. Tokenized whole, an 8 MB
+string of "!" is 8 million tokens (and their copies in the overflowing pieces): 20 s and
+2.5 GB of the worker's memory, kept afterwards (the tiny test BERT; 40.7 s and 7.5 GB in the
+issue), for the 32 or 256 tokens the model reads. Cut first: under 10 ms.
+
+The cut keeps `CHARS_PER_TOKEN` characters per token of the limit from the side kept (the
+head; the tail when cut from the left), and ends (a tail: starts) where a space follows a
+word, so that every word in the piece is whole. The tokenizers here split words at spaces
+(WordPiece, byte-level BPE and Metaspace pre-tokenizers), so a whole word tokenizes as it
+does in the text, and a piece that holds more tokens than the limit gives exactly the ids
+the whole text gives. A piece that holds no more (text sparse in tokens: runs of whitespace,
+which WordPiece drops; words over its 100 characters, one [UNK] each) is grown by windows of
+the same size, each tokenized only to count it, until it does or is the whole text, and is
+then tokenized: a sparse start before dense text costs at most a window's worth of tokens
+more. Such text costs time and memory by its characters, in its own request's thread: 8 MB
+of spaces took 3.5 s and 0.5 GB while tokenized (all-MiniLM-L6-v2, two cores).
+
+Counts: for a text cut before tokenizing, the untruncated count (checked for truncate=false,
+and reported by its 422) is the piece's, a lower bound; it is over the limit whenever the
+whole text's is, since a cut piece holds more tokens than the limit. Usage counts the tokens
+the model reads, as before.
+
+Where the cut can change the result: when no space follows a word in the far half of a piece
+(a run of over half of `CHARS_PER_TOKEN` x limit characters without one: one very long
+"word", or a script written without spaces), the cut falls inside the run. A tokenizer that
+splits the run further (WordPiece at each punctuation mark and CJK character) gives the same
+first tokens; one that reads the run as one unit (byte-level BPE on a run of letters, a
+sentencepiece model that does not split at spaces) may tokenize the run's end differently,
+which matters only if the kept tokens reached the cut, far past the limit. (Were a
+tokenizer's counts not to add up across windows, a grown piece still short of the limit is
+replaced by the whole text.)
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from embedserve.backends import Encoding, Token
+
+# Characters kept per token of the model's limit before tokenizing. Real text has about 4
+# a token (all-MiniLM-L6-v2's WordPiece on the shared corpus: median 4.0 over 2,151
+# paragraphs, the most 6.2; CJK 1 to 2), so a piece holds the limit several times over and
+# is tokenized once. Sparser text takes the window-by-window path: the bound sets the work
+# done for a text, not the ids it gets. (256 tokens: 4,096 characters.)
+CHARS_PER_TOKEN = 16
+# The end of a word followed by a space: where a piece may end (the last one in a window) or
+# a tail may start (the first one).
+_LAST_WORD_END = re.compile(r".*\S(?= )", re.DOTALL)
+_FIRST_WORD_END = re.compile(r"\S(?= )")
 
 
 class TokenIds(NamedTuple):
@@ -35,22 +79,27 @@ class RequestTokenizer:
 
     def __init__(self, tokenizer: Any, max_tokens: int | None) -> None:
         self._limit = max_tokens
-        # For /tokenize and the library path's counts: the library's own call, whose settings
-        # it may change as it goes, so callers take turns.
+        # How many characters of a text are tokenized at first (None: all of them).
+        self._reach = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN
+        # For /tokenize and the checks at load: the library's own call, whose settings it may
+        # change as it goes, so callers take turns. Requests count with it only when the
+        # tokenizer is not a fast one, and then a piece at a time (see _counts).
         self._library = copy.deepcopy(tokenizer)
         self._library_lock = threading.Lock()
         # For encode_ids: the tokenizers library's Tokenizer underneath a fast tokenizer, one
         # copy per truncation side, each set up once (no padding, truncation at the limit)
         # and never again. Then every call only reads it (encoding takes it shared), so
-        # request threads use it at once, without a lock.
+        # request threads use it at once, without a lock. One more copy, never truncating,
+        # counts tokens.
         self._cutters: dict[bool, Any] = {}
+        self._counter: Any = None
         self._specials = 0
         self._type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         if getattr(tokenizer, "is_fast", False):
-            for left in (False, True):
+            for left in (False, True, None):
                 cutter = copy.deepcopy(tokenizer.backend_tokenizer)
                 cutter.no_padding()
-                if max_tokens is None:
+                if max_tokens is None or left is None:
                     cutter.no_truncation()
                 else:
                     cutter.enable_truncation(max_tokens, stride=0, strategy="longest_first",
@@ -59,8 +108,13 @@ class RequestTokenizer:
                 # in a text is the special token or plain text.
                 cutter.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens",
                                                             False))
-                self._cutters[left] = cutter
+                if left is None:
+                    self._counter = cutter
+                else:
+                    self._cutters[left] = cutter
             self._specials = self._cutters[False].num_special_tokens_to_add(False)
+        else:  # no request is served yet: no turns to take
+            self._specials = int(self._library.num_special_tokens_to_add(pair=False))
 
     @property
     def can_encode_ids(self) -> bool:
@@ -68,33 +122,127 @@ class RequestTokenizer:
 
     def encode_ids(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:
         """Each text's ids as `tokenizer(text, truncation=True, max_length=limit)` makes them
-        (cut from the side asked), tokenized once: what was cut comes back beside the ids
-        (as overflowing pieces, each with its own special tokens), which gives the
-        untruncated count too."""
-        cutter, limit, specials = self._cutters[truncate_left], self._limit, self._specials
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, unused here.
-        encode = getattr(cutter, "encode_batch_fast", cutter.encode_batch)
+        (cut from the side asked), tokenized once, from a piece of the text no longer than
+        the model can use (see the module's notes): what was cut by the tokenizer comes back
+        beside the ids (as overflowing pieces, each with its own special tokens), which gives
+        the untruncated count too. For a text cut before tokenizing, that count is the
+        piece's: a lower bound, but over the limit, so truncate=false still refuses it."""
+        cutter = self._cutters[truncate_left]
+        pieces = [self._piece(text, truncate_left) for text in texts]
         encodings = []
-        for encoded in encode(list(texts), add_special_tokens=True):
-            tokens = untruncated = len(encoded)
-            if limit is not None and tokens >= limit:
-                untruncated += sum(len(piece) - specials for piece in encoded.overflowing)
-            data = TokenIds(encoded.ids, encoded.type_ids if self._type_ids else None)
-            encodings.append(Encoding(tokens, untruncated, data))
+        for text, piece, encoded in zip(texts, pieces, self._encode(cutter, pieces)):
+            encoding = self._encoding(encoded)
+            if len(piece) < len(text) and not self._over_limit(encoding.untruncated):
+                # Sparse in tokens: a longer piece, tokenized again (in this request's thread
+                # only; others go on meanwhile).
+                piece = self._grown(text, piece, encoding.untruncated, truncate_left)
+                encoding = self._encoding(self._encode(cutter, [piece])[0])
+                if len(piece) < len(text) and not self._over_limit(encoding.untruncated):
+                    encoding = self._encoding(self._encode(cutter, [text])[0])  # see _grown
+            encodings.append(encoding)
         return encodings
 
     def encode_for_library(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:
-        """The texts themselves for the model thread's library call, with their counts."""
+        """The texts, cut before tokenizing as encode_ids cuts them, for the model thread's
+        library call, with their counts (for a cut text, a lower bound over the limit)."""
         limit = self._limit or 1 << 62
-        return [Encoding(min(n, limit), n, LibraryText(text, truncate_left))
-                for text, n in zip(texts, self.count(texts))]
+        pieces = [self._piece(text, truncate_left) for text in texts]
+        encodings = []
+        for text, piece, count in zip(texts, pieces, self._counts(pieces)):
+            if len(piece) < len(text) and not self._over_limit(count):
+                piece = self._grown(text, piece, count, truncate_left)
+                [count] = self._counts([piece])
+                if len(piece) < len(text) and not self._over_limit(count):
+                    piece, [count] = text, self._counts([text])  # see _grown
+            encodings.append(Encoding(min(count, limit), count,
+                                      LibraryText(piece, truncate_left)))
+        return encodings
 
     def count(self, texts: Sequence[str]) -> list[int]:
-        """Untruncated token counts, special tokens included."""
+        """Untruncated token counts, special tokens included, by the library's own call (what
+        the checks at load compare with); requests count through _counts."""
         with self._library_lock:
             encoded = self._library(list(texts), add_special_tokens=True, truncation=False,
                                     verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
+
+    # -- cutting before tokenizing -------------------------------------------------------------
+    def _piece(self, text: str, left: bool) -> str:
+        """What is tokenized of `text` at first: all of it, or at most `_reach` characters
+        from the side kept, ending (or, cut from the left, starting) where a space follows a
+        word in the far half of that span, if a space does."""
+        reach = self._reach
+        if reach is None or len(text) <= reach:
+            return text
+        if left:
+            return text[_tail_start(text, len(text), reach):]
+        return text[:_head_end(text, 0, reach)]
+
+    def _grown(self, text: str, piece: str, found: int, left: bool) -> str:
+        """A piece of `text` that should hold more tokens than the limit (or the text
+        itself), grown from `piece`, which holds `found` (special tokens included), by further
+        windows of `_reach` characters, each tokenized only to count its tokens, so that
+        memory stays that of a window however long the sparse stretch. Counts add up across
+        pieces cut where a space follows a word; should the grown piece still hold no more
+        than the limit (a tokenizer whose counts do not add up), callers take the whole
+        text."""
+        reach = self._reach
+        assert reach is not None  # a piece shorter than its text was cut at the reach
+        kept = len(piece)
+        while not self._over_limit(found) and kept < len(text):
+            if left:
+                start = _tail_start(text, len(text) - kept, reach)
+                found += self._count_content(text[start:len(text) - kept])
+                kept = len(text) - start
+            else:
+                end = _head_end(text, kept, reach)
+                found += self._count_content(text[kept:end])
+                kept = end
+        return text[len(text) - kept:] if left else text[:kept]
+
+    def _over_limit(self, tokens: int) -> bool:
+        """Whether a piece with `tokens` (special tokens included) holds more than the model
+        takes: then its first (or last) tokens are the whole text's, and truncate=false
+        refuses it as it would refuse the whole text."""
+        return self._limit is not None and tokens > self._limit
+
+    def _counts(self, pieces: list[str]) -> list[int]:
+        """The pieces' tokens, special tokens included: without a lock when the tokenizer is
+        a fast one, else by the library's call, a piece at a time (each is short), so a big
+        request does not keep the others' turns waiting."""
+        if self._counter is not None:
+            return [len(encoded) for encoded in self._encode(self._counter, pieces)]
+        counts = []
+        for piece in pieces:
+            with self._library_lock:
+                ids = self._library(piece, add_special_tokens=True, truncation=False,
+                                    verbose=False)["input_ids"]
+            counts.append(len(ids))
+        return counts
+
+    def _count_content(self, window: str) -> int:
+        """A window's tokens without the special tokens: what it adds to a piece."""
+        if self._counter is not None:
+            return len(self._encode(self._counter, [window], add_special_tokens=False)[0])
+        with self._library_lock:
+            ids = self._library(window, add_special_tokens=False, truncation=False,
+                                verbose=False)["input_ids"]
+        return len(ids)
+
+    # -- tokenizing ------------------------------------------------------------------------------
+    @staticmethod
+    def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, unused here.
+        encode: Callable[..., list[Any]] = getattr(tokenizer, "encode_batch_fast",
+                                                   tokenizer.encode_batch)
+        return encode(texts, add_special_tokens=add_special_tokens)
+
+    def _encoding(self, encoded: Any) -> Encoding:
+        tokens = untruncated = len(encoded)
+        if self._limit is not None and tokens >= self._limit:
+            untruncated += sum(len(piece) - self._specials for piece in encoded.overflowing)
+        data = TokenIds(encoded.ids, encoded.type_ids if self._type_ids else None)
+        return Encoding(tokens, untruncated, data)
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[Token]]:
         """/tokenize: each token with its text and offsets, as TEI reports them."""
@@ -112,3 +260,26 @@ class RequestTokenizer:
                 Token(i, text[start:stop], False, start, stop)
                 for i, piece, (start, stop), is_special in zip(ids, names, offsets, special)])
         return result
+
+
+def _head_end(text: str, start: int, reach: int) -> int:
+    """Where a window of `text` that begins at `start` ends: the text's end if it is within
+    `reach`, else after the last word followed by a space in the window's second half, else
+    at `reach` (no such space: the cut falls inside a run, see the module's notes)."""
+    if len(text) - start <= reach:
+        return len(text)
+    low, high = start + reach // 2, start + reach
+    found = _LAST_WORD_END.match(text, low - 1, high + 1)
+    return found.end() if found else high
+
+
+def _tail_start(text: str, stop: int, reach: int) -> int:
+    """Where a window of `text` that ends at `stop` begins: the text's start if it is within
+    `reach`, else at the space after the first word in the window's first half, so the window
+    begins with the whitespace before its first whole word (byte-level BPE tokenizers join a
+    space to the word after it), else at `stop - reach`."""
+    if stop <= reach:
+        return 0
+    low, high = stop - reach, stop - reach // 2
+    found = _FIRST_WORD_END.search(text, low - 1, high + 1)
+    return found.end() if found else low
