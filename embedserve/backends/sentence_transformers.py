@@ -31,7 +31,11 @@ class SentenceTransformersBackend(TorchBackend):
             network = network.to(dtype)
         self.network = network.eval()
         self.tokenizer = network.tokenizer
-        self.max_input_tokens = network.max_seq_length
+        self.max_input_tokens = self._usable_limit(network.max_seq_length)
+        if network.max_seq_length != self.max_input_tokens:
+            # Where its own tokenizing cuts too (the model thread's path when ids made in
+            # the request threads would differ).
+            network.max_seq_length = self.max_input_tokens
         dimension = getattr(network, "get_embedding_dimension", None) or \
             network.get_sentence_embedding_dimension
         self.dimensions = int(dimension() or 0)

@@ -154,12 +154,29 @@ class TorchBackend:
     _pads_ids = False
     # What the library's batches carry besides tensors (sentence-transformers: "modality").
     _extra_features: dict[str, Any]
+    # --max-batch-tokens: the most tokens a forward pass may hold, one text alone included.
+    _max_pass_tokens: int
 
     def _locate(self, config: Config) -> tuple[str, Any]:
         """Set model and device; return where to load the model from, and the dtype."""
         self.model = config.model_id or DEFAULT_MODEL
         self.device = pick_device(config.device)
+        self._max_pass_tokens = config.max_batch_tokens
         return locate_model(self.model), pick_dtype(self.device, config.fp32)
+
+    def _usable_limit(self, model_limit: int | None) -> int:
+        """The tokens a text is cut to: the model's limit, or --max-batch-tokens where that is
+        lower or the model has none. The batcher keeps a pass within --max-batch-tokens but
+        always runs a text, alone if need be, so a text over it would make a longer pass,
+        and a pass grows quadratically with its length: a tiny BERT took 16 s for one text
+        of 65,536 tokens on two CPU cores, and a pass that outlasts --worker-timeout gets the
+        worker killed."""
+        if model_limit is not None and model_limit <= self._max_pass_tokens:
+            return model_limit
+        log.warning("%s: texts are cut at %d tokens (--max-batch-tokens), not the model's %s; "
+                    "raise --max-batch-tokens to use more of them", self.model,
+                    self._max_pass_tokens, model_limit or "unlimited")
+        return self._max_pass_tokens
 
     def _setup_tokenization(self) -> None:
         """Once tokenizer and limit are known: tokenize in the request threads if that gives

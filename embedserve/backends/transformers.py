@@ -37,7 +37,7 @@ class TransformersBackend(TorchBackend):
         limits = [n for n in (st_config.get("max_seq_length"),
                               getattr(network.config, "max_position_embeddings", None),
                               self.tokenizer.model_max_length) if isinstance(n, int) and n > 0]
-        self.max_input_tokens = min(limits) if limits else None
+        self.max_input_tokens = self._usable_limit(min(limits) if limits else None)
         self.dimensions = int(network.config.hidden_size)
         st_meta = read_json(folder, "config_sentence_transformers.json") if folder else {}
         self._setup_prompts(model_id, st_meta.get("prompts"), st_meta.get("default_prompt_name"),
