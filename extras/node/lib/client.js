@@ -263,7 +263,7 @@ export class EmbedServeClient extends EventEmitter {
     for (const [first, chunk] of this.#chunks(texts, wanted)) {
       const body = { input: chunk, encoding_format: this.#options.encodingFormat };
       if (dimensions !== undefined) body.dimensions = dimensions;
-      if (wanted !== undefined) body.model = wanted;
+      if (wanted !== undefined) body.model = this.#fallback.requestName(wanted);
       let answer;
       try {
         [answer, info] = await this.#request('POST', '/v1/embeddings', body, first, asked);

@@ -64,6 +64,16 @@ export class Fallback {
   }
 
   /**
+   * The name to send for `model`: 'hash' (what `--model hash` serves, and what the fallback
+   * answers for) becomes the name the server's /info gave its hash tier, where the server
+   * does not list 'hash' itself; any other name goes as it is.
+   */
+  requestName(model) {
+    if (model.toLowerCase() !== HASH_TIER || this.#hashNames.has(HASH_TIER)) return model;
+    return this.#hashNames.values().next().value?.[0] ?? model;
+  }
+
+  /**
    * The in-process embedder the policy allows for a call asking for `model` (undefined:
    * the server's default): {embedder, label} (the model name its result carries), or
    * {refusal} saying why none.

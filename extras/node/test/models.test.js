@@ -78,6 +78,9 @@ test('models() lists the served names in order; a call names one, by any of its 
     const named = await client.embed(TEXTS, { model: 'large' });
     const byDefault = await client.embed(TEXTS);
     const single = await client.embedSingle('one text', { model: 'LARGE' }); // any case
+    // 'hash' (what --model hash serves) names the server's hash tier.
+    const tier = await client.embed(TEXTS, { model: 'hash' });
+    assert.deepEqual([tier.model, tier.source, [...tier]], ['small', 'server', expected(TEXTS)]);
     // Answers carry the model's first name, whichever name the call used.
     assert.deepEqual([named.model, named.source, byDefault.model, single.model], ['small', 'server', 'small', 'small']);
     assert.deepEqual([...named], expected(TEXTS));
@@ -132,6 +135,17 @@ test('an unknown model is a model_not_found error listing the served names, neve
     await client.close();
     await option.close();
     await server.stop();
+  }
+});
+
+test("a client for model 'hash' starts the hash tier and asks for it", { timeout: 30_000 }, async () => {
+  const client = new EmbedServeClient(clientOptions({ port: 0, model: 'hash', fallback: 'never' }));
+  try {
+    const result = await client.embed(TEXTS);
+    assert.deepEqual([result.model, result.backend, result.source], ['hash-v1-384', 'hash', 'server']);
+    assert.deepEqual([...result], expected(TEXTS));
+  } finally {
+    await client.close();
   }
 });
 
@@ -217,6 +231,8 @@ test('two models in one server, each by name: its own vectors, and a fallback fo
     byDefault = await client.embed(TEXTS);
     assert.deepEqual([byDefault.model, byDefault.backend, byDefault[0].length], ['hashy', 'hash', 384]);
     assert.deepEqual([...byDefault], expected(TEXTS));
+    const tier = await client.embed(TEXTS, { model: 'hash' }); // what --model hash serves, by any name
+    assert.deepEqual([tier.model, [...tier]], ['hashy', expected(TEXTS)]);
     const ml = await client.embed(TEXTS, { model: 'mini' });
     assert.deepEqual([ml.model, ml.backend, ml[0].length, ml.source], ['tiny', 'sentence-transformers', 32, 'server']);
     // Split into requests of two texts, every one for the model the call named.
