@@ -50,8 +50,14 @@ def locate_model(model_id: str) -> str:
 
     try:
         return snapshot_download(model_id, local_files_only=True)
-    except Exception:  # not cached (or not a hub id): decided below
-        pass
+    except Exception as exc:  # not cached (or not a hub id): decided below
+        # huggingface_hub >= 2.4 refuses a cached copy that lacks any file of the repo's
+        # listing (a README, another framework's weights): a copy with its config serves.
+        partial = getattr(exc, "snapshot_path", None)
+        if partial and os.path.isfile(os.path.join(partial, "config.json")):
+            log.info("serving the cached copy of %s without files it does not need (%s)",
+                     model_id, first_line(exc))
+            return str(partial)
     if constants.HF_HUB_OFFLINE:
         raise BackendError(f"model {model_id!r} is not a folder and not in the local Hugging "
                            f"Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set")
