@@ -291,7 +291,8 @@ def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: boo
         return
     for i, encoding in enumerate(encodings):
         if encoding.untruncated > limit:
-            raise ApiError(422, f"input {i} has {encoding.untruncated} tokens; model "
+            # A text cut before tokenizing counts its kept piece only: "at least".
+            raise ApiError(422, f"input {i} has at least {encoding.untruncated} tokens; model "
                                 f"{model.model} takes at most {limit}. Shorten it, or "
                                 "allow truncation (truncate=true)", param="truncate")
 
