@@ -69,6 +69,13 @@ class Slot:
         return self.model is not None
 
 
+def _names(spec: str, model: str, configured: str) -> ModelNames:
+    names = served_names(model, configured)
+    if spec == HASH:  # what it was asked for by: "hash" reaches the hash tier too
+        return ModelNames(names.accepted + (HASH,), names.listed)
+    return names
+
+
 def _configured(slot: Slot) -> set[str]:
     return {n.strip().lower() for n in slot.configured_names.split(",") if n.strip()}
 
@@ -103,7 +110,7 @@ class Registry:
     def _expected_names(self, spec: str, configured: str) -> ModelNames:
         """Names known before loading (for --no-preload); corrected after a load."""
         model = model_name(self.config.dimensions) if spec == HASH else spec
-        return served_names(model or "sentence-transformers/all-MiniLM-L6-v2", configured)
+        return _names(spec, model or "sentence-transformers/all-MiniLM-L6-v2", configured)
 
     def _check_unique_names(self) -> None:
         """A name two models would answer to: an error if it was given with
@@ -193,7 +200,7 @@ class Registry:
             backend = loaded.backend
             # Known now for sure (a folder's card, or `auto` falling back to the hash tier).
             if backend.model != slot.spec:
-                slot.names = served_names(backend.model, slot.configured_names)
+                slot.names = _names(slot.spec, backend.model, slot.configured_names)
                 self._check_unique_names()
             with self._lock:
                 slot.loaded = loaded

@@ -112,6 +112,7 @@ def test_every_model_answers_to_its_names_with_its_own_vectors(three: Server, sm
     # No model named: the first. A second name of the first model works too.
     assert embed(three, None, TEXTS[:1]) == embed(three, "mini", TEXTS[:1])
     assert len(embed(three, "big", TEXTS[:1])[0]) == 512
+    assert embed(three, "hash", TEXTS[:1]) == embed(three, "hash-v1-384", TEXTS[:1])
 
 
 def test_every_model_is_listed_and_a_wrong_name_lists_them(three: Server) -> None:

@@ -448,8 +448,6 @@ class Client:
 
 __all__ = [
     "AuthenticationError", "Client", "EmbedServeError", "Embedding", "Embeddings",
-    "ModelMismatch", "ServerError", "ServerStartError", "ServerUnavailable", "ValidationError",
-    "DEFAULT_URL", "URL_ENV",
-    # ModelNotFound joins these once embedserve/__init__.py exports it too (every class
-    # named here must be importable from embedserve itself: test_client_imports).
+    "ModelMismatch", "ModelNotFound", "ServerError", "ServerStartError", "ServerUnavailable",
+    "ValidationError", "DEFAULT_URL", "URL_ENV",
 ]
