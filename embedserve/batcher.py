@@ -5,10 +5,11 @@ passes, and each request gets its own vectors back in order. It drives any Batch
 through that protocol alone, and imports no tensor library.
 
 Fair under pressure: the model is shared between requests, not handed to the oldest text.
-Each pass is planned from the waiting requests taken in turn (a text from each, then the
-next from each...), and the requests take turns leading the pass, so a one-text search
-sent while a 2,048-text indexing job runs waits about one pass, not the whole job. A
-request whose client has gone is dropped between passes.
+Each pass is led by the waiting request that has had the least of the model so far (texts
+put in passes; the oldest on a tie), and planned from the waiting requests in that order,
+a text from each in turn. So a one-text search sent while eight 256-text indexing requests
+run goes into the next pass, not behind their turns, and the indexing requests share the
+rest between them. A request whose client has gone is dropped between passes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Job:
     vectors: list[Any]
     remaining: int
     waiting: deque[_Item] = field(default_factory=deque)  # not yet in a pass
+    served: int = 0  # its texts put in passes so far: who leads the next pass
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -179,10 +181,10 @@ class Batcher:
                 # Fail these texts' requests rather than let this thread die: with it, every
                 # request to come would wait forever (the heartbeat only sees model calls).
                 log.exception("planning a batch of %d texts failed", len(pool))
-                self._remove(pool, pool)
+                self._remove(pool)
                 self._fail(pool, ApiError(500, f"batching failed: {type(exc).__name__}: {exc}"))
                 continue
-            self._remove(pool, batch)
+            self._remove(batch)
             self._in_pass = batch
             try:
                 self._forward(batch)
@@ -194,9 +196,8 @@ class Batcher:
 
     def _peek(self) -> list[_Item] | None:
         """A few batches' worth of waiting texts, taken from the waiting requests in turn
-        (the first text of each, then the second...), the request whose turn it is first.
-        They stay queued, so that the length admission checks stays true while they are
-        planned."""
+        (the first text of each, then the second...), least served first. They stay
+        queued, so that the length admission checks stays true while they are planned."""
         with self._ready:
             idle = not self._jobs
             while not self._jobs:
@@ -212,25 +213,25 @@ class Batcher:
                     if left <= 0 or not self._ready.wait(left):
                         break
             size = POOL_BATCHES * self.max_batch_texts
+            # Stable: among the equally served, the oldest request first.
+            turns = sorted(self._jobs, key=lambda job: job.served)
             rounds = itertools.zip_longest(*(itertools.islice(job.waiting, size)
-                                             for job in self._jobs))
+                                             for job in turns))
             pool = [item for turn in rounds for item in turn if item is not None]
             return pool[:size]
 
-    def _remove(self, pool: list[_Item], taken: list[_Item]) -> None:
-        """Take `taken` out of the queue, and pass the turn: the request that led this pass
-        goes to the back. (Only this thread removes texts; others add requests at the back
-        or drop their own, so a dropped request's items are simply gone.)"""
+    def _remove(self, taken: list[_Item]) -> None:
+        """Take `taken` out of the queue and count them as served. (Only this thread removes
+        texts; others add requests at the back or drop their own, so a dropped request's
+        items are simply gone.)"""
         gone = {id(item) for item in taken}
         with self._ready:
             for job in {id(item.job): item.job for item in taken}.values():
                 before = len(job.waiting)
                 job.waiting = deque(item for item in job.waiting if id(item) not in gone)
+                job.served += before - len(job.waiting)
                 if job in self._jobs:
                     self._queued -= before - len(job.waiting)
-            leader = pool[0].job
-            if self._jobs and self._jobs[0] is leader:
-                self._jobs.rotate(-1)
             self._jobs = deque(job for job in self._jobs if job.waiting)
 
     def _forward(self, batch: list[_Item]) -> None:
