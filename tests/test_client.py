@@ -355,7 +355,7 @@ def test_two_processes_starting_at_once_share_one_server() -> None:
     script = f"""
         sys.stdin.readline()  # start together
         client = Client("http://{HOST}:{port}", fallback="never")
-        result = client.embed(["shared"])
+        result = client.embed(["one server for both"])
         print(json.dumps({{"owns": client.owns_server, "source": result.source,
                            "server": client.info().get("supervisor_pid")}}), flush=True)
         sys.stdin.readline()  # exit when told
