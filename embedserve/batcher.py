@@ -35,8 +35,10 @@ log = logging.getLogger("embedserve.batcher")
 # by length (at 2, big requests on a CPU got 10 texts a pass instead of 14). Planning is
 # O(texts x --max-batch-texts) in Python: 0.6 ms a pass at the default 32 here.
 POOL_BATCHES = 4
-# How often a waiting request looks whether its client is still there: well within a pass.
-ABANDON_POLL = 0.05
+# How often a waiting request looks whether its client is still there: about a pass. More
+# often wakes every waiting thread for nothing (32 waiting requests at 50 ms: 640 wake-ups
+# a second, on cores the model thread needs).
+ABANDON_POLL = 0.2
 # Retry-After for a full queue: the measured time to drain it, within these bounds.
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 # Weight of the newest pass in the measured rate (texts per second).
