@@ -171,6 +171,11 @@ def _parse_bool(text: str) -> bool:
 
 
 def _check(option: dataclasses.Field[Any], value: Any) -> None:
+    if isinstance(option.default, tuple) and not (
+            isinstance(value, tuple) and all(isinstance(item, str) for item in value)):
+        # Config(model="x") would read as the models "x"[0]...: say so instead.
+        raise ValueError(f"{option.name} takes a tuple of strings (one per model); "
+                         f"got {value!r}")
     meta = option.metadata
     if meta["choices"] and value not in meta["choices"]:
         raise ValueError(f"{option.name} must be one of {', '.join(meta['choices'])}; "

