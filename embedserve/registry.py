@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
-from embedserve.backends import (BackendError, BackendInfo, BatchedModel, Encoder, Loaded,
+from embedserve.backends import (DEFAULT_MODEL, BackendError, BackendInfo, BatchedModel, Encoder, Loaded,
                                  load_backend, release_memory)
 from embedserve.batcher import Batcher
 from embedserve.config import Config
@@ -110,7 +110,7 @@ class Registry:
     def _expected_names(self, spec: str, configured: str) -> ModelNames:
         """Names known before loading (for --no-preload); corrected after a load."""
         model = model_name(self.config.dimensions) if spec == HASH else spec
-        return _names(spec, model or "sentence-transformers/all-MiniLM-L6-v2", configured)
+        return _names(spec, model or DEFAULT_MODEL, configured)
 
     def _check_unique_names(self) -> None:
         """A name two models would answer to: an error if it was given with

@@ -137,6 +137,9 @@ class Loaded:
         return self.encoder
 
 
+# What the ML tiers serve when --model names nothing.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
 # The ML tiers, best first: (name, the package that must be installed, loader path).
 ML_TIERS = (
     ("sentence-transformers", "sentence_transformers",

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from embedserve.backends import (EMBED, BackendError, BatchedModel, Encoding, Token,
-                                 model_folder_problem)
+from embedserve.backends import (DEFAULT_MODEL, EMBED, BackendError, BatchedModel, Encoding,
+                                 Token, model_folder_problem)
 from embedserve.backends.tokens import RequestTokenizer, TokenIds
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Pairs of forward passes timed to learn what a pass costs (the median estimate is kept).
 OVERHEAD_ROUNDS = 5
 # nomic-embed models expect a task prefix and ship no prompts of their own.
