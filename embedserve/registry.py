@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
-from embedserve.backends import (DEFAULT_MODEL, BackendError, BackendInfo, BatchedModel, Encoder, Loaded,
-                                 load_backend, release_memory)
+from embedserve.backends import (DEFAULT_MODEL, BackendError, BackendInfo, BatchedModel,
+                                 Encoder, Loaded, load_backend, release_memory)
 from embedserve.batcher import Batcher
 from embedserve.config import Config
 from embedserve.errors import ApiError, quoted
