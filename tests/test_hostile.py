@@ -199,10 +199,16 @@ def test_metrics_labels_are_bounded_and_escaped(fresh_server: list[Server]) -> N
     assert status == 404
     import http.client
 
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
-    conn.request("GET", "/metrics", headers=auth)
-    text = conn.getresponse().read().decode()
-    conn.close()
+    # A request is counted just after its answer is written: a scrape that follows it at
+    # once may come first, so look again until the 404 shows (a few tries at most).
+    for _ in range(50):
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+        conn.request("GET", "/metrics", headers=auth)
+        text = conn.getresponse().read().decode()
+        conn.close()
+        if 'route="(unknown)"' in text:
+            break
+        time.sleep(0.05)
     families = list(parser.text_string_to_metric_families(text))  # the format holds
     methods = {s.labels.get("method") for f in families for s in f.samples
                if s.name == "embedserve_requests_total"}
