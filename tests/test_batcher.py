@@ -97,6 +97,21 @@ def test_each_pass_takes_the_planned_batch_that_holds_the_oldest_text() -> None:
     assert pick_batch(pool, 60.0, 32, 16384) == pool[:4] + pool[5:]
 
 
+def test_a_newcomer_gets_a_short_pass_of_its_own_where_passes_cost_their_tokens() -> None:
+    bulk = items([60] * 64)
+    bulk[0].job.served = 32  # an indexing request that has had passes already
+    search = items([12])
+    pool = search + bulk[:31]  # turn order: the one never served leads
+    # CPU-like costs: 31 bulk texts would make the search's pass 60x longer.
+    assert pick_batch(pool, 60.0, 32, 16384) == search
+    # GPU-like costs (a pass costs a full batch whatever it holds): the bulk fills it.
+    assert pick_batch(pool, 16384.0, 32, 16384) == pool
+    # A few bulk texts as short as the search cost it little: they share its pass.
+    short_bulk = items([12] * 4)
+    short_bulk[0].job.served = 4
+    assert pick_batch(search + short_bulk, 60.0, 32, 16384) == search + short_bulk
+
+
 def test_no_length_is_starved_under_a_stream_of_newcomers() -> None:
     """Closed loop: each pass's texts are replaced by new ones of random lengths, as clients
     that got their answer send the next request. Every length waits about as many passes as
