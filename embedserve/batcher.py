@@ -217,8 +217,9 @@ class Batcher:
                     if left <= 0 or not self._ready.wait(left):
                         break
             size = POOL_BATCHES * self.max_batch_texts
-            # Stable: among the equally served, the oldest request first.
-            turns = sorted(self._jobs, key=lambda job: job.served)
+            # Among the equally served the smallest first (a search that arrives just after
+            # an indexing request does not wait for its first pass), then the oldest.
+            turns = sorted(self._jobs, key=lambda job: (job.served, len(job.waiting)))
             rounds = itertools.zip_longest(*(itertools.islice(job.waiting, size)
                                              for job in turns))
             pool = [item for turn in rounds for item in turn if item is not None]
@@ -290,20 +291,24 @@ def pick_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: i
                ) -> list[_Item]:
     """The next forward pass, led by pool[0] (the pool is in turn order: see _peek).
 
-    A request that has had no pass yet (a search beside an indexing job) gets a pass planned
-    from such newcomers alone when the others' texts would make it at least twice as costly:
-    on a CPU, where a pass costs about its tokens, it then waits for the pass in progress
-    and a short one of its own, not for a full one. That extra pass costs the others one
+    A request that has had no pass yet and fits in one (a search beside an indexing job)
+    gets a pass planned from such newcomers alone when the others' texts would make it at
+    least twice as costly: on a CPU, where a pass costs about its tokens, it then waits for
+    the pass in progress and a short one of its own, not for a full one. That extra pass costs the others one
     pass overhead. Where a pass costs about the same however full (a GPU's overhead is a
     whole batch), the others fill it as before."""
     batch = lead_batch(pool, overhead, max_texts, max_tokens)
-    if pool[0].job.served == 0:
-        fresh = [item for item in pool if item.job.served == 0]
-        if len(fresh) < len(pool):
-            express = lead_batch(fresh, overhead, max_texts, max_tokens)
-            if 2 * pass_cost(express, overhead) <= pass_cost(batch, overhead):
-                return express
+    fresh = [item for item in pool if is_newcomer(item.job, max_texts)]
+    if fresh and fresh[0] is pool[0] and len(fresh) < len(pool):
+        express = lead_batch(fresh, overhead, max_texts, max_tokens)
+        if 2 * pass_cost(express, overhead) <= pass_cost(batch, overhead):
+            return express
     return batch
+
+
+def is_newcomer(job: _Job, max_texts: int) -> bool:
+    """A request that has had no pass yet and fits in one: a search, not an indexing job."""
+    return job.served == 0 and len(job.waiting) <= max_texts
 
 
 def lead_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: int

@@ -14,12 +14,14 @@ import pytest
 
 from conftest import ROOT, server_env
 from embedserve.backends import Encoding
-from embedserve.batcher import _Item, _Job, pick_batch, plan_batches
+from embedserve.batcher import _Item, _Job, lead_batch, pick_batch, plan_batches
 
 
 def items(lengths: list[int]) -> list[_Item]:
     job = _Job(normalize=True, vectors=[None] * len(lengths), remaining=len(lengths))
-    return [_Item(job, i, Encoding(n, n, f"text {i}"), n) for i, n in enumerate(lengths)]
+    job.waiting.extend(_Item(job, i, Encoding(n, n, f"text {i}"), n)
+                       for i, n in enumerate(lengths))
+    return list(job.waiting)
 
 
 def cost(batches: list[list[_Item]], overhead: float) -> float:
@@ -106,6 +108,10 @@ def test_a_newcomer_gets_a_short_pass_of_its_own_where_passes_cost_their_tokens(
     assert pick_batch(pool, 60.0, 32, 16384) == search
     # GPU-like costs (a pass costs a full batch whatever it holds): the bulk fills it.
     assert pick_batch(pool, 16384.0, 32, 16384) == pool
+    # An indexing request that has had no pass yet is no newcomer: it does not get one.
+    fresh_bulk = items([60] * 64)
+    pool = fresh_bulk[:31] + search
+    assert pick_batch(pool, 60.0, 32, 16384) == lead_batch(pool, 60.0, 32, 16384)
     # A few bulk texts as short as the search cost it little: they share its pass.
     short_bulk = items([12] * 4)
     short_bulk[0].job.served = 4
