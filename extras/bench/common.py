@@ -31,7 +31,9 @@ from typing import IO, Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parents[1]
-CORPUS_PATH = REPO_ROOT.parent / "shared" / "data" / "corpus.jsonl"
+# $BENCH_CORPUS names another copy (a machine that has the checkout but not ../shared).
+CORPUS_PATH = Path(os.environ.get("BENCH_CORPUS")
+                   or REPO_ROOT.parent / "shared" / "data" / "corpus.jsonl")
 HOST = "127.0.0.1"
 MIN_FALLBACK_TEXTS = 3000
 SERVER_START_TIMEOUT = 30.0
