@@ -41,6 +41,11 @@ POOL_BATCHES = 4
 # often wakes every waiting thread for nothing (32 waiting requests at 50 ms: 640 wake-ups
 # a second, on cores the model thread needs).
 ABANDON_POLL = 0.2
+# The most padded tokens a pass holds, in pass overheads (see Batcher.pass_tokens).
+PASS_OVERHEADS = 8
+# ...but never fewer than this: with a small or unmeasured overhead, per-pass Python costs
+# (planning, tensors in and out) would then dominate.
+MIN_PASS_TOKENS = 512
 # Retry-After for a full queue: the measured time to drain it, within these bounds.
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 # Weight of the newest pass in the measured rate (texts per second).
@@ -73,13 +78,19 @@ class Batcher:
                  track_call: Callable[[], AbstractContextManager[None]],
                  observe_batch: Callable[[int], None] = lambda size: None) -> None:
         self.model = model
-        self.max_batch_tokens = config.max_batch_tokens
         self.max_batch_texts = config.max_batch_texts
         self.max_queue = config.max_queue
         self.wait = config.batch_wait_ms / 1000.0
         # A pass that costs as much as a full batch of padding (a GPU's: inf) means: fill
         # the batches. Capped, so the costs planned with stay finite.
         self.overhead = min(model.pass_overhead_tokens, float(config.max_batch_tokens))
+        # Bounded in time: a pass holds at most PASS_OVERHEADS x its fixed cost in padded
+        # tokens, so a request arriving mid-pass never waits out an unusually long one (on
+        # a CPU the longest were twice the mean), for at most 1 / (PASS_OVERHEADS + 1) of
+        # a pass spent on the extra overhead. Where the overhead is a whole batch (a GPU)
+        # this is --max-batch-tokens itself.
+        self.pass_tokens = min(config.max_batch_tokens,
+                               max(MIN_PASS_TOKENS, math.ceil(PASS_OVERHEADS * self.overhead)))
         log.info("a forward pass costs about %.0f padded tokens more than its texts; batches "
                  "are planned with that", self.overhead)
         self._track_call = track_call
@@ -180,7 +191,7 @@ class Batcher:
                 return
             try:
                 batch = pick_batch(pool, self.overhead, self.max_batch_texts,
-                                   self.max_batch_tokens)
+                                   self.pass_tokens)
             except Exception as exc:
                 # Fail these texts' requests rather than let this thread die: with it, every
                 # request to come would wait forever (the heartbeat only sees model calls).
@@ -294,15 +305,18 @@ def pick_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: i
     A request that has had no pass yet and fits in one (a search beside an indexing job)
     gets a pass planned from such newcomers alone when the others' texts would make it at
     least twice as costly: on a CPU, where a pass costs about its tokens, it then waits for
-    the pass in progress and a short one of its own, not for a full one. That extra pass costs the others one
-    pass overhead. Where a pass costs about the same however full (a GPU's overhead is a
-    whole batch), the others fill it as before."""
+    the pass in progress and a short one of its own, not for a full one. The others' texts
+    fill that pass only as far as it then costs twice what it would alone. Where a pass
+    costs about the same however full (a GPU's overhead is a whole batch), they fill it."""
     batch = lead_batch(pool, overhead, max_texts, max_tokens)
     fresh = [item for item in pool if is_newcomer(item.job, max_texts)]
     if fresh and fresh[0] is pool[0] and len(fresh) < len(pool):
-        express = lead_batch(fresh, overhead, max_texts, max_tokens)
-        if 2 * pass_cost(express, overhead) <= pass_cost(batch, overhead):
-            return express
+        alone = pass_cost(lead_batch(fresh, overhead, max_texts, max_tokens), overhead)
+        if 2 * alone <= pass_cost(batch, overhead):
+            # Others' texts ride along as far as the pass then costs twice what it would
+            # alone: the extra pass is not spent on a few texts only.
+            budget = max(1, min(max_tokens, math.floor(2 * alone - overhead)))
+            return lead_batch(pool, overhead, max_texts, budget)
     return batch
 
 

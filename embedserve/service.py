@@ -249,7 +249,8 @@ class EmbeddingService:
             "uptime_s": round(time.time() - self.started, 3),
             "skipped_backends": registry.default.skipped,
             **{key: default[key] for key in ("max_batch_tokens", "batches",
-                                             "abandoned_requests", "pass_overhead_tokens")},
+                                             "abandoned_requests", "pass_overhead_tokens",
+                                             "pass_tokens")},
             # The names TEI clients read.
             "model_id": default["model"],
             "max_input_length": default["max_input_tokens"],
@@ -278,6 +279,8 @@ class EmbeddingService:
             "abandoned_requests": batcher.abandoned if batcher else None,
             # What a forward pass was measured to cost beyond its tokens (see batcher.py).
             "pass_overhead_tokens": round(batcher.overhead) if batcher else None,
+            # The padded tokens a pass holds at most: a bound on how long one pass takes.
+            "pass_tokens": batcher.pass_tokens if batcher else None,
         }
 
 

@@ -4,6 +4,7 @@ anywhere (the batcher driving a real model is tested in test_ml.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 
 from conftest import ROOT, server_env
 from embedserve.backends import Encoding
-from embedserve.batcher import _Item, _Job, lead_batch, pick_batch, plan_batches
+from embedserve.batcher import (Batcher, _Item, _Job, lead_batch, pick_batch,
+                                plan_batches)
+from embedserve.config import Config
 
 
 def items(lengths: list[int]) -> list[_Item]:
@@ -112,10 +115,41 @@ def test_a_newcomer_gets_a_short_pass_of_its_own_where_passes_cost_their_tokens(
     fresh_bulk = items([60] * 64)
     pool = fresh_bulk[:31] + search
     assert pick_batch(pool, 60.0, 32, 16384) == lead_batch(pool, 60.0, 32, 16384)
+    # Many bulk texts as short as the search: some ride along, as long as its pass costs at
+    # most twice what it would alone (60 + 12 tokens).
+    many_short = items([12] * 31)
+    many_short[0].job.served = 31
+    batch = pick_batch(search + many_short, 60.0, 32, 16384)
+    assert search[0] in batch and 1 < len(batch) and 60 + 12 * len(batch) <= 2 * (60 + 12)
     # A few bulk texts as short as the search cost it little: they share its pass.
     short_bulk = items([12] * 4)
     short_bulk[0].job.served = 4
     assert pick_batch(search + short_bulk, 60.0, 32, 16384) == search + short_bulk
+
+
+class Overhead:
+    """Just enough of a BatchedModel for a Batcher to start: the measured pass cost."""
+
+    def __init__(self, tokens: float) -> None:
+        self.pass_overhead_tokens = tokens
+
+
+@pytest.mark.parametrize(("overhead", "pass_tokens"), [
+    (100.0, 800),  # a CPU's: a pass holds at most 8 overheads of padded tokens
+    (20.0, 512),  # never so few that per-pass costs would dominate
+    (1e9, 16384),  # a GPU's (a pass costs a batch whatever it holds): the whole budget
+])
+def test_a_pass_is_bounded_by_its_overhead(overhead: float, pass_tokens: int) -> None:
+    batcher = Batcher(Overhead(overhead), Config(max_batch_tokens=16384),  # type: ignore[arg-type]
+                      track_call=contextlib.nullcontext)
+    try:
+        assert batcher.pass_tokens == pass_tokens
+        pool = items([100] * 64)
+        assert sum(len(b) for b in plan_batches(pool, overhead, 32, batcher.pass_tokens)) == 64
+        assert all(len(b) * 100 <= max(batcher.pass_tokens, 100)
+                   for b in plan_batches(pool, batcher.overhead, 32, batcher.pass_tokens))
+    finally:
+        batcher.stop()
 
 
 def test_no_length_is_starved_under_a_stream_of_newcomers() -> None:

@@ -90,6 +90,7 @@ def test_served_vectors_equal_the_libraries_in_process(ml_server: Server, refere
     assert info["backend"] in BACKENDS and info["dimensions"] == 32
     assert info["max_input_tokens"] == MAX_SEQ_LENGTH and info["device"] == "cpu"
     assert info["pass_overhead_tokens"] > 0  # measured at warm-up
+    assert 0 < info["pass_tokens"] <= info["max_batch_tokens"]
 
 
 def test_concurrent_clients_get_their_own_vectors_in_order(ml_server: Server, reference
