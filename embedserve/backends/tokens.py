@@ -93,7 +93,6 @@ class RequestTokenizer:
         # counts tokens.
         self._cutters: dict[bool, Any] = {}
         self._counter: Any = None
-        self._specials = 0
         self._type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         if getattr(tokenizer, "is_fast", False):
             for left in (False, True, None):
@@ -112,9 +111,6 @@ class RequestTokenizer:
                     self._counter = cutter
                 else:
                     self._cutters[left] = cutter
-            self._specials = self._cutters[False].num_special_tokens_to_add(False)
-        else:  # no request is served yet: no turns to take
-            self._specials = int(self._library.num_special_tokens_to_add(pair=False))
 
     @property
     def can_encode_ids(self) -> bool:
@@ -122,23 +118,22 @@ class RequestTokenizer:
 
     def encode_ids(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:
         """Each text's ids as `tokenizer(text, truncation=True, max_length=limit)` makes them
-        (cut from the side asked), tokenized once, from a piece of the text no longer than
-        the model can use (see the module's notes): what was cut by the tokenizer comes back
-        beside the ids (as overflowing pieces, each with its own special tokens), which gives
-        the untruncated count too. For a text cut before tokenizing, that count is the
-        piece's: a lower bound, but over the limit, so truncate=false still refuses it."""
+        (cut from the side asked), from a piece of the text no longer than the model can use
+        (see the module's notes); a piece the tokenizer cut at the limit is counted again,
+        untruncated. For a text cut before tokenizing, that count is the piece's: a lower
+        bound, but over the limit, so truncate=false still refuses it."""
         cutter = self._cutters[truncate_left]
         pieces = [self._piece(text, truncate_left) for text in texts]
         encodings = []
         for text, piece, encoded in zip(texts, pieces, self._encode(cutter, pieces)):
-            encoding = self._encoding(encoded)
+            encoding = self._encoding(encoded, piece)
             if len(piece) < len(text) and not self._over_limit(encoding.untruncated):
                 # Sparse in tokens: a longer piece, tokenized again (in this request's thread
                 # only; others go on meanwhile).
                 piece = self._grown(text, piece, encoding.untruncated, truncate_left)
-                encoding = self._encoding(self._encode(cutter, [piece])[0])
+                encoding = self._encoding(self._encode(cutter, [piece])[0], piece)
                 if len(piece) < len(text) and not self._over_limit(encoding.untruncated):
-                    encoding = self._encoding(self._encode(cutter, [text])[0])  # see _grown
+                    encoding = self._encoding(self._encode(cutter, [text])[0], text)  # _grown
             encodings.append(encoding)
         return encodings
 
@@ -237,10 +232,14 @@ class RequestTokenizer:
                                                    tokenizer.encode_batch)
         return encode(texts, add_special_tokens=add_special_tokens)
 
-    def _encoding(self, encoded: Any) -> Encoding:
+    def _encoding(self, encoded: Any, piece: str) -> Encoding:
         tokens = untruncated = len(encoded)
         if self._limit is not None and tokens >= self._limit:
-            untruncated += sum(len(piece) - self._specials for piece in encoded.overflowing)
+            # Cut at the limit: counted again, untruncated. (The overflowing pieces the cut
+            # leaves would give the count without tokenizing again, but how the tokenizers
+            # library fills them changed between releases: 0.23.2 gave 258 where 291 was
+            # right, and every pass then went the slow way, tokenized in the model thread.)
+            untruncated = len(self._encode(self._counter, [piece])[0])
         data = TokenIds(encoded.ids, encoded.type_ids if self._type_ids else None)
         return Encoding(tokens, untruncated, data)
 
