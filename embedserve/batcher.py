@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -50,6 +51,7 @@ MIN_PASS_TOKENS = 512
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 # Weight of the newest pass in the measured rate (texts per second).
 RATE_WEIGHT = 0.2
+SWITCH_INTERVAL = 0.0005  # seconds: see Batcher.__init__
 STOP_WAIT = 30.0  # seconds a stopping model thread may take to finish its pass
 
 
@@ -104,6 +106,11 @@ class Batcher:
         self._rate = 0.0  # texts per second through the model, measured
         self.batches = 0
         self.abandoned = 0  # requests dropped because their client had gone
+        # The model thread lets the GIL go in every tensor op and needs it back at once for
+        # the next: at the default 5 ms switch interval it then waits out whichever request
+        # thread holds it. On a GPU, where a pass is mostly Python dispatching kernels, a
+        # shorter interval tripled the in-process throughput of 8 clients x 32 texts.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
 
