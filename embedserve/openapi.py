@@ -76,7 +76,7 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
                                            required=["model", "prompt"]),
         "OllamaEmbeddingsResponse": _object({"embedding": vector}, required=["embedding"]),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"]),
-        **_rerank_schemas(service, text, model),
+        **_rerank_schemas(service, text, model, prompts),
         "Health": _object({"status": {"type": "string"}}, required=["status"]),
         "Info": _object({
             "backend": {"type": "string"}, "model": {"type": "string"},
@@ -115,8 +115,8 @@ _ERROR_SCHEMAS = {"openai": "OpenAIError", "tei": "TEIError", "ollama": "OllamaE
                   "cohere": "CohereError"}
 
 
-def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict[str, Any]
-                    ) -> dict[str, Any]:
+def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict[str, Any],
+                    prompts: list[str]) -> dict[str, Any]:
     """/rerank, /similarity (TEI) and /v1/rerank, /v2/rerank (Cohere)."""
     most = service.config.max_rerank_documents
     texts = {"type": "array", "items": text, "minItems": 1, "maxItems": most}
@@ -139,7 +139,8 @@ def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict
             "parameters": _object({
                 "truncate": {"type": "boolean"},
                 "truncation_direction": {"type": "string", "enum": ["Left", "Right"]},
-                "prompt_name": {"type": "string"}}, required=[]),
+                **({"prompt_name": {"type": "string", "enum": prompts}} if prompts else {}),
+            }, required=[]),
         }, required=["inputs"]),
         "TEISimilarityResponse": {"type": "array", "items": score},
         "CohereRerankRequest": _object({
