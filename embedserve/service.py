@@ -243,6 +243,7 @@ class EmbeddingService:
                                              "max_input_tokens", "prompts",
                                              "default_prompt_name")},
             "max_batch_size": config.max_batch_size,
+            "max_rerank_documents": config.max_rerank_documents,
             "max_body_bytes": config.max_body_bytes,
             "max_concurrent_requests": config.max_concurrent_requests,
             "version": __version__,

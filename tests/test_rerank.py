@@ -233,3 +233,17 @@ def test_a_plain_transformers_folder_is_served_as_a_reranker(folders: dict[str, 
               predict(reference, QUERY, DOCUMENTS))
     finally:
         assert srv.stop() == 0
+
+
+def test_the_python_client_reranks_with_the_servers_reranker(ml_server: Server,
+                                                             reference: Any) -> None:
+    from embedserve import Client
+    expected = predict(reference, QUERY, DOCUMENTS)
+    with Client(ml_server.url, autostart=False, fallback="never") as client:
+        result = client.rerank(QUERY, DOCUMENTS, top_n=3)
+        assert (result.model, result.method, result.source) == ("reranker", "cross-encoder",
+                                                                "server")
+        assert [r.index for r in result] == ranked(expected)[:3]
+        assert all(abs(r.score - expected[r.index]) <= TOLERANCE for r in result)
+        by_embeddings = client.rerank(QUERY, DOCUMENTS, model="embedder")
+        assert by_embeddings.method == "embeddings" and len(by_embeddings) == len(DOCUMENTS)
