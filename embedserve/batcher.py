@@ -10,6 +10,10 @@ put in passes; the oldest on a tie), and planned from the waiting requests in th
 a text from each in turn. So a one-text search sent while eight 256-text indexing requests
 run goes into the next pass, not behind their turns, and the indexing requests share the
 rest between them. A request whose client has gone is dropped between passes.
+
+A reranker's query-document pairs are items like texts (one Encoding each, made by
+BatchedModel.prepare_pairs), planned, shared and split the same way; their rows are
+scores, asked for unnormalised.
 """
 
 from __future__ import annotations

@@ -487,6 +487,6 @@ class Client:
 
 __all__ = [
     "AuthenticationError", "Client", "EmbedServeError", "Embedding", "Embeddings",
-    "ModelMismatch", "ModelNotFound", "Ranking", "Rankings", "ServerError", "ServerStartError", "ServerUnavailable",
-    "ValidationError", "DEFAULT_URL", "URL_ENV",
+    "ModelMismatch", "ModelNotFound", "Ranking", "Rankings", "ServerError",
+    "ServerStartError", "ServerUnavailable", "ValidationError", "DEFAULT_URL", "URL_ENV",
 ]
