@@ -247,3 +247,14 @@ def test_the_python_client_reranks_with_the_servers_reranker(ml_server: Server,
         assert all(abs(r.score - expected[r.index]) <= TOLERANCE for r in result)
         by_embeddings = client.rerank(QUERY, DOCUMENTS, model="embedder")
         assert by_embeddings.method == "embeddings" and len(by_embeddings) == len(DOCUMENTS)
+
+
+def test_sides_far_over_the_limit_are_cut_as_the_library_cuts_them(ml_server: Server,
+                                                                   reference: Any) -> None:
+    # Cut before tokenizing (far over 64 tokens x 16 characters), sparse in tokens (runs of
+    # spaces), or both sides long: the ids, so the scores, are CrossEncoder's own.
+    query = "the quick brown fox jumps " * 300
+    documents = ["hello world " * 500, "a cat", "cat" + " " * 3000 + "dog sat on the mat",
+                 "json file parse " * 200 + "the end"]
+    expected = predict(reference, query, documents)
+    check([(r["index"], r["score"]) for r in tei_rerank(ml_server, query, documents)], expected)
