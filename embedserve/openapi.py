@@ -161,7 +161,8 @@ def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict
             "usage": _object({"total_tokens": count}, required=["total_tokens"]),
             "meta": {"type": "object"},
         }, required=["id", "results", "meta"]),
-        "CohereError": _object({"message": {"type": "string"}}, required=["message"]),
+        "CohereError": _object({"id": {"type": "string"}, "message": {"type": "string"}},
+                               required=["message"]),
     }
 
 

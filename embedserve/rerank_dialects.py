@@ -122,7 +122,7 @@ class TEIRerank(TEI):
 
 class Cohere:
     """POST /v1/rerank and /v2/rerank: Cohere's rerank API (Jina's /v1/rerank is the same
-    shape). Errors are Cohere's: {"message": ...}."""
+    shape). Errors are Cohere's: {"id", "message"}."""
 
     name = "cohere"
 
@@ -164,7 +164,7 @@ class Cohere:
                          "tokens": {"input_tokens": result.tokens, "output_tokens": 0}}}
 
     def error_body(self, error: ApiError) -> Any:
-        return {"message": error.message}
+        return {"id": str(uuid.uuid4()), "message": error.message}
 
     # The Dialect protocol's embedding half: these routes embed nothing.
     def parse(self, payload: Any, max_batch_size: int) -> Any:
