@@ -16,7 +16,8 @@ from embedserve.hashing import HashEmbedder  # noqa: F401 (public API)
 # Every class embedserve.client exports: what a call returns (Embeddings, Embedding) and
 # every error it raises, so that `except embedserve.ModelMismatch` needs no submodule.
 _CLIENT_NAMES = frozenset({"AuthenticationError", "Client", "EmbedServeError", "Embedding",
-                           "Embeddings", "ModelMismatch", "ModelNotFound", "ServerError",
+                           "Embeddings", "ModelMismatch", "ModelNotFound", "Ranking",
+                           "Rankings", "ServerError",
                            "ServerStartError", "ServerUnavailable", "ValidationError"})
 
 __all__ = sorted(_CLIENT_NAMES | {"HashEmbedder", "__version__"})

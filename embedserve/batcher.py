@@ -12,6 +12,10 @@ run goes into the next pass, not behind their turns, and the indexing requests s
 rest between them; on a CPU that pass holds the search alone, when the bulk texts would
 make it more than twice as slow (see pick_batch). A request whose client has gone is dropped
 between passes.
+
+A reranker's query-document pairs are items like texts (one Encoding each, made by
+BatchedModel.prepare_pairs), planned, shared and split the same way; their rows are
+scores, asked for unnormalised.
 """
 
 from __future__ import annotations

@@ -88,6 +88,9 @@ class Config:
     max_body_bytes: int = _option(8 * 1024 * 1024, "largest request body accepted (413 beyond)",
                                   minimum=1)
     max_batch_size: int = _option(2048, "most inputs in one request (413 beyond)", minimum=1)
+    max_rerank_documents: int = _option(
+        1000, "most documents in one rerank request, and sentences in one /similarity "
+              "request (413 beyond)", minimum=1)
     max_concurrent_requests: int = _option(
         64, "embedding requests served at once; more are answered 429", minimum=1)
     max_connections: int = _option(512, "open client connections; more are answered 503",

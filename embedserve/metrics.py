@@ -52,6 +52,8 @@ class Metrics:
         self.texts: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self.batch_sizes: dict[str, Histogram] = {}
+        # Documents scored against a query, by model and method (cross-encoder, embeddings).
+        self.reranked: dict[tuple[str, str], int] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -66,6 +68,13 @@ class Metrics:
         with self._lock:
             self.texts[model] = self.texts.get(model, 0) + texts
             self.tokens[model] = self.tokens.get(model, 0) + tokens
+
+    def observe_rerank(self, model: str, method: str, documents: int, tokens: int) -> None:
+        with self._lock:
+            key = (model, method)
+            self.reranked[key] = self.reranked.get(key, 0) + documents
+            if method == "cross-encoder":  # embeddings are counted by observe_embedding
+                self.tokens[model] = self.tokens.get(model, 0) + tokens
 
     def observe_batch(self, model: str, size: int) -> None:
         with self._lock:
@@ -103,7 +112,14 @@ class Metrics:
                       "# TYPE embedserve_tokens_embedded_total counter"]
             lines += [f'embedserve_tokens_embedded_total{{{pid},model="{_escape(model)}"}} '
                       f"{count}" for model, count in sorted(self.tokens.items())]
-            lines += ["# HELP embedserve_batch_size Texts per forward pass (ML tiers).",
+            lines += ["# HELP embedserve_documents_reranked_total Documents scored against a "
+                      "query (method: cross-encoder, or embeddings for cosine similarity).",
+                      "# TYPE embedserve_documents_reranked_total counter"]
+            lines += [f'embedserve_documents_reranked_total{{{pid},model="{_escape(model)}",'
+                      f'method="{method}"}} {count}'
+                      for (model, method), count in sorted(self.reranked.items())]
+            lines += ["# HELP embedserve_batch_size Texts (or a reranker's pairs) per forward "
+                      "pass (ML tiers).",
                       "# TYPE embedserve_batch_size histogram"]
             for model, histogram in sorted(self.batch_sizes.items()):
                 lines += histogram.lines("embedserve_batch_size",

@@ -76,6 +76,7 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
                                            required=["model", "prompt"]),
         "OllamaEmbeddingsResponse": _object({"embedding": vector}, required=["embedding"]),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"]),
+        **_rerank_schemas(service, text, model, prompts),
         "Health": _object({"status": {"type": "string"}}, required=["status"]),
         "Info": _object({
             "backend": {"type": "string"}, "model": {"type": "string"},
@@ -110,7 +111,59 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
 
 
 # Each dialect's error shape, by dialect name.
-_ERROR_SCHEMAS = {"openai": "OpenAIError", "tei": "TEIError", "ollama": "OllamaError"}
+_ERROR_SCHEMAS = {"openai": "OpenAIError", "tei": "TEIError", "ollama": "OllamaError",
+                  "cohere": "CohereError"}
+
+
+def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict[str, Any],
+                    prompts: list[str]) -> dict[str, Any]:
+    """/rerank, /similarity (TEI) and /v1/rerank, /v2/rerank (Cohere)."""
+    most = service.config.max_rerank_documents
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": most}
+    document = {"oneOf": [text, _object({"text": text}, required=["text"])]}
+    score = {"type": "number"}
+    index = {"type": "integer", "minimum": 0}
+    count = {"type": "integer", "minimum": 0}
+    return {
+        "TEIRerankRequest": _object({
+            "query": text, "texts": texts, "truncate": {"type": "boolean"},
+            "truncation_direction": {"type": "string", "enum": ["Right"]},
+            "raw_scores": {"type": "boolean"}, "return_text": {"type": "boolean"},
+        }, required=["query", "texts"]),
+        "TEIRerankResponse": {"type": "array", "items": _object(
+            {"index": index, "score": score, "text": {"type": "string"}},
+            required=["index", "score"])},
+        "TEISimilarityRequest": _object({
+            "inputs": _object({"source_sentence": text, "sentences": texts},
+                              required=["source_sentence", "sentences"]),
+            "parameters": _object({
+                "truncate": {"type": "boolean"},
+                "truncation_direction": {"type": "string", "enum": ["Left", "Right"]},
+                **({"prompt_name": {"type": "string", "enum": prompts}} if prompts else {}),
+            }, required=[]),
+        }, required=["inputs"]),
+        "TEISimilarityResponse": {"type": "array", "items": score},
+        "CohereRerankRequest": _object({
+            "model": model, "query": text,
+            "documents": {"type": "array", "items": document, "minItems": 1,
+                          "maxItems": most},
+            "top_n": {"type": "integer", "minimum": 1},
+            "return_documents": {"type": "boolean"},
+            "max_tokens_per_doc": {"type": "integer", "minimum": 1},
+        }, required=["query", "documents"]),
+        "CohereRerankResponse": _object({
+            "id": {"type": "string"},
+            "results": {"type": "array", "items": _object({
+                "index": index, "relevance_score": score,
+                "document": _object({"text": {"type": "string"}}, required=["text"])},
+                required=["index", "relevance_score"])},
+            "model": {"type": "string"},
+            "usage": _object({"total_tokens": count}, required=["total_tokens"]),
+            "meta": {"type": "object"},
+        }, required=["id", "results", "meta"]),
+        "CohereError": _object({"id": {"type": "string"}, "message": {"type": "string"}},
+                               required=["message"]),
+    }
 
 
 def _operation(method: Method, error_schema: str, without_key: bool) -> dict[str, Any]:

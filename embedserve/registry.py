@@ -45,6 +45,7 @@ class Slot:
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
     keep_until: float | None = None  # set by a request's keep_alive; else the idle timeout
+    kind: str | None = None  # embedding or reranker, once loaded (kept when unloaded)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -204,6 +205,7 @@ class Registry:
                 self._check_unique_names()
             with self._lock:
                 slot.loaded = loaded
+                slot.kind = backend.kind
                 slot.last_used = time.monotonic()
                 slot.keep_until = None
             log.info("loaded %s (%s on %s) in %.1fs", backend.model, backend.name,

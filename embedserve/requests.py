@@ -27,3 +27,43 @@ class EmbedResult:
     vectors: list[list[float]]
     model: str
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """Score `documents` against `query`, best first. A reranker scores each pair; an
+    embedding model (named, or the default when no reranker is served) scores by the
+    cosine similarity of its embeddings."""
+
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = None  # None: all of them
+    truncate: bool = True
+    raw_scores: bool = False  # a reranker's score before its activation (TEI)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int  # in the request's documents
+    score: float
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    ranked: list[Ranked]  # best first, at most top_n
+    model: str  # the served name of the model that scored them
+    method: str  # "cross-encoder" or "embeddings" (cosine similarity)
+    tokens: int
+
+
+@dataclass(frozen=True)
+class SimilarityRequest:
+    """TEI's /similarity: the cosine similarity of `source` to each of `sentences`."""
+
+    source: str
+    sentences: list[str]
+    truncate: bool = True
+    truncate_left: bool = False
+    prompt_name: str | None = None
+    model: str | None = None

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import time
 
-from embedserve import __version__
+from embedserve import __version__, scoring
 from embedserve.dialects import OLLAMA, OLLAMA_LEGACY, OPENAI, TEI_DIALECT
 from embedserve.errors import ApiError
 from embedserve.openapi import build_openapi
+from embedserve.rerank_dialects import COHERE_V1, COHERE_V2, TEI_RERANK, Cohere
 from embedserve.routing import Exchange, Method, Reply, Route, RouteTable
 
 # /tokenize answers ~15x its input in JSON: its texts are bounded in characters.
@@ -88,6 +89,35 @@ def embed(exchange: Exchange) -> Reply:
     })
 
 
+def tei_rerank(exchange: Exchange) -> Reply:
+    service = exchange.service
+    with service.admit():
+        payload = exchange.read_json()
+        request = TEI_RERANK.parse_rerank(payload, service.config.max_rerank_documents)
+        TEI_RERANK.check_return_text(payload)
+        result = scoring.rerank(service, request, exchange.client_gone)
+        return Reply(TEI_RERANK.render_rerank(payload, request, result))
+
+
+def cohere_rerank(exchange: Exchange) -> Reply:
+    """Cohere's /v1/rerank and /v2/rerank (the route's dialect holds the version)."""
+    service, dialect = exchange.service, exchange.dialect
+    assert isinstance(dialect, Cohere)
+    with service.admit():
+        payload = exchange.read_json()
+        request = dialect.parse_rerank(payload, service.config.max_rerank_documents)
+        result = scoring.rerank(service, request, exchange.client_gone)
+        return Reply(dialect.render_rerank(payload, request, result))
+
+
+def tei_similarity(exchange: Exchange) -> Reply:
+    service = exchange.service
+    with service.admit():
+        request = TEI_RERANK.parse_similarity(exchange.read_json(),
+                                              service.config.max_rerank_documents)
+        return Reply(scoring.similarity(service, request, exchange.client_gone))
+
+
 # GET and HEAD answer alike (the handler leaves out a HEAD's body).
 _HEALTH = Method(health, "Ready?", response="Health")
 _OLLAMA_RUNNING = Method(ollama_running, "Liveness, as Ollama answers it",
@@ -116,6 +146,18 @@ ROUTES = RouteTable.of([
         "GET": _OLLAMA_RUNNING, "HEAD": _OLLAMA_RUNNING}),
     Route("/tokenize", TEI_DIALECT, {"POST": Method(
         tei_tokenize, "Tokenize (TEI)", "TEITokenizeRequest", "TEITokenizeResponse")}),
+    Route("/rerank", TEI_RERANK, {"POST": Method(
+        tei_rerank, "Rerank texts against a query (TEI)", "TEIRerankRequest",
+        "TEIRerankResponse")}),
+    Route("/similarity", TEI_RERANK, {"POST": Method(
+        tei_similarity, "Cosine similarity of sentences to a source sentence (TEI)",
+        "TEISimilarityRequest", "TEISimilarityResponse")}),
+    Route("/v1/rerank", COHERE_V1, {"POST": Method(
+        cohere_rerank, "Rerank documents against a query (Cohere v1, Jina)",
+        "CohereRerankRequest", "CohereRerankResponse")}, claims_segment=False),
+    Route("/v2/rerank", COHERE_V2, {"POST": Method(
+        cohere_rerank, "Rerank documents against a query (Cohere v2)", "CohereRerankRequest",
+        "CohereRerankResponse")}),
     Route("/api/embed", OLLAMA, {"POST": Method(
         embed, "Embed (Ollama)", "OllamaEmbedRequest", "OllamaEmbedResponse")}),
     Route("/api/embeddings", OLLAMA_LEGACY, {"POST": Method(

@@ -78,6 +78,10 @@ class Route:
     # Open routes answer without the API key: health checks from load balancers and
     # orchestrators, which hold no key.
     open: bool = False
+    # Whether an unknown path under this route's first segment takes its dialect (see
+    # RouteTable.of): /v1/rerank (Cohere's) sits among OpenAI's /v1 routes and leaves
+    # their unknown paths to OpenAI's shape.
+    claims_segment: bool = True
 
     def __post_init__(self) -> None:
         # Read-only, so a route's methods cannot change after the tables are derived.
@@ -110,6 +114,8 @@ class RouteTable:
         # Dialects are told apart by name: Ollama's legacy one shares Ollama's errors.
         segments: dict[str, dict[str, Dialect]] = {}
         for route in by_path.values():
+            if not route.claims_segment:
+                continue
             named = segments.setdefault(_first_segment(route.path), {})
             named.setdefault(route.dialect.name, route.dialect)
         by_segment = {segment: next(iter(named.values()))

@@ -192,7 +192,7 @@ class EmbeddingService:
     def render_metrics(self) -> str:
         slots = self._registry.slots if self._registry is not None else []
         backends = [{"backend": b.name, "model": b.model, "device": b.device,
-                     "dimensions": str(b.dimensions)} for slot in slots
+                     "dimensions": str(b.dimensions), "kind": b.kind} for slot in slots
                     if (b := slot.backend) is not None] or [{"backend": "loading"}]
         depth = {slot.backend.model: slot.batcher.queue_depth() for slot in slots
                  if slot.batcher is not None and slot.backend is not None}
@@ -221,6 +221,10 @@ class EmbeddingService:
                                 f"(its prompts: {known})", param="prompt_name")
         return [prompt + text for text in request.texts]
 
+    def registry(self) -> Registry:
+        """The served models (503 while loading): for the answers built on embed."""
+        return self._ready_registry()
+
     def _ready_registry(self) -> Registry:
         registry = self._registry
         if registry is None:
@@ -235,10 +239,11 @@ class EmbeddingService:
         models = [self._model_info(registry, slot) for slot in registry.slots]
         default = models[0]
         return {
-            **{key: default[key] for key in ("backend", "model", "dimensions", "device",
+            **{key: default[key] for key in ("backend", "model", "kind", "dimensions", "device",
                                              "max_input_tokens", "prompts",
                                              "default_prompt_name")},
             "max_batch_size": config.max_batch_size,
+            "max_rerank_documents": config.max_rerank_documents,
             "max_body_bytes": config.max_body_bytes,
             "max_concurrent_requests": config.max_concurrent_requests,
             "version": __version__,
@@ -262,6 +267,7 @@ class EmbeddingService:
         backend, batcher = slot.backend, slot.batcher
         return {
             "names": list(slot.names.listed),
+            "kind": slot.kind,  # "embedding" or "reranker" (None: not loaded yet)
             "loaded": backend is not None,
             "backend": backend.name if backend else None,
             "model": backend.model if backend else slot.names.primary,

@@ -17,3 +17,16 @@ def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
         squares += x * x
     norm = math.sqrt(squares)
     return [x / norm for x in head] if norm else head
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    """Cosine similarity, summed left to right (the same bits on every Python version);
+    0.0 when either vector is all zeros."""
+    dot = norm_a = norm_b = 0.0
+    for x, y in zip(a, b):
+        dot += x * y
+        norm_a += x * x
+        norm_b += y * y
+    if not norm_a or not norm_b:
+        return 0.0
+    return dot / (math.sqrt(norm_a) * math.sqrt(norm_b))

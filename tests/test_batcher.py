@@ -204,7 +204,7 @@ class Rows:
 
 class WordModel:
     # A text's vector: (its word count, its first word's length, 1); a token is a word.
-    name, model, dimensions, device = "words", "word-model", 3, "cpu"
+    name, model, kind, dimensions, device = "words", "word-model", "embedding", 3, "cpu"
     max_input_tokens, prompts, default_prompt_name = 6, {}, None
     capabilities = frozenset({"embed"})
     pass_overhead_tokens = 0.0  # then the plan is the least padding

@@ -15,8 +15,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "processes": ("cli", "commands", "supervisor", "worker", "__main__", "hub", "modelcache"),
     "transport": ("server", "connections", "handler", "routes", "routing", "openapi",
                   "guards"),
-    "dialects": ("dialects",),
-    "core": ("service", "registry", "names", "requests", "metrics"),
+    "dialects": ("dialects", "rerank_dialects"),
+    "core": ("scoring", "service", "registry", "names", "requests", "metrics"),
     "batcher": ("batcher",),
     "models": ("backends",),
 }

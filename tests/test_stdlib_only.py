@@ -63,6 +63,30 @@ def test_serves_embeddings_with_the_standard_library_only(bare_python: str) -> N
         assert srv.stop() == 0
 
 
+def test_reranks_by_hash_embeddings_with_the_standard_library_only(bare_python: str) -> None:
+    # No reranker and nothing installed: rerank and similarity by cosine similarity of the
+    # hash tier's embeddings.
+    srv = start_server(python=bare_python, env=server_env(EMBEDSERVE_BACKEND="auto"))
+    try:
+        from embedserve.hashing import HashEmbedder
+        from embedserve.vectors import cosine
+        embedder, query = HashEmbedder(), "cats sleep"
+        documents = ["stock prices", "a cat sleeps all day", "cats sleep"]
+        scores = [cosine(embedder.embed_one(query), embedder.embed_one(d)) for d in documents]
+        status, _, body = srv.request("POST", "/v2/rerank", {
+            "model": "hash-v1-384", "query": query, "documents": documents, "top_n": 2})
+        assert status == 200, body
+        assert [r["index"] for r in body["results"]] == [2, 1]
+        assert [r["relevance_score"] for r in body["results"]] == [scores[2], scores[1]]
+        status, _, body = srv.request("POST", "/rerank", {"query": query, "texts": documents})
+        assert status == 200 and [r["index"] for r in body] == [2, 1, 0]
+        status, _, body = srv.request("POST", "/similarity", {
+            "inputs": {"source_sentence": query, "sentences": documents}})
+        assert status == 200 and body == scores
+    finally:
+        assert srv.stop() == 0
+
+
 def test_package_metadata_declares_no_runtime_dependencies() -> None:
     import configparser
     parser = configparser.ConfigParser()

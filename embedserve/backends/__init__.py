@@ -28,8 +28,13 @@ from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
 
-# What a BatchedModel can be asked for. Rerankers will declare "score".
+# What a BatchedModel can be asked for: vectors of texts, or relevance scores of
+# query-document pairs (a cross-encoder).
 EMBED = "embed"
+SCORE = "score"
+# A model's kind, from its folder (see backends.rerank.model_kind): shown in /info.
+EMBEDDING = "embedding"
+RERANKER = "reranker"
 
 
 class BackendError(Exception):
@@ -52,6 +57,8 @@ class BackendInfo(Protocol):
 
     name: str
     model: str
+    kind: str  # EMBEDDING or RERANKER
+    # Vector size; a reranker's: the size of its score rows (see BatchedModel.forward).
     dimensions: int
     device: str
     # None: no limit of its own (the body-size limit still applies).
@@ -108,7 +115,16 @@ class BatchedModel(BackendInfo, Protocol):
     def prepare(self, texts: Sequence[str], *, truncate_left: bool = False
                 ) -> list[Encoding]: ...
 
-    def forward(self, batch: Sequence[Encoding]) -> Rows: ...
+    def prepare_pairs(self, query: str, documents: Sequence[str]) -> list[Encoding]:
+        """A reranker's (SCORE) items: each (query, document) pair tokenized as one input,
+        cut to the model's limit as the library cuts pairs; the batcher plans with them as
+        with texts. Models without SCORE raise NotImplementedError."""
+        ...
+
+    def forward(self, batch: Sequence[Encoding]) -> Rows:
+        """A row per item: an embedding, or for a pair [raw score, activated score] (the
+        model's own activation, e.g. a sigmoid), read with lists(normalize=False)."""
+        ...
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether `exc` from forward means the batch was too big for the device: the
@@ -140,11 +156,14 @@ class Loaded:
 # What the ML tiers serve when --model names nothing.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
-# The ML tiers, best first: (name, the package that must be installed, loader path).
+# The ML tiers, best first: (name, the package that must be installed, loader path of an
+# embedding model, loader path of a reranker).
 ML_TIERS = (
     ("sentence-transformers", "sentence_transformers",
-     "embedserve.backends.sentence_transformers:SentenceTransformersBackend"),
-    ("transformers", "transformers", "embedserve.backends.transformers:TransformersBackend"),
+     "embedserve.backends.sentence_transformers:SentenceTransformersBackend",
+     "embedserve.backends.rerank:CrossEncoderBackend"),
+    ("transformers", "transformers", "embedserve.backends.transformers:TransformersBackend",
+     "embedserve.backends.rerank:SequenceClassificationBackend"),
 )
 
 
@@ -152,11 +171,11 @@ def load_backend(config: Config) -> Loaded:
     """The backend the config asks for. `auto` walks the tiers best first and records why
     each was skipped; a backend named explicitly that cannot load is a BackendError."""
     skipped: dict[str, str] = {}
-    for name, package, target in ML_TIERS:
+    for name, package, target, rerank_target in ML_TIERS:
         if config.backend not in ("auto", name):
             continue
         try:
-            backend = _load_ml(name, package, target, config)
+            backend = _load_ml(name, package, (target, rerank_target), config)
         except BackendError as exc:
             if config.backend == name:
                 raise
@@ -210,7 +229,8 @@ def model_folder_problem(model: str) -> str | None:
     return f"model folder {model!r} does not exist"
 
 
-def _load_ml(name: str, package: str, target: str, config: Config) -> BatchedModel:
+def _load_ml(name: str, package: str, targets: tuple[str, str], config: Config
+             ) -> BatchedModel:
     if importlib.util.find_spec(package) is None or importlib.util.find_spec("torch") is None:
         missing = package if importlib.util.find_spec(package) is None else "torch"
         raise BackendError(f"not installed ({missing} is missing; pip install 'embedserve[ml]')")
@@ -219,8 +239,14 @@ def _load_ml(name: str, package: str, target: str, config: Config) -> BatchedMod
     problem = model_folder_problem(config.model_id)
     if problem:
         raise BackendError(f"installed but failed to load: {problem}")
-    module_name, class_name = target.split(":")
     try:
+        # A reranker's folder says so (a sequence-classification head): same tiers, other
+        # classes.
+        from embedserve.backends.rerank import model_kind
+
+        target = targets[1] if model_kind(config.model_id or DEFAULT_MODEL) == RERANKER \
+            else targets[0]
+        module_name, class_name = target.split(":")
         backend_class = getattr(importlib.import_module(module_name), class_name)
         backend: Any = backend_class(config)
         backend.warm_up()

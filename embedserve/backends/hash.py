@@ -18,6 +18,7 @@ _MAX_OTHER_SIZES = 4
 
 class HashBackend:
     name = "hash"
+    kind = "embedding"
     device = "cpu"
     max_input_tokens: int | None = None
     default_prompt_name: str | None = None

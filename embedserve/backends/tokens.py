@@ -137,6 +137,49 @@ class RequestTokenizer:
             encodings.append(encoding)
         return encodings
 
+    def encode_pair_ids(self, query: str, documents: Sequence[str]) -> list[Encoding]:
+        """Each (query, document) pair's ids as `tokenizer(query, document, truncation=True,
+        max_length=limit)` makes them: one input, special tokens around and between, cut
+        'longest_first' (the longer side loses tokens first). A side longer than the model
+        can use is cut first as encode_ids cuts a text: once it holds more tokens than the
+        limit, the tokens kept of it depend only on the other side, so the ids are the
+        whole text's. The untruncated count (for truncate=false) is the pair's."""
+        cutter = self._cutters[False]
+        head = self._pair_piece(query)
+        pairs = [(head, self._pair_piece(document)) for document in documents]
+        encodings = []
+        for pair, encoded in zip(pairs, self._encode(cutter, pairs)):
+            untruncated = len(encoded)
+            if self._limit is not None and untruncated >= self._limit:
+                untruncated = len(self._encode(self._counter, [pair])[0])
+            data = TokenIds(encoded.ids, encoded.type_ids if self._type_ids else None)
+            encodings.append(Encoding(len(encoded), untruncated, data))
+        return encodings
+
+    def count_pairs(self, query: str, documents: Sequence[str]) -> list[tuple[str, str, int]]:
+        """For a model whose library tokenizes pairs itself: each pair cut as encode_pair_ids
+        cuts it, with its untruncated count."""
+        head = self._pair_piece(query)
+        pairs = [(head, self._pair_piece(document)) for document in documents]
+        if self._counter is not None:
+            counts = self._encode(self._counter, pairs)
+            return [(q, d, len(e)) for (q, d), e in zip(pairs, counts)]
+        counted = []
+        for q, d in pairs:
+            with self._library_lock:
+                ids = self._library(q, d, add_special_tokens=True, truncation=False,
+                                    verbose=False)["input_ids"]
+            counted.append((q, d, len(ids)))
+        return counted
+
+    def _pair_piece(self, text: str) -> str:
+        """A side of a pair, cut as a text is (see _piece); a cut piece that is sparse in
+        tokens (not over the limit by itself) is not enough: then the whole text."""
+        piece = self._piece(text, False)
+        if len(piece) < len(text) and not self._over_limit(self._counts([piece])[0]):
+            return text
+        return piece
+
     def encode_for_library(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:
         """The texts, cut before tokenizing as encode_ids cuts them, for the model thread's
         library call, with their counts (for a cut text, a lower bound over the limit)."""
@@ -226,7 +269,8 @@ class RequestTokenizer:
 
     # -- tokenizing ------------------------------------------------------------------------------
     @staticmethod
-    def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
+    def _encode(tokenizer: Any, texts: Sequence[str] | Sequence[tuple[str, str]],
+                add_special_tokens: bool = True) -> list[Any]:
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, unused here.
         encode: Callable[..., list[Any]] = getattr(tokenizer, "encode_batch_fast",
                                                    tokenizer.encode_batch)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from embedserve.backends import (DEFAULT_MODEL, EMBED, BackendError, BatchedModel, Encoding,
-                                 Token, model_folder_problem)
+from embedserve.backends import (DEFAULT_MODEL, EMBED, EMBEDDING, BackendError, BatchedModel,
+                                 Encoding, Token, model_folder_problem)
 from embedserve.backends.tokens import RequestTokenizer, TokenIds
 from embedserve.config import Config
 
@@ -144,6 +144,7 @@ class TorchBackend:
 
     name = ""
     capabilities = frozenset({EMBED})
+    kind = EMBEDDING
     model: str
     dimensions: int
     device: str
@@ -232,6 +233,13 @@ class TorchBackend:
             return self._request_tokenizer.encode_ids(texts, truncate_left)
         return self._request_tokenizer.encode_for_library(texts, truncate_left)
 
+    def prepare_pairs(self, query: str, documents: Sequence[str]) -> list[Encoding]:
+        raise NotImplementedError(f"{self.model} is not a reranker")
+
+    def _probe_items(self, texts: list[str]) -> list[Encoding]:
+        """Items to time passes with (warm_up): what this model's requests bring."""
+        return self.prepare(texts)
+
     def forward(self, batch: Sequence[Encoding]) -> TorchRows:
         """Pooled, unnormalised float32 embeddings on the CPU, one row per text. Only the
         model thread calls it, so it alone uses self.tokenizer."""
@@ -315,7 +323,7 @@ class TorchBackend:
     def warm_up(self) -> None:
         # The first forward pass pays for lazy initialisation (kernels, allocator); pay it
         # before /health says ready. Then time a few more to learn what a pass costs.
-        self.forward(self.prepare(["warm up"]))
+        self.forward(self._probe_items(["warm up"]))
         self.pass_overhead_tokens = self._measure_pass_overhead()
 
     def _measure_pass_overhead(self) -> float:
@@ -330,7 +338,7 @@ class TorchBackend:
             self.forward(batch)
             return time.perf_counter() - began
 
-        short, long = self.prepare(["warm up"]), self.prepare(["warm up " * 30] * 4)
+        short, long = self._probe_items(["warm up"]), self._probe_items(["warm up " * 30] * 4)
         short_tokens = short[0].tokens
         long_tokens = len(long) * max(e.tokens for e in long)
         estimates = []

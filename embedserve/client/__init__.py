@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from embedserve.client import rerank as reranking
 from embedserve.client import wire
 from embedserve.client.errors import (
     AuthenticationError,
@@ -68,7 +69,7 @@ from embedserve.client.options import (
     FallbackPolicy,
     resolve_options,
 )
-from embedserve.client.results import Embedding, Embeddings, Source
+from embedserve.client.results import Embedding, Embeddings, Ranking, Rankings, Source
 from embedserve.client.transport import (
     RETRYABLE_STATUSES,
     TRANSPORT_ERRORS,
@@ -211,6 +212,44 @@ class Client:
         result = self.embed([text], dimensions=dimensions, model=model)
         return Embedding(result[0], model=result.model, backend=result.backend,
                          source=result.source)
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
+               model: str | None = None) -> Rankings:
+        """`documents` best first by relevance to `query`, at most `top_n`: Ranking(index,
+        score, document)s, with `.model`, `.backend`, `.method` ("cross-encoder", or
+        "embeddings": cosine similarity) and `.source`. `model`: default: the server's first
+        reranker, else its default model. See embedserve.client.rerank."""
+        query, documents = reranking.checked(query, documents, top_n, model)
+        finder = self._finder
+        finder.check_open()
+        self._call.model = model
+        try:
+            if self._options.fallback != "never" and finder.recently_failed():
+                result = self._rerank_fallback(query, documents, top_n, finder.down_error,
+                                               model)
+            else:
+                try:
+                    result = reranking.remote(self, query, documents, top_n, model)
+                except ServerUnavailable as exc:
+                    finder.check_open()
+                    finder.note_failure(exc)
+                    result = self._rerank_fallback(query, documents, top_n, exc, model)
+        finally:
+            self._call.model = None
+        if result.source == "server" and self._fallback.active:
+            self._fallback.active = False
+            log.warning("server at %s answers again; leaving the in-process fallback", self.url)
+        self.last_model, self.last_backend, self.last_source = (
+            result.model, result.backend, result.source)
+        return result
+
+    def _rerank_fallback(self, query: str, documents: list[str], top_n: int | None,
+                         cause: ServerUnavailable | None, model: str | None) -> Rankings:
+        vectors, label = self._fallback.rerank_vectors([query] + documents, cause, self.url,
+                                                       model)
+        return reranking.ranked(reranking.by_cosine(vectors, documents), top_n, model=label,
+                                backend="hash", method=reranking.EMBEDDINGS,
+                                source="fallback")
 
     def models(self) -> list[str]:
         """The names of the models the server serves (GET /v1/models), in its order: the
@@ -448,6 +487,6 @@ class Client:
 
 __all__ = [
     "AuthenticationError", "Client", "EmbedServeError", "Embedding", "Embeddings",
-    "ModelMismatch", "ModelNotFound", "ServerError", "ServerStartError", "ServerUnavailable",
-    "ValidationError", "DEFAULT_URL", "URL_ENV",
+    "ModelMismatch", "ModelNotFound", "Ranking", "Rankings", "ServerError",
+    "ServerStartError", "ServerUnavailable", "ValidationError", "DEFAULT_URL", "URL_ENV",
 ]

@@ -74,6 +74,8 @@ class Fallback:
         # Names the server's /info gave its hash tier, lower-cased: (the name its answers
         # carry, its size). A call naming one of them may be answered here.
         self._hash_names: dict[str, tuple[str, int]] = {}
+        # The first reranker the server's /info listed: what a rerank naming no model gets.
+        self.served_reranker: str | None = None
         self._embedder: HashEmbedder | None = None
         self._sized: dict[int, HashEmbedder] = {}  # for `dimensions`, oldest first
         # Not the client's lock: that one is held while a server starts.
@@ -91,6 +93,9 @@ class Fallback:
         entries = info.get("models")
         if not isinstance(entries, list):
             entries = [{"names": [model], **info}]  # a server of one model
+        rerankers = [entry.get("names", [""])[0] for entry in entries
+                     if isinstance(entry, dict) and entry.get("kind") == "reranker"]
+        self.served_reranker = str(rerankers[0]) if rerankers else None
         for entry in entries:
             if not isinstance(entry, dict) or entry.get("backend") != "hash":
                 continue
@@ -171,16 +176,7 @@ class Fallback:
         """Embed in-process when the policy allows for a call asking for `model` (None: the
         server's default); else raise `cause` (or a ServerUnavailable for `url`) saying why
         the fallback did not answer."""
-        embedder, label, refusal = self.plan(model)
-        if embedder is None:
-            if cause is None:
-                raise ServerUnavailable(f"the server is unavailable; no fallback: {refusal}",
-                                        url=url)
-            # The same error (type and attributes kept), saying why nothing else was tried.
-            error = copy.copy(cause)
-            error.message = f"{cause.message}; no fallback: {refusal}"
-            error.args = (f"{cause.args[0]}; no fallback: {refusal}",)
-            raise error from cause.__cause__
+        embedder, label = self._allowed(self.plan(model), cause, url)
         if dimensions is not None and dimensions > embedder.dimensions:
             raise ValidationError(422, f"'dimensions' must be between 1 and "
                                        f"{embedder.dimensions} for model {embedder.model}, got "
@@ -195,6 +191,41 @@ class Fallback:
             # What the server's base64 transport would have delivered: bit-identical.
             vectors = [array("f", v).tolist() for v in vectors]
         return Embeddings(vectors, model=label, backend="hash", source="fallback")
+
+    def rerank_vectors(self, texts: list[str], cause: ServerUnavailable | None, url: str,
+                       model: str | None) -> tuple[list[list[float]], str]:
+        """The hash tier's vectors (doubles, as the server's hash tier reranks with them)
+        and their label, for a rerank call asking for `model`; None: what the server would
+        have used, its first reranker if it has one, which the fallback never stands in
+        for under "same-model"."""
+        plan = self.plan(model)
+        reranker = self.served_reranker
+        if model is None and reranker is not None and self._options.fallback == "same-model":
+            plan = Plan(None, refusal=(
+                f"the server reranks with {reranker}, the in-process fallback would rank by "
+                "hash embeddings (pass fallback='always' to accept that)"))
+        embedder, label = self._allowed(plan, cause, url)
+        if not self.active:
+            self.active = True
+            log.warning("reranking in-process with %s: %s", label, cause)
+        return embedder.embed(texts), label
+
+    @staticmethod
+    def _allowed(plan: Plan, cause: ServerUnavailable | None, url: str
+                 ) -> tuple[HashEmbedder, str]:
+        """The plan's embedder and label; else `cause` (or a ServerUnavailable for `url`),
+        saying why the fallback did not answer."""
+        embedder, label, refusal = plan
+        if embedder is None:
+            if cause is None:
+                raise ServerUnavailable(f"the server is unavailable; no fallback: {refusal}",
+                                        url=url)
+            # The same error (type and attributes kept), saying why nothing else was tried.
+            error = copy.copy(cause)
+            error.message = f"{cause.message}; no fallback: {refusal}"
+            error.args = (f"{cause.args[0]}; no fallback: {refusal}",)
+            raise error from cause.__cause__
+        return embedder, label
 
     def _sized_embedder(self, embedder: HashEmbedder | None, dimensions: int | None
                         ) -> HashEmbedder:

@@ -118,8 +118,8 @@ def emit(report: Report, footer: str, json_path: Path | None) -> None:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    if unit == "texts/s":
-        return f"{value:,.0f} texts/s"
+    if unit in ("texts/s", "pairs/s"):
+        return f"{value:,.0f} {unit}"
     if unit == "ms":
         return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
     if unit == "s":

@@ -109,6 +109,28 @@ export type Embeddings = number[][] & ResultLabels;
 /** One vector: a plain number array, labelled. */
 export type Embedding = number[] & ResultLabels;
 
+export interface RerankOptions {
+  /** At most this many results (the best ones). Default: all documents. */
+  topN?: number;
+  /**
+   * A served reranker or embedding model (an embedding model ranks by the cosine similarity
+   * of its vectors). Default: the server's first reranker, else its default model.
+   */
+  model?: string;
+}
+
+/** One document of a rerank result: its index in the call's documents, score and text. */
+export interface Ranking {
+  index: number;
+  score: number;
+  document: string;
+}
+
+/** Documents best first, labelled; `method` says how they were scored. */
+export type Rankings = Ranking[] & ResultLabels & {
+  readonly method: 'cross-encoder' | 'embeddings';
+};
+
 export interface HealthResult {
   ok: boolean;
   /** 'ok', the server's reason for a 503 ('loading', 'draining'), 'unreachable', 'not_embedserve' or 'closed'. */
@@ -163,6 +185,8 @@ export class EmbedServeClient extends EventEmitter {
   embed(texts: string[], options?: EmbedOptions): Promise<Embeddings>;
   /** Embed one non-empty string. */
   embedSingle(text: string, options?: EmbedOptions): Promise<Embedding>;
+  /** Rank non-empty strings by relevance to a query, best first. */
+  rerank(query: string, documents: string[], options?: RerankOptions): Promise<Rankings>;
   /** One GET /health, without starting a server or retrying. Never rejects. */
   health(): Promise<HealthResult>;
   /** The server's GET /info (starting a server if allowed). */

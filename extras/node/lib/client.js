@@ -8,6 +8,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { EmbedServeError, validationError } from './errors.js';
 import { Fallback } from './fallback.js';
 import {
+  CROSS_ENCODER, EMBEDDINGS, byCosine, checkRerankArguments, kindOf, ranked, readRankings,
+  rerankBodies,
+} from './rerank.js';
+import {
   RetryableStatus, RETRYABLE_STATUSES, TransportError, decodeFloat32Base64, errorFields, httpError,
   parseJson, retryAfterMs,
 } from './http.js';
@@ -182,6 +186,78 @@ export class EmbedServeClient extends EventEmitter {
     }
     const vectors = await this.embed([text], options);
     return tagged(vectors[0], vectors.model, vectors.backend, vectors.source);
+  }
+
+  /**
+   * Rank `documents` (non-empty strings) by relevance to `query`, best first, at most
+   * `topN`. Resolves to an array of {index, score, document} with non-enumerable `model`,
+   * `backend`, `method` ('cross-encoder', or 'embeddings': cosine similarity of an
+   * embedding model's vectors) and `source`. `model`: a served reranker or embedding model
+   * (default: the server's first reranker, else its default model). The fallback ranks by
+   * hash embeddings under embed's same-model rule, never in place of a server's reranker.
+   * @param {string} query
+   * @param {string[]} documents
+   * @param {{topN?: number, model?: string}} [options]
+   */
+  async rerank(query, documents, { topN, model } = {}) {
+    checkRerankArguments(query, documents, topN, model);
+    this.#checkOpen();
+    let result;
+    if (this.#options.fallback !== 'never' && Date.now() < this.#downUntil) {
+      result = this.#rerankFallback(query, documents, topN, this.#downError, model);
+    } else {
+      try {
+        result = await this.#rerankRemote(query, documents, topN, model);
+      } catch (error) {
+        if (!(error instanceof EmbedServeError) || !error.serverUnavailable) throw error;
+        this.#checkOpen();
+        this.#downUntil = Date.now() + RECHECK_INTERVAL_MS;
+        this.#downError = error;
+        result = this.#rerankFallback(query, documents, topN, error, model);
+      }
+    }
+    this.lastModel = result.model;
+    this.lastBackend = result.backend;
+    this.lastSource = result.source;
+    return result;
+  }
+
+  async #rerankRemote(query, documents, topN, asked) {
+    await this.#ensureConnected(asked); // the document limit comes from /info
+    const sent = asked === undefined ? undefined : this.#fallback.requestName(asked);
+    let info = this.#info;
+    let model = '';
+    const rankings = [];
+    for (const [first, body] of rerankBodies(query, documents, info, sent)) {
+      let answer;
+      try {
+        [answer, info] = await this.#request('POST', '/v2/rerank', body, first, asked);
+      } catch (error) {
+        if (error instanceof EmbedServeError && error.code === 'model_not_found') {
+          await this.#nameMissingModel(error, asked);
+        }
+        throw error;
+      }
+      const chunk = readRankings(answer, first, documents);
+      if (!chunk) throw this.#badResponse('expected rerank results and a model name');
+      model = answer.model;
+      rankings.push(...chunk);
+    }
+    const method = kindOf(info, model) === 'reranker' ? CROSS_ENCODER : EMBEDDINGS;
+    return ranked(rankings, topN, model, backendOf(info, model), method, 'server');
+  }
+
+  #rerankFallback(query, documents, topN, cause, model) {
+    const { embedder, label, refusal } = this.#fallback.rerankPlan(model);
+    if (!embedder) {
+      const { name: _name, ...details } = cause;
+      throw new EmbedServeError(`${cause.message}; no fallback: ${refusal}`,
+        { ...details, cause: cause.cause });
+    }
+    // Doubles, as the server's hash tier reranks with them.
+    const vectors = embedder.embed([query, ...documents]);
+    this.emit('fallback', { error: cause, model: label });
+    return ranked(byCosine(vectors, documents), topN, label, 'hash', EMBEDDINGS, 'fallback');
   }
 
   /**

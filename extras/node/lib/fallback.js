@@ -27,6 +27,7 @@ export class Fallback {
   /** The model and size the server last answered with: what a fallback must match. */
   servedModel = null;
   servedDimensions = null;
+  servedReranker = null;
   /** @type {Map<string, [string, number]>} lower-cased names of the server's hash tier -> [the name its answers carry, its size] */
   #hashNames = new Map();
   #embedder = null;
@@ -48,6 +49,9 @@ export class Fallback {
    */
   learn(info) {
     this.servedModel = info.model;
+    // The first reranker it serves: what a rerank naming no model gets.
+    const reranker = (Array.isArray(info.models) ? info.models : []).find((entry) => entry?.kind === 'reranker');
+    this.servedReranker = reranker ? (reranker.names?.[0] ?? reranker.model) : null;
     this.servedDimensions = Number.isInteger(info.dimensions) ? info.dimensions : null;
     const entries = Array.isArray(info.models) ? info.models : [{ names: [info.model], ...info }];
     const hashNames = new Map();
@@ -102,6 +106,20 @@ export class Fallback {
     }
     if (this.#embedder?.dimensions !== dimensions) this.#embedder = new HashEmbedder(dimensions);
     return { embedder: this.#embedder, label: local };
+  }
+
+  /**
+   * plan() for a rerank call: also, under 'same-model', never in place of the server's
+   * reranker (what a call naming no model gets when the server serves one).
+   */
+  rerankPlan(model) {
+    if (model === undefined && this.servedReranker && this.#options.fallback === 'same-model') {
+      return {
+        refusal: `the server reranks with ${this.servedReranker}, the in-process fallback ` +
+          "would rank by hash embeddings (pass fallback: 'always' to accept that)",
+      };
+    }
+    return this.plan(model);
   }
 
   /**

@@ -1,0 +1,96 @@
+"""Client.rerank against a real hash-tier server, and its in-process fallback: the same
+scores bit for bit, under embed's same-model rule (never in place of a server's reranker)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from embedserve import Client, Ranking, ServerUnavailable, ValidationError
+
+from conftest import Server, start_server
+
+HOST = "127.0.0.1"
+QUERY = "how do cats sleep"
+DOCUMENTS = ["dogs bark at night", "cats sleep all day long", "a cat sleeps on the mat",
+             "stock markets fell", "sleep well"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def served(srv: Server, top_n: int | None = None) -> list[tuple[int, float]]:
+    body = {"query": QUERY, "documents": DOCUMENTS, **({"top_n": top_n} if top_n else {})}
+    status, _, answer = srv.request("POST", "/v2/rerank", body)
+    assert status == 200, answer
+    return [(r["index"], r["relevance_score"]) for r in answer["results"]]
+
+
+def test_rerank_gives_the_servers_ranking_with_its_provenance(server: Server) -> None:
+    with Client(server.url, autostart=False, fallback="never") as client:
+        result = client.rerank(QUERY, DOCUMENTS, top_n=3)
+        assert [(r.index, r.score) for r in result] == served(server, 3)
+        assert all(isinstance(r, Ranking) and r.document == DOCUMENTS[r.index]
+                   for r in result)
+        assert (result.model, result.backend, result.method, result.source) == (
+            "hash-v1-384", "hash", "embeddings", "server")
+        assert client.rerank(QUERY, DOCUMENTS, model="hash").model == "hash-v1-384"
+
+
+def test_documents_over_the_servers_limit_go_in_several_requests(
+        server: Server, fresh_server: list[Server]) -> None:
+    srv = start_server("--max-rerank-documents", "2")
+    fresh_server.append(srv)
+    with Client(srv.url, autostart=False, fallback="never") as client:
+        result = client.rerank(QUERY, DOCUMENTS, top_n=4)
+    assert [(r.index, r.score) for r in result] == served(server, 4)
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
+    client = Client(f"http://{HOST}:{free_port()}", autostart=False, fallback="never")
+    with pytest.raises(ValidationError, match="'query' is an empty string"):
+        client.rerank("", DOCUMENTS)
+    with pytest.raises(ValidationError, match="must not be an empty list"):
+        client.rerank(QUERY, [])
+    with pytest.raises(ValidationError, match="'top_n'"):
+        client.rerank(QUERY, DOCUMENTS, top_n=0)
+    with pytest.raises(TypeError):
+        client.rerank(QUERY, "one document")
+
+
+def test_the_fallback_ranks_as_the_hash_tier_server_does(server: Server) -> None:
+    client = Client(f"http://{HOST}:{free_port()}", autostart=False, backend="hash",
+                    retries=1, backoff=0.01)
+    result = client.rerank(QUERY, DOCUMENTS, top_n=3)
+    assert (result.source, result.method, result.model) == ("fallback", "embeddings",
+                                                            "hash-v1-384")
+    assert [(r.index, r.score) for r in result] == served(server, 3)
+    never = Client(f"http://{HOST}:{free_port()}", autostart=False, fallback="never",
+                   retries=1, backoff=0.01)
+    with pytest.raises(ServerUnavailable, match="fallback is off"):
+        never.rerank(QUERY, DOCUMENTS)
+    with pytest.raises(ServerUnavailable, match="only the hash tier"):
+        client.rerank(QUERY, DOCUMENTS, model="bge-reranker-base")
+
+
+def test_the_fallback_never_stands_in_for_a_servers_reranker() -> None:
+    # What a server serving a reranker beside the hash tier says in its /info.
+    info = {"model": "hash-v1-384", "dimensions": 384, "backend": "hash", "models": [
+        {"names": ["hash-v1-384"], "model": "hash-v1-384", "kind": "embedding",
+         "backend": "hash", "dimensions": 384},
+        {"names": ["reranker"], "model": "/models/reranker", "kind": "reranker",
+         "backend": "sentence-transformers", "dimensions": 2}]}
+    fallback = Client(autostart=False, fallback="same-model")._fallback
+    fallback.learn(info)
+    with pytest.raises(ServerUnavailable, match="reranks with reranker"):
+        fallback.rerank_vectors([QUERY] + DOCUMENTS, None, "http://x", None)
+    vectors, label = fallback.rerank_vectors([QUERY] + DOCUMENTS, None, "http://x",
+                                             "hash-v1-384")
+    assert label == "hash-v1-384" and len(vectors) == len(DOCUMENTS) + 1
+    anything = Client(autostart=False, fallback="always")._fallback
+    anything.learn(info)
+    assert anything.rerank_vectors([QUERY], None, "http://x", None)[1] == "hash-v1-384"
