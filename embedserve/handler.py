@@ -165,8 +165,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         if answer.silent:
             return
-        if not self.close_connection:
-            self._skip_unread_body()
+        self._skip_unread_body()
         self.send_body(answer.status, answer.body, answer.content_type, answer.headers)
 
     def check_transport(self) -> None:

@@ -147,6 +147,10 @@ def deployment_options(given: Mapping[str, float], config: Config) -> dict[str, 
     # admits (beyond that it answers 429 itself), not Serve's default of 5.
     options["max_ongoing_requests"] = int(given.get("max_ongoing_requests",
                                                     config.max_concurrent_requests))
+    # Serve logs every request by default, at a cost per request: like the standalone
+    # server, only with --access-log (access_log=true).
+    options["logging_config"] = {"enable_access_log": config.access_log,
+                                 "log_level": config.log_level.upper()}
     actor: dict[str, Any] = {}
     for name in ("num_cpus", "num_gpus"):
         if name in given:
