@@ -1,12 +1,11 @@
 """One HTTP exchange after another on a connection: the request read within its deadline,
-its framing decided once and strictly, the Host/Origin guards and the API key checked, then
-the route's answer (routes.py) run and written in one piece. Errors come back as JSON in
-the route's dialect, never as an HTML page or a traceback.
+its framing decided once and strictly, then answered by the Dispatcher (dispatch.py: the
+Host/Origin guards, the API key, the route's answer, errors as JSON in the route's dialect)
+and written in one piece, never as an HTML page or a traceback.
 """
 
 from __future__ import annotations
 
-import hmac
 import io
 import json
 import logging
@@ -16,16 +15,17 @@ import socket
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedserve import __version__
-from embedserve.connections import ConnectionServer, DeadlineReader
+from embedserve.connections import DeadlineReader
 from embedserve.dialects import Dialect
-from embedserve.errors import ApiError, ClientGone, quoted
-from embedserve.guards import is_json_media_type
+from embedserve.errors import ApiError, quoted
 from embedserve.routes import ROUTES
-from embedserve.routing import Reply, Route
 from embedserve.service import EmbeddingService
+
+if TYPE_CHECKING:
+    from embedserve.server import EmbedServer
 
 log = logging.getLogger("embedserve.handler")
 access_log = logging.getLogger("embedserve.access")
@@ -35,8 +35,6 @@ _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
 _MAX_TRAILERS = 64
-# The status counted for a request whose client hung up before its answer (nginx's).
-CLIENT_GONE = 499
 # An unread body up to this size is read away to keep the connection; a bigger one closes
 # it, after a short lingering drain so that the close does not reset the connection before
 # the client has read the answer (a client still sending gets an RST otherwise).
@@ -46,9 +44,6 @@ _LINGER_SECONDS = 2.0
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
-# Methods worth their own metrics label; any other is counted as "other" (labels must not
-# grow with what clients invent).
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -59,7 +54,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     # TCP_NODELAY: without it keep-alive responses stall ~40 ms (Nagle + delayed ACK).
     disable_nagle_algorithm = True
-    server: ConnectionServer
+    server: EmbedServer
 
     def setup(self) -> None:
         super().setup()
@@ -109,8 +104,6 @@ class Handler(BaseHTTPRequestHandler):
         self.reader.deadline = self.started + config.request_timeout
         self.body_read = False
         self.body_length: int | None = 0  # None: chunked
-        self.cors: dict[str, str] = {}
-        self.dialect: Dialect = ROUTES.default_dialect  # the route's, once dispatch knows it
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
             if not self.raw_requestline:
@@ -165,69 +158,20 @@ class Handler(BaseHTTPRequestHandler):
             server.waiting(conn, False)
 
     def dispatch(self) -> None:
-        path = self.path.split("?", 1)[0]
-        route = ROUTES.get(path)
-        self.dialect = dialect = ROUTES.dialect_for(path)
-        # Metrics labels: known routes only, so clients cannot grow the label set.
-        route_label = path if route is not None else "(unknown)"
-        status = 500
-        try:
-            self._check_framing()
-            self._check_browser(path)
-            if route is None:
-                raise ApiError(404, f"no route {quoted(path)}; see GET /info for the API")
-            if self.command == "OPTIONS":
-                reply = self._options(route)
-            else:
-                method = route.methods.get(self.command)
-                if method is None:
-                    raise ApiError(405, f"{quoted(self.command)} is not allowed on {path}",
-                                   headers={"Allow": route.allowed})
-                try:
-                    self._authorize(route)
-                except ApiError:
-                    route_label = "(unauthenticated)"  # nothing of the request is kept
-                    raise
-                reply = method.answer(self)
-        except (TimeoutError, ConnectionError):
-            raise  # the connection is unusable: handle_one_request closes it
-        except ClientGone as gone:
-            # Nobody to answer; counted apart (nginx's 499) so a dashboard can tell it from
-            # a served request.
-            status = CLIENT_GONE
+        # Routes, guards, auth, errors and metrics: the Dispatcher's, as for every
+        # transport. This handler adds HTTP/1.1 itself: framing, the body, the connection.
+        answer = self.server.dispatcher.answer(self, draining=self.draining)
+        if answer.close:
             self.close_connection = True
-            log.debug("%s %s: %s", self.command, path, gone)
-        except ApiError as error:
-            status = error.status
-            if status >= 500 and status != 503:
-                log.error("%s %s: %s", self.command, path, error.message)
-            else:  # a client's mistake, or an expected state (loading, draining, busy)
-                log.debug("%s %s: %d %s", self.command, path, status, error.message)
-            self._skip_unread_body()
-            self.send_json(status, dialect.error_body(error), error.headers)
-        except RecursionError:
-            # Deeply nested JSON, from the C parser or anything walking its result.
-            status = 400
-            self.close_connection = True
-            log.debug("%s %s: input nested too deeply", self.command, path)
-            self.send_json(400, dialect.error_body(ApiError(
-                400, "request body is nested too deeply")))
-        except Exception:
-            log.exception("unhandled error in %s %s", self.command, path)
-            self.close_connection = True
-            failure = ApiError(500, "internal server error (details in the server log)")
-            self.send_json(500, dialect.error_body(failure))
-        else:
-            status = reply.status
-            self._skip_unread_body()
-            if reply.content_type == "application/json":
-                self.send_json(status, reply.body, reply.headers)
-            else:
-                self.send_body(status, reply.body, reply.content_type, reply.headers)
-        finally:
-            method_label = self.command if self.command in _KNOWN_METHODS else "other"
-            self.server.service.metrics.observe_request(
-                route_label, method_label, status, time.monotonic() - self.started)
+        if answer.silent:
+            return
+        self._skip_unread_body()
+        self.send_body(answer.status, answer.body, answer.content_type, answer.headers)
+
+    def check_transport(self) -> None:
+        self._check_framing()
+        if len(self.headers.get_all("Host") or ()) > 1:
+            raise self._bad_framing("more than one Host header")  # RFC 9112 3.2
 
     def _check_framing(self) -> None:
         """How long the body is, decided once and strictly (RFC 9112 §6): a request whose
@@ -258,45 +202,6 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = self.linger = True
         self.body_read = True  # unreadable: never skip it, the connection closes
         return ApiError(400, f"malformed request: {what}")
-
-    def _check_browser(self, path: str) -> None:
-        """Host (DNS rebinding) and Origin (other web pages) checks; see guards.py."""
-        guards = self.server.guards
-        if len(self.headers.get_all("Host") or ()) > 1:
-            raise self._bad_framing("more than one Host header")  # RFC 9112 3.2
-        host = self.headers.get("Host")
-        if not guards.host_allowed(host):
-            raise ApiError(403, f"Host {quoted(host)} is not one of this server's names; start it "
-                                "with --allowed-hosts to accept it")
-        origin = self.headers.get("Origin")
-        if origin is None:
-            return
-        if not guards.origin_allowed(origin, host):
-            raise ApiError(403, f"cross-origin requests from {quoted(origin)} are not allowed; "
-                                "start the server with --cors-origins to allow them")
-        self.cors = guards.cors_headers(origin)
-
-    def _options(self, route: Route) -> Reply:
-        """A CORS preflight (an allowed Origin was checked already), or a plain OPTIONS.
-        Never behind the API key: a browser's preflight carries no credentials."""
-        allowed = ", ".join(sorted({*route.methods, "OPTIONS"}))
-        origin = self.headers.get("Origin")
-        if origin is not None and self.headers.get("Access-Control-Request-Method"):
-            self.cors = {}
-            return Reply(b"", "text/plain", self.server.guards.preflight_headers(
-                origin, allowed), status=204)
-        return Reply(b"", "text/plain", {"Allow": allowed}, status=204)
-
-    def _authorize(self, route: Route) -> None:
-        key = self.server.config.api_key
-        if not key or route.open:
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
 
     # -- reading ---------------------------------------------------------------------------
     def _skip_unread_body(self) -> None:
@@ -332,27 +237,8 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def read_json(self) -> Any:
-        """The request body as JSON; the caller holds a slot from service.admit()."""
-        if not is_json_media_type(self.headers.get("Content-Type")):
-            # Also what a web page cannot send cross-site without asking first (a CORS
-            # preflight): text/plain and form posts are refused before they are read.
-            got = self.headers.get("Content-Type")
-            raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'"
-                                + (f" (got {quoted(got)})" if got else ""))
-        body = self._read_body()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
-        try:
-            return json.loads(text, parse_constant=_reject_constant)
-        except RecursionError:
-            raise ApiError(400, "request body is nested too deeply") from None
-        except (json.JSONDecodeError, ValueError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-
-    def _read_body(self) -> bytes:
+    def read_body(self) -> bytes:
+        """The whole body (dispatch.Incoming); once."""
         self.body_read = True  # from here on, whatever happens, don't try to skip it again
         limit = self.server.config.max_body_bytes
         if self.body_length is None:
@@ -425,9 +311,8 @@ class Handler(BaseHTTPRequestHandler):
                  f"Date: {self.server.http_date()}"]
         if status != 204:  # RFC 9110: a 204 carries neither
             lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-        for extra in (headers, getattr(self, "cors", None)):
-            if extra:
-                lines.extend(f"{name}: {value}" for name, value in extra.items())
+        if headers:
+            lines.extend(f"{name}: {value}" for name, value in headers.items())
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -460,6 +345,3 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - " + format, self.client_address[0], *args)
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")

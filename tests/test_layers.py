@@ -12,9 +12,10 @@ from conftest import ROOT
 PACKAGE = ROOT / "embedserve"
 # Top to bottom: a module may import its own layer, any layer below it, and the leaves.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "processes": ("cli", "commands", "supervisor", "worker", "__main__", "hub", "modelcache"),
-    "transport": ("server", "connections", "handler", "routes", "routing", "openapi",
-                  "guards"),
+    "processes": ("cli", "commands", "supervisor", "worker", "__main__", "hub", "modelcache",
+                  "ray"),
+    "transport": ("server", "connections", "handler", "dispatch", "routes", "routing",
+                  "openapi", "guards"),
     "dialects": ("dialects", "rerank_dialects"),
     "core": ("scoring", "service", "registry", "names", "requests", "metrics"),
     "batcher": ("batcher",),

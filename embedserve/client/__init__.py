@@ -63,6 +63,7 @@ from embedserve.client.errors import (
 )
 from embedserve.client.fallback import Fallback
 from embedserve.client.finder import RECHECK_INTERVAL, ServerFinder  # noqa: F401
+from embedserve.client.pool import ServerPool
 from embedserve.client.options import (
     DEFAULT_URL,
     EncodingFormat,
@@ -71,7 +72,6 @@ from embedserve.client.options import (
 )
 from embedserve.client.results import Embedding, Embeddings, Ranking, Rankings, Source
 from embedserve.client.transport import (
-    RETRYABLE_STATUSES,
     TRANSPORT_ERRORS,
     Connections,
     Response,
@@ -80,6 +80,7 @@ from embedserve.client.transport import (
     error_fields,
     http_error,
     retry_after,
+    retryable,
 )
 from embedserve.contracts import URL_ENV
 
@@ -94,7 +95,11 @@ MAX_SEEN_MODELS = 64
 class Client:
     """An embedder that finds or starts an embedserve server (see the package docstring).
 
-    url: the server; default $EMBEDSERVE_URL, else http://127.0.0.1:8765.
+    url: the server; default $EMBEDSERVE_URL, else http://127.0.0.1:8765. Several servers
+        that serve alike (replicas): a list of URLs, or one string of comma-separated URLs
+        (EMBEDSERVE_URL too). Requests then go to the server with the fewest in flight; one
+        that fails is skipped for a back-off while the others serve (see client/pool.py).
+        With several, no server is ever started (autostart is off).
     autostart: start `python -m embedserve` when nothing answers at `url` (this machine
         only). restart: start a new one when the server in use goes away.
     backend, model, dimensions, server_args, env, python: how a started server runs
@@ -124,7 +129,7 @@ class Client:
     naming the variable and the value.
     """
 
-    def __init__(self, url: str | None = None, *, autostart: bool = True,
+    def __init__(self, url: str | Sequence[str] | None = None, *, autostart: bool = True,
                  backend: str | None = None, model: str | None = None,
                  dimensions: int | None = None, port: int | None = None,
                  server_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
@@ -152,10 +157,14 @@ class Client:
         # The model the call in progress on this thread named (None: the server's default):
         # whether the fallback may answer it decides how long a lost server is waited for.
         self._call = threading.local()
-        self._finder = ServerFinder(
-            options, self._connections, self._retry,
-            lambda: self._fallback.plan(getattr(self._call, "model", None)).embedder
-            is not None)
+        self._finder: ServerFinder | ServerPool
+        if options.pool:
+            self._finder = ServerPool(options, self._retry)
+        else:
+            self._finder = ServerFinder(
+                options, self._connections, self._retry,
+                lambda: self._fallback.plan(getattr(self._call, "model", None)).embedder
+                is not None)
         # The server's /info, for the target that answered it.
         self._info: tuple[Target, dict[str, Any]] | None = None
 
@@ -385,7 +394,8 @@ class Client:
                     break
                 vectors.extend(chunk)
             else:
-                if last_target is not info_target:  # restarted mid-call: describe the new one
+                if not self._finder.shares_info(info_target, last_target):
+                    # restarted mid-call: describe the new one
                     info_target, info = self._server_info()
                 if len(vectors) != len(texts):
                     raise EmbedServeError(f"server returned {len(vectors)} vectors for "
@@ -431,7 +441,7 @@ class Client:
     def _server_info(self) -> tuple[Target, dict[str, Any]]:
         cached = self._info
         target = self._finder.current()
-        if cached is not None and cached[0] is target:
+        if cached is not None and self._finder.shares_info(cached[0], target):
             return cached
         response, target = self._request("GET", "/info")
         info = response.json()
@@ -450,31 +460,40 @@ class Client:
         # as its model takes to load, and the app must not see that.
         retries = self._retry.start(seconds=options.retry_timeout, cap=options.retries)
         relocations = 0  # servers re-found or restarted for this request: not retries
+        skips = 0  # other servers of a pool turned to at once: not retries either
+        finder = self._finder
         while True:
-            target = self._finder.current()
+            target = finder.current()
             retry_wait: float | None = None
             try:
-                response = self._connections.send(target, method, path, body,
-                                                  retries.answer_wait(options.timeout))
+                with finder.sending(target):
+                    response = self._connections.send(target, method, path, body,
+                                                      retries.answer_wait(options.timeout))
             except TRANSPORT_ERRORS as exc:
-                self._finder.check_open()
+                finder.check_open()
                 failure = f"{type(exc).__name__}: {exc}"
                 status = None
-                if self._finder.gone(target, exc) and relocations < MAX_RELOCATIONS:
+                if finder.gone(target, exc) and relocations < MAX_RELOCATIONS:
                     # Nothing listens (or our server died): the next current() restarts or
                     # re-finds it at once; no backoff, it is not a busy server.
-                    self._finder.lose(target, failure)
+                    finder.lose(target, failure)
                     relocations += 1
                     continue
             else:
                 if response.status < 400:
+                    finder.served(target)
                     return response, target
-                if response.status not in RETRYABLE_STATUSES:
+                if not retryable(response):
+                    finder.served(target)  # it answers: a client's error, not the server's
                     raise http_error(response, target.url, first)
                 message = error_fields(response.body)[0]
                 failure = f"{response.status} {phrase(response.status)}: {message}"
                 status = response.status
                 retry_wait = retry_after(response.headers)
+            # With several servers, another one takes the request now.
+            if finder.skip(target, failure, retry_wait) and skips < finder.size:
+                skips += 1
+                continue
             delay = retries.next_delay(retry_wait)
             if delay is None:
                 raise ServerUnavailable(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -77,9 +78,25 @@ class ServerFinder:
         # it, so a client that may not start one waits for it (once per loss).
         self._foreign_lost = False
 
+    # One server: what ServerPool (pool.py) answers for several, answered for one.
+    size = 1
+
     @property
     def url(self) -> str:
         return (self.target or self.configured_target()).url
+
+    def sending(self, target: Target) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def served(self, target: Target) -> None:
+        pass
+
+    def skip(self, target: Target, failure: str, retry_after: float | None) -> bool:
+        return False  # no other server to turn to: the request is retried here
+
+    @staticmethod
+    def shares_info(cached: Target, target: Target) -> bool:
+        return cached is target  # a restarted server may serve another model
 
     def configured_target(self) -> Target:
         """Where the options say the server is (port 0 until a private one started)."""

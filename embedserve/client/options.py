@@ -26,6 +26,16 @@ HASH_MODEL = re.compile(rf"hash-v{HASH_VERSION}-([1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One server's address, from a URL."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+
+@dataclass(frozen=True)
 class Options:
     """Everything Client(...) was given, checked; see Client for what each one means."""
 
@@ -57,6 +67,9 @@ class Options:
     env_dimensions: int | None
     env_backend: str | None
     env_model: str | None
+    # Several servers that serve alike (replicas): requests spread over them and a server
+    # that fails is skipped. Empty for one server (scheme, host, port, base_path).
+    pool: tuple[Endpoint, ...] = ()
 
     @property
     def local(self) -> bool:
@@ -83,7 +96,7 @@ class Options:
         return None
 
 
-def resolve_options(url: str | None, *, autostart: bool, backend: str | None,
+def resolve_options(url: str | Sequence[str] | None, *, autostart: bool, backend: str | None,
                     model: str | None, dimensions: int | None, port: int | None,
                     server_args: Sequence[str], env: Mapping[str, str] | None,
                     python: str | None, api_key: str | None, encoding_format: EncodingFormat,
@@ -94,16 +107,20 @@ def resolve_options(url: str | None, *, autostart: bool, backend: str | None,
     """Client(...)'s arguments, checked, with the environment's defaults filled in."""
     # Where a bad URL came from, for the error: the argument or the variable.
     source = "url" if url else URL_ENV
-    url = url or os.environ.get(URL_ENV) or DEFAULT_URL
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
-    try:
-        url_port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"{source} {url!r}: {exc}") from None
+    if url is not None and not isinstance(url, str):
+        urls = list(url)
+        if not urls or not all(isinstance(item, str) for item in urls):
+            raise ValueError(f"url must be a URL or a list of URLs, got {url!r}")
+    else:
+        given = url or os.environ.get(URL_ENV) or DEFAULT_URL
+        # EMBEDSERVE_URL (or url) may list several servers, comma-separated.
+        urls = [part.strip() for part in given.split(",")] if "," in given else [given]
+    endpoints = [_endpoint(item, source) for item in urls]
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError(f"{source} lists a server twice: {', '.join(urls)}")
+    first = endpoints[0]
+    if len(endpoints) > 1 and port is not None:
+        raise ValueError("port applies to one server; with several URLs give each its port")
     if port is not None and not 0 <= port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, got {port}")
     if encoding_format not in ("base64", "float"):
@@ -144,10 +161,11 @@ def resolve_options(url: str | None, *, autostart: bool, backend: str | None,
     if api_key is None:
         api_key = _env_setting("api_key", environ) or None
     return Options(
-        scheme=parts.scheme, host=parts.hostname,
-        port=port if port is not None else (
-            url_port or (DEFAULT_PORT if parts.scheme == "http" else 443)),
-        base_path=parts.path.rstrip("/"), autostart=autostart, restart=restart,
+        scheme=first.scheme, host=first.host,
+        port=port if port is not None else first.port,
+        base_path=first.base_path,
+        # Several servers are someone else's to run: none is ever started for them.
+        autostart=autostart and len(endpoints) == 1, restart=restart,
         backend=backend, model=model, dimensions=dimensions, server_args=tuple(server_args),
         env=env, python=python or sys.executable,
         api_key=api_key,
@@ -155,7 +173,23 @@ def resolve_options(url: str | None, *, autostart: bool, backend: str | None,
         connect_timeout=connect_timeout, start_timeout=start_timeout,
         stop_timeout=stop_timeout, retry_timeout=retry_timeout, retries=retries,
         backoff=backoff, max_backoff=max_backoff, fallback=fallback,
-        env_dimensions=env_dimensions, env_backend=env_backend, env_model=env_model)
+        env_dimensions=env_dimensions, env_backend=env_backend, env_model=env_model,
+        pool=tuple(endpoints) if len(endpoints) > 1 else ())
+
+
+def _endpoint(url: str, source: str) -> Endpoint:
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{source} must look like http://HOST:PORT, got {url!r}")
+    try:
+        url_port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{source} {url!r}: {exc}") from None
+    return Endpoint(parts.scheme, parts.hostname,
+                    url_port or (DEFAULT_PORT if parts.scheme == "http" else 443),
+                    parts.path.rstrip("/"))
 
 
 def _env_setting(name: str, environ: Mapping[str, str]) -> Any:

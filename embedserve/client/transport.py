@@ -110,6 +110,23 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             return None
 
 
+def retryable(response: Response) -> bool:
+    """Whether an answer is retried: RETRYABLE_STATUSES, and a 500 that is not embedserve's
+    own JSON error, which comes from a proxy in front of the server (Ray Serve's answers a
+    plain 500 for a request whose replica died: another replica serves it)."""
+    if response.status in RETRYABLE_STATUSES:
+        return True
+    return response.status == 500 and not _is_embedserve_error(response.body)
+
+
+def _is_embedserve_error(body: bytes) -> bool:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and "error" in payload
+
+
 def error_fields(body: bytes) -> tuple[str, str | None, str | None, str | None]:
     """(message, type, code, param) from any of the server's dialects, or the raw text."""
     try:
@@ -141,9 +158,19 @@ def http_error(response: Response, url: str, first: int = 0) -> ServerError:
     return error
 
 
+@dataclass(eq=False)
+class _Held:
+    """A thread's connection to one server: for which target generation, and whether it
+    served a request already (a reused one may have been closed by the server while idle)."""
+
+    connection: http.client.HTTPConnection
+    target: Target
+    used: bool = False
+
+
 class Connections:
-    """One keep-alive HTTPConnection per thread, to the current target; all of them listed
-    so that close_all() reaches every thread's."""
+    """One keep-alive HTTPConnection per thread and server (several servers: one each);
+    all of them listed so that close_all() reaches every thread's."""
 
     def __init__(self, *, timeout: float, connect_timeout: float, api_key: str | None) -> None:
         self._timeout = timeout
@@ -185,7 +212,7 @@ class Connections:
             if response.will_close:
                 self._drop(connection)
             else:
-                self._local.used = True
+                self._held()[_address(target)].used = True
             return Response(response.status, {k.lower(): v for k, v in response.getheaders()},
                             data)
         raise AssertionError("unreachable")
@@ -196,15 +223,21 @@ class Connections:
         for connection in connections:
             connection.close()
 
+    def _held(self) -> dict[tuple[str, str, int, str], _Held]:
+        held: dict[tuple[str, str, int, str], _Held] | None = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = {}
+        return held
+
     def _connection(self, target: Target) -> tuple[http.client.HTTPConnection, bool]:
-        local = self._local
-        connection: http.client.HTTPConnection | None = getattr(local, "connection", None)
-        if connection is not None and local.target is target:
-            return connection, local.used
-        if connection is not None:
-            self._drop(connection)
+        held = self._held()
+        entry = held.get(_address(target))
+        if entry is not None and entry.target is target:
+            return entry.connection, entry.used
+        if entry is not None:  # the same address, another server generation
+            self._drop(entry.connection)
         connection = _new_connection(target, self._connect_timeout)
-        local.connection, local.target, local.used = connection, target, False
+        held[_address(target)] = _Held(connection, target)
         with self._lock:
             self._connections.add(connection)
         return connection, False
@@ -213,8 +246,10 @@ class Connections:
         connection.close()
         with self._lock:
             self._connections.discard(connection)
-        if getattr(self._local, "connection", None) is connection:
-            self._local.connection = None
+        held = self._held()
+        for address, entry in list(held.items()):
+            if entry.connection is connection:
+                del held[address]
 
     def probe(self, target: Target, deadline: float, start_timeout: float) -> str:
         """GET /health at `target` until it answers 200 ('ok'), nothing listens ('refused')
@@ -249,6 +284,10 @@ class Connections:
             if delay is None:
                 return f"{seen} within {start_timeout:g}s"
             time.sleep(delay)
+
+def _address(target: Target) -> tuple[str, str, int, str]:
+    return target.scheme, target.host, target.port, target.base_path
+
 
 def _new_connection(target: Target, connect_timeout: float) -> http.client.HTTPConnection:
     cls = (http.client.HTTPSConnection if target.scheme == "https"

@@ -19,8 +19,17 @@ export type Source = 'server' | 'fallback';
 export type FallbackPolicy = 'same-model' | 'always' | 'never';
 
 export interface EmbedServeOptions {
-  /** The server's base URL. Default: $EMBEDSERVE_URL, else http://127.0.0.1:8765. */
+  /**
+   * The server's base URL. Default: $EMBEDSERVE_URL, else http://127.0.0.1:8765. Several
+   * comma-separated URLs (here or in $EMBEDSERVE_URL) act as `urls`.
+   */
   url?: string;
+  /**
+   * Several servers that serve alike (replicas): each request goes to the healthy one with
+   * the fewest requests in flight; one that fails is skipped for a back-off while the
+   * others serve. No server is ever started for them (autoStart is off). Not with `url`.
+   */
+  urls?: string[];
   /** Overrides the URL's port; 0 starts a private server on a free port every time. */
   port?: number;
   /** Start `python -m embedserve` when nothing answers (http:// on this machine only). Default true. */

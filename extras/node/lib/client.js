@@ -12,10 +12,12 @@ import {
   rerankBodies,
 } from './rerank.js';
 import {
-  RetryableStatus, RETRYABLE_STATUSES, TransportError, decodeFloat32Base64, errorFields, httpError,
+  RETRYABLE_STATUSES, RetryableStatus, TransportError, decodeFloat32Base64, errorFields, httpError,
+  isRetryable,
   parseJson, retryAfterMs,
 } from './http.js';
 import { isLoopback, resolveOptions } from './options.js';
+import { ServerPool } from './pool.js';
 import { ServerProcess } from './server-process.js';
 
 // Bytes of a request body around its texts, with room to spare.
@@ -79,6 +81,8 @@ export class EmbedServeClient extends EventEmitter {
    * so a client that may not start one waits for it (once per loss).
    */
   #foreignLost = false;
+  /** @type {ServerPool | null} several servers (the urls option): requests spread over them */
+  #pool = null;
 
   /** The model, backend and source of the last result (null before the first). */
   lastModel = null;
@@ -88,12 +92,16 @@ export class EmbedServeClient extends EventEmitter {
   /** @param {import('../index.js').EmbedServeOptions} [options] */
   constructor(options = {}) {
     super();
-    const { options: resolved, target, settings } = resolveOptions(options);
+    const { options: resolved, target, targets, settings } = resolveOptions(options);
     this.#options = resolved;
     // EMBEDSERVE_DIMENSIONS, _BACKEND and _MODEL, parsed once at construction.
     this.#fallback = new Fallback(resolved, settings);
     this.#target = target;
     this.#baseUrl = target.base;
+    if (targets.length > 1) {
+      this.#pool = new ServerPool(targets, (failures, retryAfter) => this.#delay(failures, retryAfter));
+      this.#baseUrl = this.#pool.url;
+    }
   }
 
   /** Where the server in use answers (or will be looked for). */
@@ -273,7 +281,7 @@ export class EmbedServeClient extends EventEmitter {
     if (this.#target.port === '0' && !this.#info) {
       return { ok: false, status: 'unreachable', url, owned, error: 'no server started yet (port 0 starts one on first use)' };
     }
-    const probe = await this.#probe(url);
+    const probe = await this.#probe(this.#pool ? this.#pool.last.base : url);
     const result = { ok: probe.state === 'ready', status: probe.status, url, owned };
     if (probe.detail) result.error = probe.detail;
     return result;
@@ -474,6 +482,11 @@ export class EmbedServeClient extends EventEmitter {
    * @returns {Promise<[any, object]>} the answer, and the /info of the server that gave it
    */
   async #request(method, path, body, first = 0, model = undefined) {
+    if (this.#pool) {
+      await this.#ensureConnected(model);
+      const info = this.#info;
+      return [await this.#poolRequest(method, path, body, first), info];
+    }
     const { timeoutMs, retryTimeoutMs, retries } = this.#options;
     const started = Date.now();
     const deadline = started + retryTimeoutMs;
@@ -526,6 +539,57 @@ export class EmbedServeClient extends EventEmitter {
     }
   }
 
+  /**
+   * #request with several servers (see pool.js): each try goes to the pool's pick; one
+   * that fails backs off and another takes the request at once (not a retry); only when
+   * all back off does the request wait, as with one server, until retryTimeoutMs.
+   */
+  async #poolRequest(method, path, body, first = 0) {
+    const { timeoutMs, retryTimeoutMs, retries } = this.#options;
+    const pool = this.#pool;
+    const started = Date.now();
+    const deadline = started + retryTimeoutMs;
+    let failures = 0;
+    let skips = 0;
+    for (;;) {
+      this.#checkOpen();
+      const member = pool.pick();
+      const wait = failures === 0 ? timeoutMs
+        : Math.min(timeoutMs, Math.max(deadline - Date.now(), MIN_WAIT_MS));
+      let failure;
+      try {
+        const answer = await this.#fetchJson(method, path, body, wait, member.base);
+        pool.served(member);
+        return answer;
+      } catch (error) {
+        this.#checkOpen();
+        if (!(error instanceof TransportError) && !(error instanceof RetryableStatus)) {
+          pool.served(member); // it answers: the request's error, not the server's
+          throw annotateChunk(error, first);
+        }
+        failure = error;
+      } finally {
+        pool.release(member);
+      }
+      if (pool.skip(member, failure.retryAfterMs) && skips < pool.size) {
+        skips++;
+        continue;
+      }
+      const now = Date.now();
+      if (now >= deadline || (retries !== undefined && failures >= retries)) {
+        const timedOut = failure instanceof TransportError && failure.timedOut;
+        throw new EmbedServeError(
+          `${method} ${path} failed ${failures + 1} times in ${((now - started) / 1000).toFixed(1)} s ` +
+            `on every server of ${pool.url}; last: ${failure.message}`,
+          { code: timedOut ? 'timeout' : 'unavailable', url: pool.url, status: failure.status,
+            serverMessage: failure.serverMessage, cause: failure.cause ?? failure },
+        );
+      }
+      failures++;
+      await sleep(Math.min(this.#delay(failures, failure.retryAfterMs), deadline - now));
+    }
+  }
+
   #delay(failures, retryAfter) {
     const { backoffMs, maxBackoffMs } = this.#options;
     if (retryAfter !== undefined) {
@@ -542,7 +606,7 @@ export class EmbedServeClient extends EventEmitter {
    * TransportError (no answer), a RetryableStatus (408/429/502/503/504) or an
    * EmbedServeError (any other status, or not JSON).
    */
-  async #fetchJson(method, path, body, timeoutMs, baseUrl = this.#baseUrl) {
+  async #fetchJson(method, path, body, timeoutMs, baseUrl = this.#pool ? this.#pool.last.base : this.#baseUrl) {
     const url = baseUrl + path;
     const headers = { accept: 'application/json' };
     if (body !== undefined) headers['content-type'] = 'application/json';
@@ -563,7 +627,7 @@ export class EmbedServeClient extends EventEmitter {
     const json = parseJson(text);
     if (response.status >= 400) {
       const fields = errorFields(json, text, response.statusText);
-      if (RETRYABLE_STATUSES.has(response.status)) {
+      if (isRetryable(response.status, json)) {
         throw new RetryableStatus(response.status, fields.message, retryAfterMs(response.headers));
       }
       throw httpError(response.status, fields, url);
@@ -609,6 +673,12 @@ export class EmbedServeClient extends EventEmitter {
   }
 
   async #findOrStart(model) {
+    if (this.#pool) { // several servers: nothing to start; /info from whichever answers
+      this.#setInfo(await this.#poolRequest('GET', '/info'));
+      this.#hadServer = true;
+      this.emit('connect', { url: this.#pool.last.base, owned: false, info: this.#info });
+      return;
+    }
     const deadline = Date.now() + this.#options.startTimeoutMs;
     const target = this.#target;
     const recentlyFailed = Date.now() < this.#downUntil && this.#downError !== null;

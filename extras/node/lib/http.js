@@ -46,6 +46,16 @@ export function decodeFloat32Base64(text, url) {
   return Array.from({ length: bytes.length / 4 }, (_, i) => view.getFloat32(i * 4, true));
 }
 
+/**
+ * Whether an error answer is retried: RETRYABLE_STATUSES, and a 500 that is not
+ * embedserve's own JSON error, which comes from a proxy in front of the server (Ray Serve's
+ * answers a plain 500 for a request whose replica died: another replica serves it).
+ */
+export function isRetryable(status, json) {
+  if (RETRYABLE_STATUSES.has(status)) return true;
+  return status === 500 && !(json && typeof json === 'object' && 'error' in json);
+}
+
 export function parseJson(text) {
   try {
     return text ? JSON.parse(text) : undefined;

@@ -11,6 +11,7 @@ const ENCODING_FORMATS = ['base64', 'float'];
 
 export const DEFAULTS = Object.freeze({
   url: undefined,
+  urls: undefined,
   port: undefined,
   autoStart: true,
   restart: true,
@@ -50,8 +51,20 @@ export function resolveOptions(options) {
   opts.python ??= process.env.EMBEDSERVE_PYTHON || (process.platform === 'win32' ? 'python' : 'python3');
   opts.apiKey ??= opts.env?.EMBEDSERVE_API_KEY || process.env.EMBEDSERVE_API_KEY || undefined;
   validateOptions(opts);
-  const target = parseTarget(opts.url ?? process.env.EMBEDSERVE_URL ?? DEFAULT_URL, opts.port);
-  return { options: Object.freeze(opts), target, settings: serverSettings(opts.env) };
+  // Several servers: `urls`, or a url (EMBEDSERVE_URL too) listing them comma-separated.
+  const text = opts.url ?? process.env.EMBEDSERVE_URL ?? DEFAULT_URL;
+  const urls = opts.urls ?? (String(text).includes(',') ? String(text).split(',').map((u) => u.trim()) : [text]);
+  if (urls.length > 1 && opts.port !== undefined) {
+    throw new EmbedServeError('invalid option port: it applies to one server; with several urls give each its port',
+      { code: 'invalid_option' });
+  }
+  const targets = urls.map((url) => parseTarget(url, opts.port));
+  if (new Set(targets.map((t) => t.base)).size !== targets.length) {
+    throw new EmbedServeError(`invalid urls: a server is listed twice (${urls.join(', ')})`, { code: 'invalid_option' });
+  }
+  // Several servers are someone else's to run: none is ever started for them.
+  if (targets.length > 1) opts.autoStart = false;
+  return { options: Object.freeze(opts), target: targets[0], targets, settings: serverSettings(opts.env) };
 }
 
 /**
@@ -141,6 +154,11 @@ function validateOptions(opts) {
   if (opts.model !== undefined && !(typeof opts.model === 'string' && opts.model.trim())) {
     fail(`model: ${JSON.stringify(opts.model)}; expected a model name (a started server's --model, and every call's model)`);
   }
+  if (opts.urls !== undefined && !(Array.isArray(opts.urls) && opts.urls.length > 0 &&
+      opts.urls.every((u) => typeof u === 'string'))) {
+    fail('urls: expected a non-empty array of URLs');
+  }
+  if (opts.urls !== undefined && opts.url !== undefined) fail('url and urls: give one or the other');
   if (opts.port !== undefined && !(Number.isInteger(opts.port) && opts.port >= 0 && opts.port <= 65535)) {
     fail(`port: ${opts.port}; expected an integer from 0 to 65535`);
   }
