@@ -19,7 +19,9 @@ Each part lives in a module of its own (as in the Node client, extras/node/lib):
                 (atexit, and a stdin pipe the server watches for when the app is killed)
   transport.py  one keep-alive connection per thread, error answers, and the one retry
                 policy every retry loop follows
-  wire.py       request bodies chunked to the server's /info limits, vectors decoded
+  pool.py       several servers (url=[...]): the one with fewest calls in flight, back-offs
+  wire.py       texts checked, request bodies chunked to /info's limits, vectors decoded
+  rerank.py     rerank(): its requests, results and the fallback's cosine ranking
   fallback.py   the in-process hash embeddings and the policy that allows them
   results.py    Embeddings and Embedding; errors.py, every error the client raises
 
@@ -184,7 +186,7 @@ class Client:
         vectors where the model allows it: the hash tier computes that many buckets
         directly (the vectors of hash-v1-<dimensions>, still labelled with the served
         model's name, as the server does); ML models keep the first values, re-normalised."""
-        texts = self._checked(texts)
+        texts = wire.checked_texts(texts)
         if dimensions is not None and (not isinstance(dimensions, int)
                                        or isinstance(dimensions, bool) or dimensions < 1):
             raise ValidationError(400, f"'dimensions' must be a positive integer, got "
@@ -350,20 +352,6 @@ class Client:
                 f"fallback={self._options.fallback!r}, last_model={self.last_model!r})")
 
     # -- embedding -------------------------------------------------------------------------
-    @staticmethod
-    def _checked(texts: Sequence[str]) -> list[str]:
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("embed() takes a list of strings; for one text use "
-                            "embed_single(text)")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
-            if not text:
-                # The server rejects it too; checked here so that the fallback agrees.
-                raise ValidationError(400, f"texts[{i}] is an empty string", param="input")
-        return texts
-
     def _embed_remote(self, texts: list[str], dimensions: int | None, asked: str | None
                       ) -> Embeddings:
         """The call's vectors from the server; `asked`: the model the call named."""

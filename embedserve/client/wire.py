@@ -10,7 +10,7 @@ returned here (list creation dominates), so it is not imported.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
@@ -129,3 +129,18 @@ def backend_of(info: Mapping[str, Any], model: str) -> str:
         if any(isinstance(name, str) and name.lower() == wanted for name in names):
             return str(entry.get("backend", ""))
     return str(info.get("backend", ""))
+
+
+def checked_texts(texts: Sequence[str]) -> list[str]:
+    """embed()'s texts as a list, each a non-empty str, else a clear error before sending."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("embed() takes a list of strings; for one text use "
+                        "embed_single(text)")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
+        if not text:
+            # The server rejects it too; checked here so that the fallback agrees.
+            raise ValidationError(400, f"texts[{i}] is an empty string", param="input")
+    return texts
