@@ -14,12 +14,14 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from embedserve.backends import BackendError
 from embedserve.config import Config
 from embedserve.contracts import EXIT_CONFIG_ERROR
 from embedserve.errors import ApiError
+from embedserve.metrics import Metrics
 from embedserve.server import EmbedServer
 from embedserve.service import EmbeddingService, SharedInt
 
@@ -37,6 +39,10 @@ class WorkerLink:
     heartbeat: Any  # multiprocessing.Value("d"): time.monotonic() of the last proof of life
     ready_workers: SharedInt  # how many workers are serving; read here, kept by the supervisor
     restarts: SharedInt
+    # Where every worker keeps its metrics (the supervisor's run directory), and this
+    # worker's id there: one scrape then reports the whole server.
+    metrics_dir: str = ""
+    worker_id: int = 0
 
 
 def setup_logging(config: Config) -> None:
@@ -65,7 +71,8 @@ class Worker:
     def __init__(self, config: Config, sock: socket.socket, link: WorkerLink) -> None:
         self.config = config
         self.link = link
-        self.service = EmbeddingService(config, link.restarts)
+        metrics = Metrics(Path(link.metrics_dir), link.worker_id) if link.metrics_dir else None
+        self.service = EmbeddingService(config, link.restarts, metrics)
         self.server = EmbedServer(sock, self.service)
         self.stop_reason = ""
         self._stopping = threading.Event()
@@ -202,4 +209,6 @@ class Worker:
                           or now - self.server.loop_tick < 5.0)
             if loop_alive and self.service.oldest_call_age() < self.config.worker_timeout:
                 self.link.heartbeat.value = now
+            # Queue depths for a sibling's scrape: current to within this interval.
+            self.service.publish_gauges()
             time.sleep(interval)

@@ -16,7 +16,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "transport": ("server", "connections", "handler", "routes", "routing", "openapi",
                   "guards"),
     "dialects": ("dialects",),
-    "core": ("service", "registry", "names", "requests", "metrics"),
+    "core": ("service", "registry", "names", "requests", "metrics", "metricfiles"),
     "batcher": ("batcher",),
     "models": ("backends",),
 }
