@@ -142,7 +142,8 @@ def container(podman_env: dict[str, str], image: str, tmp_path: Path
     secret.write_text(KEY + "\n")
     secret.chmod(0o644)  # the image's user is not this host's
     name = f"embedserve-test-{os.getpid()}-{tmp_path.name}"[:60]
-    podman(podman_env, "run", "-d", "--name", name, "-p", "127.0.0.1::8765",
+    # --read-only, as the Kubernetes manifests run it (podman mounts a fresh /tmp).
+    podman(podman_env, "run", "-d", "--read-only", "--name", name, "-p", "127.0.0.1::8765",
            "-v", f"{secret}:/run/secrets/embedserve_api_key:ro",
            "-e", "EMBEDSERVE_API_KEY_FILE=/run/secrets/embedserve_api_key",
            image, "--graceful-timeout", "10")
