@@ -9,6 +9,7 @@ run directory) reports itself alone.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ class Family:
     kind: str  # counter, gauge or histogram
     help: str
     buckets: tuple[float, ...] = ()
+
+    @property
+    def bounds(self) -> tuple[str, ...]:
+        """The buckets' `le` labels, as rendered and as the stores' keys."""
+        return tuple(_bound(bound) for bound in self.buckets)
 
 
 BACKEND_INFO = Family("embedserve_backend_info", "gauge",
@@ -68,23 +74,40 @@ class Metrics:
             self._totals, self._live = worker_stores(directory, worker)
         self._in_flight = 0
         self._published: set[Key] = set()
+        # Keys made once per label set: a request's counting is on every request's path.
+        self._request_keys: dict[tuple[str, str, int], tuple[Key, str]] = {}
+        self._model_keys: dict[str, tuple[Key, Key, str]] = {}
+        self._bounds = {family.name: family.bounds for family in (DURATION, BATCH)}
 
     # -- counting (every worker, in its request and model threads) ----------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        keys = self._request_keys.get((route, method, status))
+        if keys is None:
+            keys = self._request_keys[(route, method, status)] = (
+                (REQUESTS.name, f'route="{_escape(route)}",method="{_escape(method)}",'
+                                f'status="{status}"', ""), f'route="{_escape(route)}"')
         with self._lock:
-            self._totals.add((REQUESTS.name, f'route="{_escape(route)}",method='
-                              f'"{_escape(method)}",status="{status}"', ""), 1)
-            self._observe(DURATION, f'route="{_escape(route)}"', seconds)
+            self._totals.add(keys[0], 1)
+            self._observe(DURATION, keys[1], seconds)
 
     def observe_embedding(self, model: str, texts: int, tokens: int) -> None:
-        labels = f'model="{_escape(model)}"'
+        texts_key, tokens_key, _ = self._keys_of(model)
         with self._lock:
-            self._totals.add((TEXTS.name, labels, ""), texts)
-            self._totals.add((TOKENS.name, labels, ""), tokens)
+            self._totals.add(texts_key, texts)
+            self._totals.add(tokens_key, tokens)
 
     def observe_batch(self, model: str, size: int) -> None:
+        labels = self._keys_of(model)[2]
         with self._lock:
-            self._observe(BATCH, f'model="{_escape(model)}"', size)
+            self._observe(BATCH, labels, size)
+
+    def _keys_of(self, model: str) -> tuple[Key, Key, str]:
+        keys = self._model_keys.get(model)
+        if keys is None:
+            labels = f'model="{_escape(model)}"'
+            keys = self._model_keys[model] = ((TEXTS.name, labels, ""),
+                                              (TOKENS.name, labels, ""), labels)
+        return keys
 
     def request_started(self) -> None:
         with self._lock:
@@ -114,10 +137,10 @@ class Metrics:
             self._published = set(current)
 
     def _observe(self, family: Family, labels: str, value: float) -> None:
-        for bound in family.buckets:
-            if value <= bound:
-                self._totals.add((family.name, labels, _bound(bound)), 1)
-                break
+        # Stored per bucket (one write), made cumulative when rendered.
+        index = bisect.bisect_left(family.buckets, value)  # the first bound >= value
+        if index < len(family.buckets):
+            self._totals.add((family.name, labels, self._bounds[family.name][index]), 1)
         self._totals.add((family.name, labels, "sum"), value)
         self._totals.add((family.name, labels, "count"), 1)
 
@@ -160,9 +183,9 @@ def _histogram_lines(family: Family, samples: dict[Key, float]) -> list[str]:
     for labels, values in sorted(parts.items()):
         sep = "," if labels else ""
         running = 0.0
-        for bound in family.buckets:
-            running += values.get(_bound(bound), 0.0)
-            lines.append(f'{family.name}_bucket{{{labels}{sep}le="{_bound(bound)}"}} '
+        for bound in family.bounds:
+            running += values.get(bound, 0.0)
+            lines.append(f'{family.name}_bucket{{{labels}{sep}le="{bound}"}} '
                          f"{_number(running)}")
         count = values.get("count", 0.0)
         lines.append(f'{family.name}_bucket{{{labels}{sep}le="+Inf"}} {_number(count)}')
