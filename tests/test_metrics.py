@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +126,25 @@ def test_counts_survive_a_worker_killed_and_replaced(servers: list[Server]) -> N
     assert samples["embedserve_worker_restarts_total"][()] == 1
 
 
+def test_counts_survive_a_rolling_restart(servers: list[Server]) -> None:
+    srv = start_server("--workers", "2")
+    servers.append(srv)
+    old = set(info_pids(srv, 20))
+    counted = 20
+    scrape_until(srv, lambda s: requests_of(s, "/info") >= counted)
+    srv.proc.send_signal(signal.SIGHUP)
+    while True:  # until only new workers answer
+        pids = info_pids(srv, 10)
+        counted += 10
+        if not old & set(pids):
+            break
+        assert counted < 5000, "the old workers still serve"
+    samples = scrape_until(srv, lambda s: requests_of(s, "/info") >= counted
+                           and s["embedserve_workers"][()] == 2)
+    assert requests_of(samples, "/info") == counted
+    assert samples["embedserve_workers"][()] == 2
+
+
 def test_requests_in_flight_are_summed_over_workers(servers: list[Server]) -> None:
     srv = start_server("--workers", "2")
     servers.append(srv)
@@ -194,6 +214,24 @@ def test_retiring_a_worker_keeps_its_counts_and_drops_its_gauges(tmp_path: Path)
     totals.add(("embedserve_requests_total", 'route="/embed",method="POST",status="200"', ""), 1)
     key = ("embedserve_requests_total", 'route="/embed",method="POST",status="200"', "")
     assert read_totals(tmp_path)[key] == 10
+
+
+def test_totals_read_while_workers_retire_count_each_worker_once(tmp_path: Path) -> None:
+    """The supervisor folds dead workers' files into retired.json while a worker reads
+    the totals: every read must give the same sum, never one worker twice or not at all."""
+    key = ("embedserve_requests_total", 'route="/embed",method="POST",status="200"', "")
+    for worker in range(1, 41):
+        worker_stores(tmp_path, worker)[0].add(key, worker)
+    expected = sum(range(1, 41))
+    reads: list[float] = []
+    retiring = threading.Thread(target=lambda: [retire(tmp_path, w) for w in range(1, 41)])
+    retiring.start()
+    while retiring.is_alive():
+        reads.append(read_totals(tmp_path).get(key, 0.0))
+    retiring.join()
+    reads.append(read_totals(tmp_path)[key])
+    assert set(reads) == {expected}, sorted(set(reads))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retired.json"]
 
 
 def test_a_service_without_a_supervisor_reports_itself() -> None:
