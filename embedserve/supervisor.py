@@ -79,7 +79,12 @@ class Supervisor:
         self.watching_stdin = config.watch_stdin
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         # The workers' metric files (metricfiles.py), ours to create and remove.
-        self.metrics_dir = Path(tempfile.mkdtemp(prefix="embedserve-metrics-"))
+        self.metrics_dir: Path | None = None
+        try:
+            self.metrics_dir = Path(tempfile.mkdtemp(prefix="embedserve-metrics-"))
+        except OSError as exc:  # e.g. a read-only file system with no writable TMPDIR
+            log.warning("no run directory for metrics (%s): each worker's /metrics will "
+                        "report that worker alone; set TMPDIR to a writable folder", exc)
         self.spawned = 0
 
     # -- the loop --------------------------------------------------------------------------
@@ -101,7 +106,8 @@ class Supervisor:
         finally:
             self._kill_all()
             self.sock.close()
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _sleep(self) -> None:
         waitables: list[Any] = []
@@ -181,7 +187,7 @@ class Supervisor:
         heartbeat = self.ctx.Value("d", time.monotonic(), lock=False)
         self.spawned += 1
         link = worker_module.WorkerLink(child_end, heartbeat, self.ready_workers, self.restarts,
-                                        str(self.metrics_dir), self.spawned)
+                                        str(self.metrics_dir or ""), self.spawned)
         process = self.ctx.Process(target=worker_module.run, args=(self.config, self.sock, link),
                                    name=f"embedserve-worker-{self.generation}", daemon=False)
         process.start()
@@ -229,7 +235,8 @@ class Supervisor:
             if child.ready:
                 self.ready_workers.value -= 1
             # Its counts stay in the server's totals; its gauges go.
-            metricfiles.retire(self.metrics_dir, child.worker_id)
+            if self.metrics_dir is not None:
+                metricfiles.retire(self.metrics_dir, child.worker_id)
             code = child.process.exitcode
             if child.draining:
                 log.info("worker %s drained and exited (%s)", child.process.pid, code)
