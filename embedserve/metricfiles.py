@@ -26,6 +26,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import IO, Protocol
@@ -42,6 +43,8 @@ _VALUE = struct.Struct("<d")
 _INITIAL_SIZE = 1 << 14
 TOTAL, LIVE = "total", "live"
 RETIRED = "retired.json"
+# A run directory is <temp>/embedserve-metrics-<supervisor pid>-<random>.
+RUN_DIR_PREFIX = "embedserve-metrics-"
 
 
 class Store(Protocol):
@@ -238,3 +241,19 @@ def retire(directory: Path, worker: int) -> None:
 def _add_into(totals: dict[Key, float], values: dict[Key, float]) -> None:
     for key, value in values.items():
         totals[key] = totals.get(key, 0.0) + value
+
+
+def remove_stale_run_dirs(parent: Path) -> None:
+    """Remove the run directories of supervisors that are gone and whose workers could not
+    remove them either (the whole process group killed at once). Only this user's."""
+    for path in parent.glob(f"{RUN_DIR_PREFIX}*-*"):
+        pid = path.name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # alive (or a pid reused since: then it is left be)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            log.debug("removed %s, left by a supervisor that is gone", path)
+        except OSError:
+            continue  # alive under another user, or gone from the folder meanwhile

@@ -81,7 +81,9 @@ class Supervisor:
         # The workers' metric files (metricfiles.py), ours to create and remove.
         self.metrics_dir: Path | None = None
         try:
-            self.metrics_dir = Path(tempfile.mkdtemp(prefix="embedserve-metrics-"))
+            metricfiles.remove_stale_run_dirs(Path(tempfile.gettempdir()))
+            self.metrics_dir = Path(tempfile.mkdtemp(
+                prefix=f"{metricfiles.RUN_DIR_PREFIX}{os.getpid()}-"))
         except OSError as exc:  # e.g. a read-only file system with no writable TMPDIR
             log.warning("no run directory for metrics (%s): each worker's /metrics will "
                         "report that worker alone; set TMPDIR to a writable folder", exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -57,7 +58,9 @@ def run(config: Config, sock: socket.socket, link: WorkerLink) -> None:
     # the supervisor should act on it; it then sends SIGTERM here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    code = Worker(config, sock, link).run()
+    worker = Worker(config, sock, link)
+    code = worker.run()
+    worker.clean_up_after_supervisor()
     # Leave without the interpreter's shutdown: a model thread still inside a forward pass
     # (a drain cut short) then aborts the process from C++ ("terminate called without an
     # active exception"). Nothing is left to clean up but the logs.
@@ -163,6 +166,7 @@ class Worker:
         # Still loading: nothing of ours is in flight but 503 "loading" answers, and the
         # load may take minutes (a download). Leave now rather than when it ends.
         log.info("%s while loading: exiting", self.stop_reason)
+        self.clean_up_after_supervisor()
         self.server.wait_idle(min(1.0, self.config.graceful_timeout))
         logging.shutdown()
         os._exit(0)
@@ -188,6 +192,12 @@ class Worker:
             self._wakeup_w.send(b"\0")
         except OSError:
             pass
+
+    def clean_up_after_supervisor(self) -> None:
+        """A supervisor killed outright (kill -9) cannot remove its run directory: the
+        workers, which outlive it to drain, do (each tries; the first one wins)."""
+        if self.stop_reason == "supervisor gone" and self.link.metrics_dir:
+            shutil.rmtree(self.link.metrics_dir, ignore_errors=True)
 
     def _watch_supervisor(self) -> None:
         # The supervisor never writes to this end; recv() returns only with EOF, when its

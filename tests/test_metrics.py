@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -174,12 +175,33 @@ def test_requests_in_flight_are_summed_over_workers(servers: list[Server]) -> No
 
 
 def test_the_run_directory_goes_with_the_server(servers: list[Server], tmp_path: Path) -> None:
+    # One left by a supervisor that is gone (its whole process group killed at once).
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"embedserve-metrics-{gone.pid}-abcd1234"
+    stale.mkdir()
+    (stale / "total-1.db").write_bytes(b"")
     srv = start_server("--workers", "2", env=server_env(TMPDIR=str(tmp_path)))
     servers.append(srv)
-    (run_dir,) = tmp_path.glob("embedserve-metrics-*")
+    (run_dir,) = tmp_path.glob("embedserve-metrics-*")  # the stale one was removed
+    assert run_dir.name.startswith(f"embedserve-metrics-{srv.pid}-")
     assert {p.name for p in run_dir.iterdir()} >= {"total-1.db", "total-2.db"}
     assert run_dir.stat().st_mode & 0o077 == 0  # the supervisor's own
     assert srv.stop() == 0
+    assert not list(tmp_path.glob("embedserve-metrics-*"))
+
+
+def test_workers_remove_the_run_directory_of_a_supervisor_killed_outright(
+        servers: list[Server], tmp_path: Path) -> None:
+    srv = start_server("--workers", "2", env=server_env(TMPDIR=str(tmp_path)))
+    servers.append(srv)
+    assert list(tmp_path.glob("embedserve-metrics-*"))
+    srv.proc.kill()  # SIGKILL: no clean-up of its own
+    srv.proc.wait(10)
+    for _ in range(400):  # the workers notice, drain and exit
+        if not list(tmp_path.glob("embedserve-metrics-*")):
+            break
+        time.sleep(0.05)
     assert not list(tmp_path.glob("embedserve-metrics-*"))
 
 
