@@ -198,13 +198,9 @@ class EmbeddingService:
     def publish_gauges(self) -> None:
         """Sample the models loaded and their queues into this worker's gauges (the
         worker's heartbeat calls this each second, and a scrape before it reports)."""
-        slots = self._registry.slots if self._registry is not None else []
-        backends = [{"backend": b.name, "model": b.model, "device": b.device,
-                     "dimensions": str(b.dimensions)} for slot in slots
-                    if (b := slot.backend) is not None] or [{"backend": "loading"}]
-        depth = {slot.backend.model: slot.batcher.queue_depth() for slot in slots
-                 if slot.batcher is not None and slot.backend is not None}
-        self.metrics.publish(backends, depth)
+        registry = self._registry
+        backends, depth = registry.describe_loaded() if registry is not None else ([], {})
+        self.metrics.publish(backends or [{"backend": "loading"}], depth)
 
     def render_metrics(self) -> str:
         """The whole server's metrics (every worker's), as a scrape of /metrics gets them."""
