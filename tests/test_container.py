@@ -129,7 +129,11 @@ def image(podman_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     bundle = ca_bundle()
     if bundle:
         args += ["--secret", f"id=ca_bundle,src={bundle}"]
+    before = podman(podman_env, "image", "inspect", "--format", "{{.Id}}", IMAGE,
+                    check=False).stdout.strip()
     podman(podman_env, *args, str(ROOT), timeout=BUILD_TIMEOUT)
+    if before:  # the image of an earlier tree, now untagged: it would only pile up
+        podman(podman_env, "rmi", before, check=False)
     return IMAGE
 
 
