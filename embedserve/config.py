@@ -73,6 +73,9 @@ class Config:
         4096, "ML tiers: texts waiting for the model; more are answered 429", minimum=1)
     dimensions: int = _option(384, "vector size of the hash backend", minimum=1)
     api_key: str = _option("", "require this Bearer token on every route but /health")
+    api_key_file: str = _option(
+        "", "read --api-key from this file instead (a mounted secret, e.g. "
+            "/run/secrets/embedserve_api_key; surrounding whitespace is dropped)")
     allowed_hosts: str = _option(
         "", "comma-separated host names accepted in the Host header besides IP addresses "
             "and localhost ('*.example.com' matches subdomains, '*' any); checked when "
@@ -111,6 +114,14 @@ class Config:
         30.0, "seconds a client may take to send one request", minimum=0.001)
 
     def __post_init__(self) -> None:
+        if self.api_key_file:
+            # Read once, here: the workers get the key itself, and a missing or empty file
+            # is a start-up error, never a server without its key.
+            if self.api_key:
+                raise ValueError("give the API key once: --api-key or --api-key-file")
+            object.__setattr__(self, "api_key", _read_secret(self.api_key_file))
+            # Done with the file: a copy made with dataclasses.replace keeps the key.
+            object.__setattr__(self, "api_key_file", "")
         if not (self.loopback_only or self.api_key or self.allow_insecure):
             raise ValueError(f"refusing to serve on {self.host} without an API key: anyone "
                              "who can reach it could use it. Set --api-key (or "
@@ -162,6 +173,18 @@ class Config:
         except ValueError as exc:
             parser.error(str(exc))
             raise  # unreachable: parser.error exits
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file {path}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not secret:
+        raise ValueError(f"the API key file {path} is empty")
+    return secret
 
 
 def _parse_bool(text: str) -> bool:

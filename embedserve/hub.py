@@ -154,7 +154,8 @@ def check_serves(model: str, *, timeout: float = CHECK_TIMEOUT,
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # The check asks the model for an embedding: a key it would demand, or a model set to load
     # on first use, is not what is being checked. --model and friends come as flags.
-    for name in ("EMBEDSERVE_API_KEY", "EMBEDSERVE_PRELOAD", "EMBEDSERVE_SERVED_MODEL_NAME"):
+    for name in ("EMBEDSERVE_API_KEY", "EMBEDSERVE_API_KEY_FILE", "EMBEDSERVE_PRELOAD",
+                 "EMBEDSERVE_SERVED_MODEL_NAME"):
         env.pop(name, None)
     # This very embedserve serves the check, wherever it was imported from.
     package_root = str(Path(__file__).resolve().parent.parent)

@@ -252,6 +252,13 @@ class Registry:
             release_memory()
             log.info("unloaded %s (%s)", name, reason)
 
+    def describe_loaded(self) -> tuple[list[dict[str, str]], dict[str, int]]:
+        """The labels of each model loaded and the texts waiting for each (for /metrics),
+        read under the lock unload() takes to detach a model: the caller (the heartbeat,
+        each second) then never holds a model while unload() gives its memory back."""
+        with self._lock:
+            return _describe(self.slots)
+
     def expires_at(self, slot: Slot) -> float | None:
         """time.monotonic() at which an idle model will be unloaded; None: never."""
         if not slot.unloadable:
@@ -270,3 +277,18 @@ class Registry:
                 expiry = self.expires_at(slot)
                 if expiry is not None and now >= expiry and not slot.in_use:
                     self.unload(slot, "idle")
+
+
+def _describe(slots: list[Slot]) -> tuple[list[dict[str, str]], dict[str, int]]:
+    # Strings and numbers only leave this frame: no reference to a model outlives it.
+    labels, depths = [], {}
+    for slot in slots:
+        backend = slot.backend
+        if backend is None:
+            continue
+        labels.append({"backend": backend.name, "model": backend.model,
+                       "device": backend.device, "dimensions": str(backend.dimensions),
+                       "kind": backend.kind})
+        if slot.batcher is not None:
+            depths[backend.model] = slot.batcher.queue_depth()
+    return labels, depths

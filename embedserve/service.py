@@ -39,7 +39,8 @@ class EmbeddingService:
     ready by `load`. Tracks backend calls in progress so the worker's heartbeat can tell
     a stuck call from a long series of progressing ones."""
 
-    def __init__(self, config: Config, restarts: SharedInt | None = None) -> None:
+    def __init__(self, config: Config, restarts: SharedInt | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self._restarts = restarts
         self.started = time.time()
@@ -48,7 +49,9 @@ class EmbeddingService:
         # locked); queueing here, outside backend_call, keeps a call's measured age to the
         # call itself, so a worker busy with a queue of big requests is not taken for hung.
         self._encode_lock = threading.Lock()
-        self.metrics = Metrics()
+        # A worker's counts go where its siblings can read them (see metrics.py); a
+        # service hosted on its own counts in memory.
+        self.metrics = metrics if metrics is not None else Metrics()
         self._calls_lock = threading.Lock()
         self._calls: dict[int, float] = {}
         self._next_call = 0
@@ -69,6 +72,7 @@ class EmbeddingService:
         if self.config.preload:
             registry.preload()
         self._registry = registry
+        self.publish_gauges()  # a sibling's scrape sees this worker's models at once
 
     def attach(self, loaded: Loaded) -> None:
         """Serve `loaded` as the one model (tests and hosts that load it themselves)."""
@@ -91,9 +95,11 @@ class EmbeddingService:
             raise ApiError(429, "server is at its limit of "
                                 f"{self.config.max_concurrent_requests} concurrent requests; "
                                 "retry shortly", headers={"Retry-After": "1"})
+        self.metrics.request_started()
         try:
             yield
         finally:
+            self.metrics.request_finished()
             self._slots.release()
 
     @contextmanager
@@ -189,15 +195,17 @@ class EmbeddingService:
                            time.time() + max(0.0, expiry - now)})
         return result
 
+    def publish_gauges(self) -> None:
+        """Sample the models loaded and their queues into this worker's gauges (the
+        worker's heartbeat calls this each second, and a scrape before it reports)."""
+        registry = self._registry
+        backends, depth = registry.describe_loaded() if registry is not None else ([], {})
+        self.metrics.publish(backends or [{"backend": "loading"}], depth)
+
     def render_metrics(self) -> str:
-        slots = self._registry.slots if self._registry is not None else []
-        backends = [{"backend": b.name, "model": b.model, "device": b.device,
-                     "dimensions": str(b.dimensions), "kind": b.kind} for slot in slots
-                    if (b := slot.backend) is not None] or [{"backend": "loading"}]
-        depth = {slot.backend.model: slot.batcher.queue_depth() for slot in slots
-                 if slot.batcher is not None and slot.backend is not None}
+        """The whole server's metrics (every worker's), as a scrape of /metrics gets them."""
+        self.publish_gauges()
         return self.metrics.render(
-            backends=backends, queue_depth=depth,
             restarts=self._restarts.value if self._restarts is not None else 0)
 
     def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:

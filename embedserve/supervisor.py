@@ -11,13 +11,17 @@ import atexit
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
+from embedserve import metricfiles
 from embedserve import worker as worker_module
 from embedserve.config import Config
 from embedserve.contracts import EXIT_CONFIG_ERROR, ReadyLine
@@ -49,6 +53,7 @@ class Child:
     channel: Connection
     heartbeat: Any
     generation: int
+    worker_id: int  # its metrics' id: the spawn count, unlike a pid never reused
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     draining: bool = False
@@ -73,6 +78,16 @@ class Supervisor:
         self.forced = False  # a second SIGTERM/SIGINT during a stop
         self.watching_stdin = config.watch_stdin
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        # The workers' metric files (metricfiles.py), ours to create and remove.
+        self.metrics_dir: Path | None = None
+        try:
+            metricfiles.remove_stale_run_dirs(Path(tempfile.gettempdir()))
+            self.metrics_dir = Path(tempfile.mkdtemp(
+                prefix=f"{metricfiles.RUN_DIR_PREFIX}{os.getpid()}-"))
+        except OSError as exc:  # e.g. a read-only file system with no writable TMPDIR
+            log.warning("no run directory for metrics (%s): each worker's /metrics will "
+                        "report that worker alone; set TMPDIR to a writable folder", exc)
+        self.spawned = 0
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -93,6 +108,8 @@ class Supervisor:
         finally:
             self._kill_all()
             self.sock.close()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _sleep(self) -> None:
         waitables: list[Any] = []
@@ -170,12 +187,15 @@ class Supervisor:
     def _spawn(self) -> None:
         parent_end, child_end = self.ctx.Pipe()
         heartbeat = self.ctx.Value("d", time.monotonic(), lock=False)
-        link = worker_module.WorkerLink(child_end, heartbeat, self.ready_workers, self.restarts)
+        self.spawned += 1
+        link = worker_module.WorkerLink(child_end, heartbeat, self.ready_workers, self.restarts,
+                                        str(self.metrics_dir or ""), self.spawned)
         process = self.ctx.Process(target=worker_module.run, args=(self.config, self.sock, link),
                                    name=f"embedserve-worker-{self.generation}", daemon=False)
         process.start()
         child_end.close()  # the worker holds the other copy: EOF reaches us if it dies
-        self.children.append(Child(process, parent_end, heartbeat, self.generation))
+        self.children.append(Child(process, parent_end, heartbeat, self.generation,
+                                   self.spawned))
         log.debug("spawned worker %s (generation %d)", process.pid, self.generation)
 
     def _read_notices(self) -> None:
@@ -216,6 +236,9 @@ class Supervisor:
             child.channel.close()
             if child.ready:
                 self.ready_workers.value -= 1
+            # Its counts stay in the server's totals; its gauges go.
+            if self.metrics_dir is not None:
+                metricfiles.retire(self.metrics_dir, child.worker_id)
             code = child.process.exitcode
             if child.draining:
                 log.info("worker %s drained and exited (%s)", child.process.pid, code)

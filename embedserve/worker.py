@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -14,12 +15,14 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from embedserve.backends import BackendError
 from embedserve.config import Config
 from embedserve.contracts import EXIT_CONFIG_ERROR
 from embedserve.errors import ApiError
+from embedserve.metrics import Metrics
 from embedserve.server import EmbedServer
 from embedserve.service import EmbeddingService, SharedInt
 
@@ -37,6 +40,10 @@ class WorkerLink:
     heartbeat: Any  # multiprocessing.Value("d"): time.monotonic() of the last proof of life
     ready_workers: SharedInt  # how many workers are serving; read here, kept by the supervisor
     restarts: SharedInt
+    # Where every worker keeps its metrics (the supervisor's run directory), and this
+    # worker's id there: one scrape then reports the whole server.
+    metrics_dir: str = ""
+    worker_id: int = 0
 
 
 def setup_logging(config: Config) -> None:
@@ -51,7 +58,9 @@ def run(config: Config, sock: socket.socket, link: WorkerLink) -> None:
     # the supervisor should act on it; it then sends SIGTERM here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    code = Worker(config, sock, link).run()
+    worker = Worker(config, sock, link)
+    code = worker.run()
+    worker.clean_up_after_supervisor()
     # Leave without the interpreter's shutdown: a model thread still inside a forward pass
     # (a drain cut short) then aborts the process from C++ ("terminate called without an
     # active exception"). Nothing is left to clean up but the logs.
@@ -65,7 +74,8 @@ class Worker:
     def __init__(self, config: Config, sock: socket.socket, link: WorkerLink) -> None:
         self.config = config
         self.link = link
-        self.service = EmbeddingService(config, link.restarts)
+        metrics = Metrics(Path(link.metrics_dir), link.worker_id) if link.metrics_dir else None
+        self.service = EmbeddingService(config, link.restarts, metrics)
         self.server = EmbedServer(sock, self.service)
         self.stop_reason = ""
         self._stopping = threading.Event()
@@ -156,6 +166,7 @@ class Worker:
         # Still loading: nothing of ours is in flight but 503 "loading" answers, and the
         # load may take minutes (a download). Leave now rather than when it ends.
         log.info("%s while loading: exiting", self.stop_reason)
+        self.clean_up_after_supervisor()
         self.server.wait_idle(min(1.0, self.config.graceful_timeout))
         logging.shutdown()
         os._exit(0)
@@ -182,6 +193,12 @@ class Worker:
         except OSError:
             pass
 
+    def clean_up_after_supervisor(self) -> None:
+        """A supervisor killed outright (kill -9) cannot remove its run directory: the
+        workers, which outlive it to drain, do (each tries; the first one wins)."""
+        if self.stop_reason == "supervisor gone" and self.link.metrics_dir:
+            shutil.rmtree(self.link.metrics_dir, ignore_errors=True)
+
     def _watch_supervisor(self) -> None:
         # The supervisor never writes to this end; recv() returns only with EOF, when its
         # process is gone (even after kill -9). Then no orphan may keep the port.
@@ -202,4 +219,6 @@ class Worker:
                           or now - self.server.loop_tick < 5.0)
             if loop_alive and self.service.oldest_call_age() < self.config.worker_timeout:
                 self.link.heartbeat.value = now
+            # Queue depths for a sibling's scrape: current to within this interval.
+            self.service.publish_gauges()
             time.sleep(interval)

@@ -18,6 +18,7 @@ from conftest import ROOT, server_env
 CLIENT_PACKAGE = Path(ROOT, "embedserve", "client")
 # Server-side modules (and what they import) that the client must never load.
 SERVER_MODULES = ("embedserve.service", "embedserve.dialects", "embedserve.metrics",
+                  "embedserve.metricfiles",
                   "embedserve.server", "embedserve.backends", "embedserve.handler",
                   "embedserve.routes", "embedserve.worker", "embedserve.supervisor",
                   "embedserve.batcher")

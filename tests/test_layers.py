@@ -17,7 +17,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "transport": ("server", "connections", "handler", "dispatch", "routes", "routing",
                   "openapi", "guards"),
     "dialects": ("dialects", "rerank_dialects"),
-    "core": ("scoring", "service", "registry", "names", "requests", "metrics"),
+    "core": ("scoring", "service", "registry", "names", "requests", "metrics",
+             "metricfiles"),
     "batcher": ("batcher",),
     "models": ("backends",),
 }
