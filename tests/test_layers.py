@@ -15,12 +15,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "processes": ("cli", "commands", "supervisor", "worker", "__main__", "hub", "modelcache"),
     "transport": ("server", "connections", "handler", "routes", "routing", "openapi",
                   "guards"),
-    "dialects": ("dialects",),
+    "dialects": ("dialects", "cohere"),
     "core": ("service", "registry", "names", "requests", "metrics"),
     "batcher": ("batcher",),
     "models": ("backends",),
 }
-LEAVES = ("__init__", "config", "contracts", "errors", "encoding", "hashing", "vectors")
+LEAVES = ("__init__", "config", "contracts", "errors", "encoding", "hashing", "vectors",
+          "quantize")
 CLIENT_MAY_IMPORT = ("__init__", "client", "config", "contracts", "encoding", "hashing",
                      "vectors")
 ORDER = list(LAYERS)

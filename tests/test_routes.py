@@ -30,6 +30,8 @@ SAMPLE_BODIES: dict[str, Any] = {
     "TEITokenizeRequest": {"inputs": "a text"},
     "OllamaEmbedRequest": {"model": MODEL, "input": "a text"},
     "OllamaEmbeddingsRequest": {"model": MODEL, "prompt": "a text"},
+    "CohereEmbedRequest": {"model": MODEL, "texts": ["a text"],
+                           "input_type": "search_document"},
 }
 ROUTE_METHODS = [(route.path, verb) for route in ROUTES for verb in route.methods]
 
