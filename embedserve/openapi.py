@@ -90,7 +90,9 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
                 "type": "string", "enum": list(EMBEDDING_TYPES)}},
             "truncate": {"type": "string", "enum": list(TRUNCATE)},
             "output_dimension": dimensions, "priority": {"type": "integer"},
-        }, required=[]) | {"oneOf": [{"required": ["texts"]}, {"required": ["inputs"]}]},
+        }, required=[]) | {"oneOf": [  # texts or inputs, exactly one of them
+            {"required": [field], "properties": {field: {"type": "array"}}}
+            for field in ("texts", "inputs")]},
         "CohereEmbedResponse": _object({
             "id": {"type": "string"},
             "embeddings": _object({
