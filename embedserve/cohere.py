@@ -73,7 +73,11 @@ class CohereEmbed:
             raise ApiError(422, "'images' are not supported: this server embeds text",
                            param="images")
         if inputs is None:
-            return texts_from(body.get("texts"), "texts", max_batch_size)
+            texts = body.get("texts")
+            if isinstance(texts, str):  # Cohere's texts are a list, even of one
+                raise ApiError(400, "'texts' must be a list of strings, got a string",
+                               param="texts")
+            return texts_from(texts, "texts", max_batch_size)
         if body.get("texts") is not None:
             raise ApiError(400, "give 'texts' or 'inputs', not both", param="inputs")
         if not isinstance(inputs, list):

@@ -162,7 +162,7 @@ def test_errors_through_the_sdk(hash_server: Server) -> None:
 
 
 @pytest.mark.parametrize("body,status", [
-    ({}, 400), ({"texts": "one", "embedding_types": "float"}, 400),
+    ({}, 400), ({"texts": "one"}, 400), ({"texts": ["one"], "embedding_types": "float"}, 400),
     ({"texts": ["one"], "embedding_types": []}, 422),
     ({"texts": ["one", ""]}, 400), ({"texts": ["one"], "inputs": []}, 400),
     ({"inputs": [{"content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 422),
