@@ -145,15 +145,29 @@ class Ranges:
         return {"source": self.source, "min": list(self.low), "max": list(self.high)}
 
     def uint8(self, vector: Sequence[float]) -> list[int]:
-        codes: list[int] = []
-        append = codes.append
-        for x, low, step in zip(vector, self.low, self.steps):
-            t = (x - low) / step + 0.5
-            append(0 if t < 0.0 else 255 if t >= 255.0 else int(t))  # int(t): floor, t >= 0
-        return codes
+        return self._codes(vector, 0)
 
     def int8(self, vector: Sequence[float]) -> list[int]:
-        return [code - 128 for code in self.uint8(vector)]
+        return self._codes(vector, -128)
+
+    def _codes(self, vector: Sequence[float], offset: int) -> list[int]:
+        if self.any_size:  # [-1, 1] everywhere (unit_ranges): the only ranges of any size
+            # One range for every dimension: a code depends on the value alone, and a hash
+            # vector holds a handful of distinct values, so each is computed once.
+            low, step = (self.low[0], self.steps[0]) if self.low else (0.0, 1.0)
+            table = {x: _code(x, low, step) + offset for x in set(vector)}
+            return list(map(table.__getitem__, vector))
+        codes: list[int] = []
+        append = codes.append
+        for x, low, step in zip(vector, self.low, self.steps):  # _code, inlined: per value
+            t = (x - low) / step + 0.5
+            append((0 if t < 0.0 else 255 if t >= 255.0 else int(t)) + offset)
+        return codes
+
+
+def _code(x: float, low: float, step: float) -> int:
+    t = (x - low) / step + 0.5
+    return 0 if t < 0.0 else 255 if t >= 255.0 else int(t)  # int(t): floor, as t >= 0
 
 
 def unit_ranges(dimensions: int) -> Ranges:
