@@ -6,7 +6,8 @@ Prints one markdown table.
     python extras/bench/bench_quantize.py --quick    # shorter rounds
     python extras/bench/bench_quantize.py --no-ml    # skip all-MiniLM-L6-v2's calibration
 
-In-process, per vector (384 dimensions: hash vectors of corpus texts), 32 vectors a call as
+In-process, per vector (384 dimensions: hash vectors of corpus texts, and dense Gaussian
+vectors with per-dimension ranges as an ML model has them), 32 vectors a call as
 a request of 32 texts has them:
   int8      Ranges.int8 over lists (what the server runs) vs numpy written out from the same
             definition, starting from the same lists (np.asarray included: the server holds
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -39,7 +41,7 @@ from common import (HOST, Child, Report, Row, emit, fixed_sample, git_revision, 
 
 from embedserve.encoding import float_array_json
 from embedserve.hashing import HashEmbedder
-from embedserve.quantize import EMBEDDING_TYPES, unit_ranges, ubinary
+from embedserve.quantize import EMBEDDING_TYPES, calibrate, ubinary, unit_ranges
 
 BATCH = 32
 CLIENTS = 4
@@ -59,6 +61,7 @@ def per_vector_us(action, calls: int, vectors: int) -> float:  # type: ignore[no
 def in_process(report: Report, texts: list[str], quick: bool) -> None:
     import numpy as np
 
+    random.seed(0)
     vectors = HashEmbedder(384).embed(texts[:BATCH])
     ranges = unit_ranges(384)
     low, high = np.asarray(ranges.low), np.asarray(ranges.high)
@@ -76,11 +79,29 @@ def in_process(report: Report, texts: list[str], quick: bool) -> None:
     ours = per_vector_us(lambda: [ranges.int8(v) for v in vectors], calls, BATCH)
     theirs = per_vector_us(numpy_int8, calls, BATCH)
     floats = per_vector_us(lambda: [float_array_json(v) for v in vectors], calls, BATCH)
-    report.add(Row("int8 codes of one 384-d vector, in-process (32 a call)", "us", False,
+    report.add(Row("int8 codes of one 384-d hash vector, in-process (32 a call)", "us", False,
                    ours, {"numpy": theirs, "its float JSON text": floats}))
+    # An ML model's vectors: every value distinct, a range per dimension.
+    dense = [[random.gauss(0.0, 0.05) for _ in range(384)] for _ in range(BATCH)]
+    calibrated = calibrate([[random.gauss(0.0, 0.05) for _ in range(384)]
+                            for _ in range(64)], "bench")
+    c_low, c_high = np.asarray(calibrated.low), np.asarray(calibrated.high)
+    c_step = (c_high - c_low) / 255
+
+    def numpy_dense_int8() -> object:
+        x = np.asarray(dense, dtype=np.float64)
+        return (np.clip(np.floor((x - c_low) / c_step + 0.5), 0, 255) - 128).astype(np.int8)
+
+    ours = per_vector_us(lambda: [calibrated.int8(v) for v in dense], calls, BATCH)
+    theirs = per_vector_us(numpy_dense_int8, calls, BATCH)
+    floats = per_vector_us(lambda: [float_array_json(v) for v in dense], calls, BATCH)
+    report.add(Row("int8 codes of one 384-d dense vector (as an ML model's), per-dimension "
+                   "ranges, in-process (32 a call)", "us", False, ours,
+                   {"numpy": theirs, "its float JSON text": floats}))
+    floats = per_vector_us(lambda: [float_array_json(v) for v in vectors], calls, BATCH)
     ours = per_vector_us(lambda: [ubinary(v) for v in vectors], calls, BATCH)
     theirs = per_vector_us(numpy_ubinary, calls, BATCH)
-    report.add(Row("ubinary codes of one 384-d vector, in-process (32 a call)", "us", False,
+    report.add(Row("ubinary codes of one 384-d hash vector, in-process (32 a call)", "us", False,
                    ours, {"numpy.packbits": theirs, "its float JSON text": floats}))
 
 
