@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from embedserve import __version__
+from embedserve.cohere import INPUT_TYPES, TRUNCATE
+from embedserve.quantize import EMBEDDING_TYPES
 from embedserve.routing import Method, Route
 from embedserve.service import EmbeddingService
 
@@ -77,6 +79,34 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
         "OllamaEmbeddingsResponse": _object({"embedding": vector}, required=["embedding"]),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"]),
         **_rerank_schemas(service, text, model, prompts),
+        "CohereEmbedRequest": _object({
+            "model": model, "texts": {"type": "array", "items": text, "minItems": 1,
+                                      "maxItems": batch},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": batch, "items": _object({
+                "content": {"type": "array", "minItems": 1, "items": _object({
+                    "type": {"type": "string", "enum": ["text"]}, "text": text},
+                    required=["type", "text"])}}, required=["content"])},
+            "input_type": {"type": "string", "enum": list(INPUT_TYPES)},
+            "embedding_types": {"type": "array", "minItems": 1, "items": {
+                "type": "string", "enum": list(EMBEDDING_TYPES)}},
+            "truncate": {"type": "string", "enum": list(TRUNCATE)},
+            "output_dimension": dimensions, "priority": {"type": "integer"},
+        }, required=[]) | {"oneOf": [  # texts or inputs, exactly one of them
+            {"required": [field], "properties": {field: {"type": "array"}}}
+            for field in ("texts", "inputs")]},
+        "CohereEmbedResponse": _object({
+            "id": {"type": "string"},
+            "embeddings": _object({
+                "float": {"type": "array", "items": vector},
+                "base64": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                **{kind: {"type": "array", "items": {"type": "array", "items": {
+                    "type": "integer", "minimum": low, "maximum": low + 255}}}
+                   for kind, low in (("int8", -128), ("uint8", 0), ("binary", -128),
+                                     ("ubinary", 0))}}, required=[]),
+            "texts": {"type": "array", "items": {"type": "string"}},
+            "meta": {"type": "object"},
+            "response_type": {"type": "string", "enum": ["embeddings_by_type"]},
+        }, required=["id", "embeddings", "texts", "meta"]),
         "Health": _object({"status": {"type": "string"}}, required=["status"]),
         "Info": _object({
             "backend": {"type": "string"}, "model": {"type": "string"},

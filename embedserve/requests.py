@@ -4,7 +4,7 @@ service answers them. Nothing here imports another embedserve module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,12 @@ class EmbedRequest:
     # How long the model stays loaded after this request, in seconds (Ollama's keep_alive):
     # None: the server's policy; negative: for good; 0: unload after this request.
     keep_alive: float | None = None
+    # Cohere's input_type (search_query, search_document, classification, clustering): the
+    # model's prompt of that purpose where it has one (see service.py).
+    input_type: str | None = None
+    # Compact forms wanted beside the floats (quantize.py: int8, uint8, binary, ubinary):
+    # the service computes them from the final vectors.
+    quantized: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,8 @@ class EmbedResult:
     vectors: list[list[float]]
     model: str
     prompt_tokens: int
+    # Each form in EmbedRequest.quantized: one list of codes per vector.
+    codes: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,23 @@ from embedserve.config import Config
 from embedserve.errors import ApiError, quoted
 from embedserve.metrics import Metrics
 from embedserve.names import ModelNames
+from embedserve.quantize import BINARY, CALIBRATED_TYPES, INT8, UBINARY, UINT8, Ranges, binary, \
+    ubinary
 from embedserve.registry import Registry, Slot
 from embedserve.requests import EmbedRequest, EmbedResult
 from embedserve.vectors import shorten
 
 log = logging.getLogger("embedserve.service")
+
+# Cohere's input types, and the prompt names that serve each purpose, the first a model has
+# winning: nomic-style names, then the query / document (or passage) pairs of E5, BGE and
+# most sentence-transformers models. A model with none of them embeds the text as it is.
+INPUT_TYPE_PROMPTS = {
+    "search_query": ("search_query", "query"),
+    "search_document": ("search_document", "document", "passage", "corpus"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
 
 
 class SharedInt(Protocol):
@@ -135,6 +147,7 @@ class EmbeddingService:
                 raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
                                     f"for model {backend.model}, got {dims}",
                                param="dimensions")
+            ranges = _ranges_for(backend, request, dims or backend.dimensions)
             texts = self._prompted(backend, request)
             if slot.encoder is not None:
                 # The hash tier computes `dimensions` buckets directly: its features carry
@@ -148,7 +161,8 @@ class EmbeddingService:
                 if dims is not None and dims < backend.dimensions:
                     vectors = [shorten(v, dims, request.normalize) for v in vectors]
         self.metrics.observe_embedding(backend.model, len(vectors), tokens)
-        return EmbedResult(vectors, slot.names.primary, tokens)
+        return EmbedResult(vectors, slot.names.primary, tokens,
+                           _quantized(vectors, request.quantized, ranges))
 
     @staticmethod
     def _embed_batched(slot: Slot, texts: list[str], request: EmbedRequest,
@@ -219,7 +233,8 @@ class EmbeddingService:
 
     @staticmethod
     def _prompted(backend: BackendInfo, request: EmbedRequest) -> list[str]:
-        name = request.prompt_name or backend.default_prompt_name
+        name = request.prompt_name or _input_type_prompt(backend, request.input_type) or \
+            backend.default_prompt_name
         if name is None:
             return request.texts
         prompt = backend.prompts.get(name)
@@ -283,6 +298,8 @@ class EmbeddingService:
             "device": backend.device if backend else None,
             "max_input_tokens": backend.max_input_tokens if backend else None,
             "prompts": sorted(backend.prompts) if backend else [],
+            # What int8 / uint8 codes are computed against (see quantize.py), once known.
+            "quantization_ranges": ranges.describe() if (ranges := _ranges(backend)) else None,
             "default_prompt_name": backend.default_prompt_name if backend else None,
             # Weights x dtype: what loading it costs in memory (each worker its own copy).
             "memory_bytes": _memory(backend),
@@ -296,6 +313,53 @@ class EmbeddingService:
             # The padded tokens a pass holds at most: a bound on how long one pass takes.
             "pass_tokens": batcher.pass_tokens if batcher else None,
         }
+
+
+def _input_type_prompt(backend: BackendInfo, input_type: str | None) -> str | None:
+    """The model's prompt for a Cohere input_type, if it has one for that purpose."""
+    names = INPUT_TYPE_PROMPTS.get(input_type or "", ())
+    return next((name for name in names if name in backend.prompts), None)
+
+
+def _ranges(backend: BackendInfo | None) -> Ranges | None:
+    # Backends that know their ranges say so (hash: by definition; the PyTorch tiers:
+    # calibrated as they load); a model attached by a host may have none.
+    ranges = getattr(backend, "quantization_ranges", None)
+    return ranges if isinstance(ranges, Ranges) else None
+
+
+def _ranges_for(backend: BackendInfo, request: EmbedRequest, dimensions: int
+                ) -> Ranges | None:
+    """The ranges int8 / uint8 codes of this request need (None: it asks for neither);
+    a 422, before any work, where the model has none for vectors of that size."""
+    wanted = [kind for kind in request.quantized if kind in CALIBRATED_TYPES]
+    if not wanted:
+        return None
+    ranges = _ranges(backend)
+    sized = ranges.for_size(dimensions) if ranges is not None else None
+    if sized is None:
+        why = (f"its ranges are calibrated for its full {backend.dimensions} dimensions; "
+               "ask for those" if ranges is not None else "it has no calibrated ranges")
+        raise ApiError(422, f"{' and '.join(wanted)} embeddings of model {backend.model} "
+                            f"cannot have {dimensions} dimensions: {why}",
+                       param="embedding_types")
+    return sized
+
+
+def _quantized(vectors: list[list[float]], kinds: tuple[str, ...], ranges: Ranges | None
+               ) -> dict[str, list[list[int]]]:
+    """Each compact form asked for, from the final (shortened, normalised) vectors."""
+    codes: dict[str, list[list[int]]] = {}
+    for kind in kinds:
+        if kind == BINARY:
+            codes[kind] = [binary(v) for v in vectors]
+        elif kind == UBINARY:
+            codes[kind] = [ubinary(v) for v in vectors]
+        elif kind in (INT8, UINT8):
+            assert ranges is not None  # _ranges_for found them
+            quantize = ranges.int8 if kind == INT8 else ranges.uint8
+            codes[kind] = [quantize(v) for v in vectors]
+    return codes
 
 
 def _memory(backend: BackendInfo | None) -> int:

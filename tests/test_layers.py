@@ -16,13 +16,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
                   "ray"),
     "transport": ("server", "connections", "handler", "dispatch", "routes", "routing",
                   "openapi", "guards"),
-    "dialects": ("dialects", "rerank_dialects"),
+    "dialects": ("dialects", "rerank_dialects", "cohere"),
     "core": ("scoring", "service", "registry", "names", "requests", "metrics",
              "metricfiles"),
     "batcher": ("batcher",),
     "models": ("backends",),
 }
-LEAVES = ("__init__", "config", "contracts", "errors", "encoding", "hashing", "vectors")
+LEAVES = ("__init__", "config", "contracts", "errors", "encoding", "hashing", "vectors",
+          "quantize")
 CLIENT_MAY_IMPORT = ("__init__", "client", "config", "contracts", "encoding", "hashing",
                      "vectors")
 ORDER = list(LAYERS)

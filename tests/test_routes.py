@@ -33,6 +33,8 @@ SAMPLE_BODIES: dict[str, Any] = {
     "TEIRerankRequest": {"query": "a query", "texts": ["a text", "another"]},
     "TEISimilarityRequest": {"inputs": {"source_sentence": "a text", "sentences": ["a"]}},
     "CohereRerankRequest": {"model": MODEL, "query": "a query", "documents": ["a text"]},
+    "CohereEmbedRequest": {"model": MODEL, "texts": ["a text"],
+                           "input_type": "search_document"},
 }
 ROUTE_METHODS = [(route.path, verb) for route in ROUTES for verb in route.methods]
 

@@ -59,6 +59,11 @@ def test_serves_embeddings_with_the_standard_library_only(bare_python: str) -> N
         from embedserve.hashing import HashEmbedder
         status, _, body = srv.request("POST", "/embed", {"inputs": "zero dependencies"})
         assert body == [HashEmbedder().embed_one("zero dependencies")]
+        # Compact codes (Cohere's /v2/embed) are computed in pure Python too.
+        status, _, body = srv.request("POST", "/v2/embed", {
+            "texts": ["zero dependencies"], "embedding_types": ["int8", "ubinary"]})
+        assert status == 200 and len(body["embeddings"]["ubinary"][0]) == 384 // 8
+        assert all(-128 <= code <= 127 for code in body["embeddings"]["int8"][0])
     finally:
         assert srv.stop() == 0
 

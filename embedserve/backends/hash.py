@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from embedserve.backends import Encoded, Token
 from embedserve.hashing import WORD_PATTERN, HashEmbedder
+from embedserve.quantize import unit_ranges
 
 # Embedders for request-time `dimensions` other than the served size. Each holds its own
 # word cache (up to hashing._MAX_CACHED_WORDS words), so only the few most recently asked
@@ -28,6 +29,9 @@ class HashBackend:
         self.dimensions = dimensions
         self.model = self._embedder.model
         self.prompts: dict[str, str] = {}
+        # int8 / uint8 codes: the vectors are unit length, so [-1, 1] holds every coordinate,
+        # for the served size and any other `dimensions` alike.
+        self.quantization_ranges = unit_ranges(dimensions)
         self._others: OrderedDict[int, HashEmbedder] = OrderedDict()
         self._others_lock = threading.Lock()
 

@@ -21,9 +21,12 @@ from embedserve.backends import (DEFAULT_MODEL, EMBED, EMBEDDING, BackendError, 
                                  Encoding, Token, model_folder_problem)
 from embedserve.backends.tokens import RequestTokenizer, TokenIds
 from embedserve.config import Config
+from embedserve.quantize import CALIBRATION_TEXTS, Ranges, calibrate
 
 log = logging.getLogger("embedserve.backends")
 
+# Calibration texts a forward pass (small: a big model on a small GPU must not run out).
+CALIBRATION_BATCH = 16
 # Pairs of forward passes timed to learn what a pass costs (the median estimate is kept).
 OVERHEAD_ROUNDS = 5
 # nomic-embed models expect a task prefix and ship no prompts of their own.
@@ -154,6 +157,8 @@ class TorchBackend:
     default_prompt_name: str | None
     # What one forward pass costs beyond its padded tokens, in tokens (set by warm_up).
     pass_overhead_tokens: float = 0.0
+    # int8 / uint8 ranges, calibrated by warm_up (quantize.py).
+    quantization_ranges: Ranges | None = None
     _request_tokenizer: RequestTokenizer
     # Whether request threads tokenize into ids that the model thread pads (checked against
     # the library's own tokenization at load), or the model thread tokenizes with the library.
@@ -325,6 +330,18 @@ class TorchBackend:
         # before /health says ready. Then time a few more to learn what a pass costs.
         self.forward(self._probe_items(["warm up"]))
         self.pass_overhead_tokens = self._measure_pass_overhead()
+        self.quantization_ranges = self._calibrate()
+
+    def _calibrate(self) -> Ranges:
+        """The per-dimension ranges of int8 / uint8 codes: min and max of this model's
+        normalised embeddings of the built-in calibration texts (no prompt), found once here,
+        so that a vector's codes never depend on what else its request held."""
+        vectors: list[list[float]] = []
+        for start in range(0, len(CALIBRATION_TEXTS), CALIBRATION_BATCH):
+            batch = self.prepare(CALIBRATION_TEXTS[start:start + CALIBRATION_BATCH])
+            vectors += self.forward(batch).lists(normalize=True)
+        return calibrate(vectors, f"calibration: per-dimension min and max of the model's "
+                                  f"normalised embeddings of {len(vectors)} built-in texts")
 
     def _measure_pass_overhead(self) -> float:
         """The fixed cost of one forward pass, in padded tokens: what merging two batches
