@@ -18,8 +18,11 @@ import re
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
-from itertools import chain
-from operator import mul
+from collections import deque
+from itertools import chain, repeat
+from operator import mul, truediv
+
+from embedserve.encoding import SparseVector
 
 HASH_VERSION = 1
 DEFAULT_DIMENSIONS = 384
@@ -77,6 +80,7 @@ class HashEmbedder:
         self.model = model_name(dimensions)
         # Interned bucket numbers: cached tuples then share one int object per bucket.
         self._bucket = tuple(range(dimensions))
+        self._zeros = [0.0] * dimensions  # copied, never changed
         self._positive: dict[str, tuple[int, ...]] = {}
         self._negative: dict[str, tuple[int, ...]] = {}
         # The caches are read with C-level map(); a clear() from another thread in the
@@ -97,6 +101,19 @@ class HashEmbedder:
         with self._lock:
             for text in texts:
                 vector, words = self._embed_one(text, normalize)
+                vectors.append(vector)
+                counts.append(words)
+        return vectors, counts
+
+    def embed_sparse_with_counts(self, texts: Sequence[str], *, normalize: bool = True
+                                 ) -> tuple[list[SparseVector], list[int]]:
+        """embed_with_counts, each vector a SparseVector (equal to the list embed gives):
+        what the server writes, since its writers then skip the zeros."""
+        vectors: list[SparseVector] = []
+        counts: list[int] = []
+        with self._lock:
+            for text in texts:
+                vector, words = self._embed_sparse(text, normalize)
                 vectors.append(vector)
                 counts.append(words)
         return vectors, counts
@@ -149,6 +166,25 @@ class HashEmbedder:
         return buckets
 
     def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
+        buckets, norm, words = self._weights(text, normalize)
+        vector = [0.0] * self.dimensions
+        for index, value in buckets.items():
+            vector[index] = value / norm
+        return vector, words
+
+    def _embed_sparse(self, text: str, normalize: bool) -> tuple[SparseVector, int]:
+        buckets, norm, words = self._weights(text, normalize)
+        places = sorted(buckets)
+        # The very divisions _embed_one makes, so the same bits.
+        values = list(map(truediv, map(buckets.__getitem__, places), repeat(norm)))
+        vector = SparseVector(self._zeros)
+        deque(map(vector.__setitem__, places, values), maxlen=0)  # C-level loop
+        vector.places, vector.values = places, values
+        return vector, words
+
+    def _weights(self, text: str, normalize: bool) -> tuple[dict[int, int], float, int]:
+        """The integer buckets (the zero ones left out), the norm to divide them by, and
+        the text's word count."""
         if not isinstance(text, str):
             raise TypeError(f"expected str, got {type(text).__name__}")
         lowered = text.lower()
@@ -168,8 +204,4 @@ class HashEmbedder:
             values = buckets.values()
             squares = sum(map(mul, values, values))
 
-        vector = [0.0] * self.dimensions
-        norm = math.sqrt(squares) if normalize else 1.0
-        for index, value in buckets.items():
-            vector[index] = value / norm
-        return vector, len(words)
+        return buckets, math.sqrt(squares) if normalize else 1.0, len(words)
