@@ -14,15 +14,10 @@ from collections.abc import Sequence
 _BIG_ENDIAN = sys.byteorder == "big"
 # -0.0 in native byte order: the one zero whose text is not "0.0".
 _NEGATIVE_ZERO = struct.pack("=d", -0.0)
-_ZERO_FLOAT32 = (0.0,)
 
 
 def float32_base64(vector: Sequence[float]) -> str:
-    if isinstance(vector, SparseVector):
-        packed = array("f", _ZERO_FLOAT32) * len(vector)
-        deque(map(packed.__setitem__, vector.places, vector.values), maxlen=0)
-    else:
-        packed = array("f", vector)
+    packed = array("f", vector)
     if _BIG_ENDIAN:
         packed.byteswap()
     return base64.b64encode(packed.tobytes()).decode("ascii")
@@ -37,14 +32,14 @@ def decode_float32_base64(text: str) -> list[float]:
 
 
 class SparseVector(list[float]):
-    """A vector that is a plain list of floats to every reader, and also carries where its
-    non-zero values are: `places` (ascending) and `values` (the floats there). Every other
-    element is 0.0 (never -0.0). The hash tier makes these (most of a hash vector is zeros),
-    so the writers below touch a few dozen values instead of scanning hundreds."""
+    """A vector that is a plain list of floats to every reader, and also says how it was
+    made: element i is exactly `weights.get(i, 0) / norm` (an integer over one norm, as the
+    hash tier makes them). Most elements are zeros and the weights take few distinct values,
+    so the writers below format each distinct value once and never look at the zeros."""
 
-    __slots__ = ("places", "values")
-    places: list[int]
-    values: list[float]
+    __slots__ = ("weights", "norm")
+    weights: dict[int, int]
+    norm: float
 
 
 def float_array_json(vector: Sequence[float]) -> str:
@@ -56,14 +51,16 @@ def float_array_json(vector: Sequence[float]) -> str:
     distinct values (small integers over one norm), mostly zeros: each distinct value is
     formatted once, and a SparseVector's zeros are never looked at one by one."""
     if isinstance(vector, SparseVector):
-        values = vector.values
-        distinct = set(values)
-        if all(map(math.isfinite, distinct)):
-            # json writes finite floats with float.__repr__.
-            text = {value: repr(value) for value in distinct}
+        weights, norm = vector.weights, vector.norm
+        # The very division that made each element, so the very float; json writes finite
+        # floats with float.__repr__ (0 / norm is 0.0, the text of every other element).
+        # A few distinct weights: each is divided and formatted once.
+        scaled = {weight: weight / norm for weight in set(weights.values())}
+        if all(map(math.isfinite, scaled.values())):
+            text = {weight: repr(value) for weight, value in scaled.items()}
             parts = ["0.0"] * len(vector)
-            # Each non-zero value's text put in its place (a C-level loop: map, drained).
-            deque(map(parts.__setitem__, vector.places, map(text.__getitem__, values)),
+            # Each weight's text put in its place (a C-level loop: map, drained).
+            deque(map(parts.__setitem__, weights, map(text.__getitem__, weights.values())),
                   maxlen=0)
             return "[" + ",".join(parts) + "]"
     distinct = set(vector)
@@ -71,8 +68,8 @@ def float_array_json(vector: Sequence[float]) -> str:
         # 0.0 and -0.0 are one set entry (they are equal): with both in the vector, the
         # text of either would be that of whichever came first.
         if all(distinct) or not _has_negative_zero(vector):
-            text = {value: repr(value) for value in distinct}
-            return "[" + ",".join(map(text.__getitem__, vector)) + "]"
+            written = {value: repr(value) for value in distinct}
+            return "[" + ",".join(map(written.__getitem__, vector)) + "]"
     return json.dumps(vector, separators=(",", ":"))
 
 

@@ -18,9 +18,8 @@ import re
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
-from collections import deque
-from itertools import chain, repeat
-from operator import mul, truediv
+from itertools import chain
+from operator import mul
 
 from embedserve.encoding import SparseVector
 
@@ -174,12 +173,10 @@ class HashEmbedder:
 
     def _embed_sparse(self, text: str, normalize: bool) -> tuple[SparseVector, int]:
         buckets, norm, words = self._weights(text, normalize)
-        places = sorted(buckets)
-        # The very divisions _embed_one makes, so the same bits.
-        values = list(map(truediv, map(buckets.__getitem__, places), repeat(norm)))
         vector = SparseVector(self._zeros)
-        deque(map(vector.__setitem__, places, values), maxlen=0)  # C-level loop
-        vector.places, vector.values = places, values
+        for index, value in buckets.items():
+            vector[index] = value / norm  # as in _embed_one: the same bits
+        vector.weights, vector.norm = buckets, norm
         return vector, words
 
     def _weights(self, text: str, normalize: bool) -> tuple[dict[int, int], float, int]:

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from common import (BENCH_DIR, HOST, SERVER_START_TIMEOUT, Child, Endpoint, LoadResult, Report,
-                    Row, Scenario, Target, child_pids, free_port, git_revision, load_corpus,
+                    Row, Scenario, Target, free_port, git_revision, load_corpus,
                     emit, maps_mention, progress, read_ready_port, run_load, timed,
                     wait_healthy, worker_rss_mb)
-from profile_core import profile
+from profile_core import profile, worker_pid
 
 DIMENSIONS = 384
 SKLEARN = "sklearn HashingVectorizer"
@@ -173,9 +173,9 @@ def bench_served(texts: list[str], report: Report, duration: float, warmup: floa
                                "texts/s", True, served, {IN_PROCESS: in_process},
                                Target(">= 0.9x", min_ratio=0.9)))
         if with_profile:
-            worker = max(child_pids(ours.pid), default=ours.pid)
-            profile_table, facts = profile(endpoints[0], worker, texts, duration, warmup,
-                                           model=model, dimensions=DIMENSIONS)
+            profile_table, facts = profile(endpoints[0], worker_pid(ours.pid), texts,
+                                           duration, warmup, model=model,
+                                           dimensions=DIMENSIONS)
             report.facts["profile"] = facts
         report.facts["numpy_loaded_by_embedserve_server"] = maps_mention(ours.pid, "numpy")
         report.add(Row("worker RSS after the served scenarios", "MB", False,

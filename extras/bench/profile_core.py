@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import HOST, Endpoint, LoadResult, Scenario, progress, request_bodies, run_load
+from common import (HOST, Endpoint, LoadResult, Scenario, child_pids, progress, request_bodies,
+                    run_load)
 
 
 def _thread_us(action: Callable[[], object], repeat: int) -> float:
@@ -108,6 +109,17 @@ def _socket_write_us(bodies: list[bytes], repeat: int) -> float:
 
 
 # --- the served side -------------------------------------------------------------------------
+
+def worker_pid(server: int) -> int:
+    """The server's worker: its child spawned by multiprocessing (not the resource tracker)."""
+    for child in child_pids(server):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        except OSError:
+            continue
+    raise RuntimeError(f"no worker process under pid {server}")
+
 
 def _cpu_and_switches(pid: int) -> tuple[float, int]:
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
