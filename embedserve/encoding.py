@@ -10,6 +10,8 @@ import sys
 from array import array
 from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
+from operator import setitem
 
 _BIG_ENDIAN = sys.byteorder == "big"
 # -0.0 in native byte order: the one zero whose text is not "0.0".
@@ -60,8 +62,8 @@ def float_array_json(vector: Sequence[float]) -> str:
             text = {weight: repr(value) for weight, value in scaled.items()}
             parts = ["0.0"] * len(vector)
             # Each weight's text put in its place (a C-level loop: map, drained).
-            deque(map(parts.__setitem__, weights, map(text.__getitem__, weights.values())),
-                  maxlen=0)
+            deque(map(setitem, repeat(parts), weights, map(text.__getitem__,
+                                                           weights.values())), maxlen=0)
             return "[" + ",".join(parts) + "]"
     distinct = set(vector)
     if len(distinct) * 4 <= len(vector) and all(map(math.isfinite, distinct)):
