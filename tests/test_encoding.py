@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import sys
 
@@ -129,3 +130,12 @@ def test_a_sparse_vector_with_non_finite_values_is_written_as_json_dumps_writes_
         vector.weights, vector.norm = {3: weight}, norm
         assert not math.isfinite(vector[3])
         assert float_array_json(vector) == dumps(list(vector))
+
+
+def test_a_sparse_vector_survives_pickling_whole() -> None:
+    """Hosts that move results between processes (multiprocessing, Ray) pickle them."""
+    vector = HashEmbedder(64).embed_sparse_with_counts(["pickled hash vector"])[0][0]
+    copied = pickle.loads(pickle.dumps(vector))
+    assert type(copied) is SparseVector and copied == vector
+    assert (copied.weights, copied.norm) == (vector.weights, vector.norm)
+    assert float_array_json(copied) == dumps(list(vector))
