@@ -79,7 +79,6 @@ class HashEmbedder:
         self.model = model_name(dimensions)
         # Interned bucket numbers: cached tuples then share one int object per bucket.
         self._bucket = tuple(range(dimensions))
-        self._zeros = [0.0] * dimensions  # copied, never changed
         self._positive: dict[str, tuple[int, ...]] = {}
         self._negative: dict[str, tuple[int, ...]] = {}
         # The caches are read with C-level map(); a clear() from another thread in the
@@ -166,18 +165,21 @@ class HashEmbedder:
 
     def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
         buckets, norm, words = self._weights(text, normalize)
-        vector = [0.0] * self.dimensions
-        for index, value in buckets.items():
-            vector[index] = value / norm
-        return vector, words
+        return self._dense(buckets, norm), words
 
     def _embed_sparse(self, text: str, normalize: bool) -> tuple[SparseVector, int]:
         buckets, norm, words = self._weights(text, normalize)
-        vector = SparseVector(self._zeros)
-        for index, value in buckets.items():
-            vector[index] = value / norm  # as in _embed_one: the same bits
+        # Filled as a plain list, then copied whole: item by item, a list subclass takes
+        # the interpreter's slower path.
+        vector = SparseVector(self._dense(buckets, norm))
         vector.weights, vector.norm = buckets, norm
         return vector, words
+
+    def _dense(self, buckets: dict[int, int], norm: float) -> list[float]:
+        vector = [0.0] * self.dimensions
+        for index, value in buckets.items():
+            vector[index] = value / norm
+        return vector
 
     def _weights(self, text: str, normalize: bool) -> tuple[dict[int, int], float, int]:
         """The integer buckets (the zero ones left out), the norm to divide them by, and
