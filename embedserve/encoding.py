@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import struct
 import sys
 from array import array
+from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
+from operator import setitem
 
 _BIG_ENDIAN = sys.byteorder == "big"
+# -0.0 in native byte order: the one zero whose text is not "0.0".
+_NEGATIVE_ZERO = struct.pack("=d", -0.0)
 
 
 def float32_base64(vector: Sequence[float]) -> str:
-    packed = array("f", vector)
+    # array() takes a plain list the fast way, a list subclass (a SparseVector) item by
+    # item at twice the cost: a copy of the list is cheaper.
+    packed = array("f", vector if type(vector) is list else list(vector))
     if _BIG_ENDIAN:
         packed.byteswap()
     return base64.b64encode(packed.tobytes()).decode("ascii")
@@ -26,17 +35,58 @@ def decode_float32_base64(text: str) -> list[float]:
     return packed.tolist()
 
 
+class SparseVector(list[float]):
+    """A vector that is a plain list of floats to every reader, and also says how it was
+    made: element i is exactly `weights.get(i, 0) / norm` (an integer over one norm, as the
+    hash tier makes them). Most elements are zeros and the weights take few distinct values,
+    so the writers below format each distinct value once and never look at the zeros."""
+
+    __slots__ = ("weights", "norm")
+    weights: dict[int, int]
+    norm: float
+
+
 def float_array_json(vector: Sequence[float]) -> str:
     """The JSON text of a float array, byte for byte what json.dumps(..., separators=(",",
-    ":")) writes. Float formatting dominates a float response; a hash vector holds only a
-    handful of distinct values (small integers over one norm), so each is formatted once."""
+    ":")) writes, NaN and infinities included (json writes them as NaN, Infinity and
+    -Infinity, which strict JSON parsers refuse; no tier produces them).
+
+    Float formatting dominates a float response, and a hash vector holds only a handful of
+    distinct values (small integers over one norm), mostly zeros: each distinct value is
+    formatted once, and a SparseVector's zeros are never looked at one by one."""
+    if isinstance(vector, SparseVector):
+        weights, norm = vector.weights, vector.norm
+        # The very division that made each element, so the very float; json writes finite
+        # floats with float.__repr__ (0 / norm is 0.0, the text of every other element).
+        # A few distinct weights: each is divided and formatted once.
+        scaled = {weight: weight / norm for weight in set(weights.values())}
+        if all(map(math.isfinite, scaled.values())):
+            text = {weight: repr(value) for weight, value in scaled.items()}
+            parts = ["0.0"] * len(vector)
+            # Each weight's text put in its place (a C-level loop: map, drained).
+            deque(map(setitem, repeat(parts), weights, map(text.__getitem__,
+                                                           weights.values())), maxlen=0)
+            return "[" + ",".join(parts) + "]"
     distinct = set(vector)
-    if len(distinct) * 4 <= len(vector):
-        # json writes finite floats with float.__repr__. (0.0 and -0.0 share a set entry;
-        # the hash tier never produces -0.0.)
-        text = {value: repr(value) for value in distinct}
-        return "[" + ",".join(map(text.__getitem__, vector)) + "]"
+    if len(distinct) * 4 <= len(vector) and all(map(math.isfinite, distinct)):
+        # 0.0 and -0.0 are one set entry (they are equal): with both in the vector, the
+        # text of either would be that of whichever came first.
+        if all(distinct) or not _has_negative_zero(vector):
+            written = {value: repr(value) for value in distinct}
+            return "[" + ",".join(map(written.__getitem__, vector)) + "]"
     return json.dumps(vector, separators=(",", ":"))
+
+
+def _has_negative_zero(vector: Sequence[float]) -> bool:
+    """Whether any element is -0.0: a search of the packed doubles for its bit pattern (at a
+    multiple of 8 bytes: the pattern may also straddle two neighbouring values)."""
+    packed = array("d", vector).tobytes()
+    found = packed.find(_NEGATIVE_ZERO)
+    while found >= 0:
+        if not found % 8:
+            return True
+        found = packed.find(_NEGATIVE_ZERO, found + 1)
+    return False
 
 
 def float32_base64_json(vector: Sequence[float]) -> str:

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from embedserve import __version__
-from embedserve.connections import DeadlineReader
+from embedserve.connections import DeadlineReader, send_within
 from embedserve.dialects import Dialect
 from embedserve.errors import ApiError, quoted
 from embedserve.routes import ROUTES
@@ -61,6 +61,7 @@ class Handler(BaseHTTPRequestHandler):
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, _READ_CHUNK)
         self.linger = False
+        self.write_timeout = self.server.config.request_timeout
 
     @property
     def service(self) -> EmbeddingService:
@@ -234,6 +235,8 @@ class Handler(BaseHTTPRequestHandler):
             if not select.select([conn], [], [], 0)[0]:
                 return False
             return conn.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False  # readable a moment ago, not now: still there
         except (OSError, ValueError):
             return True
 
@@ -316,17 +319,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        # A reader that takes its time gets request_timeout for the whole response too.
-        self.connection.settimeout(self.server.config.request_timeout)
-        # One write: headers and body leave in the same segment.
-        self.wfile.write(head + body if self.command != "HEAD" else head)
+        # One write: headers and body leave in the same segment. A reader that takes its
+        # time gets request_timeout for the whole response too.
+        send_within(self.connection, head + body if self.command != "HEAD" else head,
+                    self.write_timeout)
         if self.server.config.access_log:
             access_log.info('%s "%s" %d %d', self.client_address[0], self.requestline,
                             status, len(body))
 
     def _try_send(self, error: ApiError) -> None:
         try:
-            self.connection.settimeout(1.0)
+            self.write_timeout = 1.0  # the connection closes after it
             self.send_json(error.status, self._dialect_of_request().error_body(error))
         except OSError:
             pass

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from itertools import chain
 from operator import mul
 
+from embedserve.encoding import SparseVector
+
 HASH_VERSION = 1
 DEFAULT_DIMENSIONS = 384
 NGRAM_SIZES = (3, 5)
@@ -101,6 +103,19 @@ class HashEmbedder:
                 counts.append(words)
         return vectors, counts
 
+    def embed_sparse_with_counts(self, texts: Sequence[str], *, normalize: bool = True
+                                 ) -> tuple[list[SparseVector], list[int]]:
+        """embed_with_counts, each vector a SparseVector (equal to the list embed gives):
+        what the server writes, since its writers then skip the zeros."""
+        vectors: list[SparseVector] = []
+        counts: list[int] = []
+        with self._lock:
+            for text in texts:
+                vector, words = self._embed_sparse(text, normalize)
+                vectors.append(vector)
+                counts.append(words)
+        return vectors, counts
+
     def _codes(self, word: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         positive: list[int] = []
         negative: list[int] = []
@@ -149,6 +164,26 @@ class HashEmbedder:
         return buckets
 
     def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
+        buckets, norm, words = self._weights(text, normalize)
+        return self._dense(buckets, norm), words
+
+    def _embed_sparse(self, text: str, normalize: bool) -> tuple[SparseVector, int]:
+        buckets, norm, words = self._weights(text, normalize)
+        # Filled as a plain list, then copied whole: item by item, a list subclass takes
+        # the interpreter's slower path.
+        vector = SparseVector(self._dense(buckets, norm))
+        vector.weights, vector.norm = buckets, norm
+        return vector, words
+
+    def _dense(self, buckets: dict[int, int], norm: float) -> list[float]:
+        vector = [0.0] * self.dimensions
+        for index, value in buckets.items():
+            vector[index] = value / norm
+        return vector
+
+    def _weights(self, text: str, normalize: bool) -> tuple[dict[int, int], float, int]:
+        """The integer buckets (the zero ones left out), the norm to divide them by, and
+        the text's word count."""
         if not isinstance(text, str):
             raise TypeError(f"expected str, got {type(text).__name__}")
         lowered = text.lower()
@@ -168,8 +203,4 @@ class HashEmbedder:
             values = buckets.values()
             squares = sum(map(mul, values, values))
 
-        vector = [0.0] * self.dimensions
-        norm = math.sqrt(squares) if normalize else 1.0
-        for index, value in buckets.items():
-            vector[index] = value / norm
-        return vector, len(words)
+        return buckets, math.sqrt(squares) if normalize else 1.0, len(words)

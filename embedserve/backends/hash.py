@@ -41,8 +41,9 @@ class HashBackend:
         the first d of the served vector: hash buckets are not ordered by importance, so
         a head of them can be all zeros."""
         embedder = self._embedder_for(dimensions)
-        vectors, token_counts = embedder.embed_with_counts(texts, normalize=normalize)
-        return Encoded(vectors, token_counts)
+        # SparseVectors: the wire writers skip their zeros (encoding.py).
+        vectors, token_counts = embedder.embed_sparse_with_counts(texts, normalize=normalize)
+        return Encoded(list(vectors), token_counts)
 
     def _embedder_for(self, dimensions: int | None) -> HashEmbedder:
         if dimensions is None or dimensions == self.dimensions:
