@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedserve.backends import (EMBEDDING, RERANKER, SCORE, BackendError, BatchedModel,
                                  Encoding)
-from embedserve.backends.torch_base import (TorchBackend, first_line, locate_model,
-                                            read_json)
+from embedserve.backends.torch_base import (TorchBackend, batch_difference, first_line,
+                                            locate_model, read_json)
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -114,11 +114,8 @@ class RerankBackend(TorchBackend):
             ours = self._pad([e.data for q, d in probes
                               for e in self._request_tokenizer.encode_pair_ids(q, [d])])
             tensors = {k: v for k, v in theirs.items() if isinstance(v, torch.Tensor)}
-            if tensors.keys() != ours.keys():
-                return f"the library's batches hold {sorted(tensors)}, not {sorted(ours)}"
-            for key, value in tensors.items():
-                if not torch.equal(value, ours[key]):
-                    return f"the library's {key} differ from the tokenizer's"
+            if (problem := batch_difference(tensors, ours)) is not None:
+                return problem
         except Exception as exc:  # whatever the cause, the library's own path still works
             return f"checking failed: {type(exc).__name__}: {exc}"
         self._extra_features = {k: v for k, v in theirs.items() if k not in tensors}

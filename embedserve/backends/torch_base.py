@@ -99,6 +99,19 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def batch_difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str | None:
+    """How the library's padded batch (tensors) differs from ours, or None: the check that
+    lets request threads tokenize."""
+    import torch
+
+    if theirs.keys() != ours.keys():
+        return f"the library's batches hold {sorted(theirs)}, not {sorted(ours)}"
+    for key, value in theirs.items():
+        if not torch.equal(value, ours[key]):
+            return f"the library's {key} differ from the tokenizer's"
+    return None
+
+
 def pick_dtype(device: str, fp32: bool) -> Any:
     import torch
 
@@ -219,11 +232,8 @@ class TorchBackend:
                     return "the untruncated counts differ from the tokenizer's"
                 ours = self._pad([e.data for e in encodings])
                 tensors = {k: v for k, v in theirs.items() if isinstance(v, torch.Tensor)}
-                if tensors.keys() != ours.keys():
-                    return f"the library's batches hold {sorted(tensors)}, not {sorted(ours)}"
-                for key, value in tensors.items():
-                    if not torch.equal(value, ours[key]):
-                        return f"the library's {key} differ from the tokenizer's"
+                if (problem := batch_difference(tensors, ours)) is not None:
+                    return problem
         except Exception as exc:  # whatever the cause, the library's own path still works
             return f"checking failed: {type(exc).__name__}: {exc}"
         finally:
