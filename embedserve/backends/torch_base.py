@@ -340,7 +340,8 @@ class TorchBackend:
         # before /health says ready. Then time a few more to learn what a pass costs.
         self.forward(self._probe_items(["warm up"]))
         self.pass_overhead_tokens = self._measure_pass_overhead()
-        self.quantization_ranges = self._calibrate()
+        if self.kind == EMBEDDING:  # a reranker's scores are not quantized
+            self.quantization_ranges = self._calibrate()
 
     def _calibrate(self) -> Ranges:
         """The per-dimension ranges of int8 / uint8 codes: min and max of this model's
