@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from embedserve.client.errors import EmbedServeError, ServerStartError, ServerUnavailable
@@ -54,7 +55,29 @@ RECHECK_INTERVAL = 2.0
 REFUSAL_RETRIES = 3
 
 
-class ServerFinder:
+class DownMemory:
+    """Remembers a call that found no server, for RECHECK_INTERVAL: then calls go to the
+    fallback (where allowed) without retrying. Shared by ServerFinder and pool.ServerPool;
+    a subclass sets `_lock` and calls `_forget_failure` in its __init__."""
+
+    _lock: Any
+
+    def _forget_failure(self) -> None:
+        self._down_until = 0.0  # while in the future: do not retry or start, fall back
+        self.down_error: ServerUnavailable | None = None
+
+    def recently_failed(self) -> bool:
+        """Within RECHECK_INTERVAL of a call that found no server (see `down_error`)."""
+        return self._down_until > time.monotonic()
+
+    def note_failure(self, error: ServerUnavailable) -> None:
+        """A call found no server: for RECHECK_INTERVAL, do not look for one again."""
+        with self._lock:
+            self._down_until = time.monotonic() + RECHECK_INTERVAL
+            self.down_error = error
+
+
+class ServerFinder(DownMemory):
     """The server one client uses (its current Target), found or started on demand, and
     forgotten when it goes away. Thread-safe: a lock guards the lifecycle state."""
 
@@ -72,8 +95,7 @@ class ServerFinder:
         self._generation = 0
         self._had_server = False
         self._restart_times: collections.deque[float] = collections.deque()
-        self._down_until = 0.0  # while in the future: do not retry or start, fall back
-        self.down_error: ServerUnavailable | None = None
+        self._forget_failure()
         # A server this client did not start went away: whoever runs it may be restarting
         # it, so a client that may not start one waits for it (once per loss).
         self._foreign_lost = False
@@ -127,16 +149,6 @@ class ServerFinder:
         if isinstance(exc, ConnectionRefusedError):
             return True
         return target.server is not None and not target.server.alive()
-
-    def recently_failed(self) -> bool:
-        """Within RECHECK_INTERVAL of a call that found no server (see `down_error`)."""
-        return self._down_until > time.monotonic()
-
-    def note_failure(self, error: ServerUnavailable) -> None:
-        """A call found no server: for RECHECK_INTERVAL, do not look for one again."""
-        with self._lock:
-            self._down_until = time.monotonic() + RECHECK_INTERVAL
-            self.down_error = error
 
     def close(self) -> tuple[bool, ServerProcess | None]:
         """Mark closed: (whether this call closed it, the server it owned, to stop)."""

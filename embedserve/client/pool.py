@@ -25,15 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from embedserve.client.errors import EmbedServeError, ServerUnavailable
+from embedserve.client.errors import EmbedServeError
+from embedserve.client.finder import DownMemory
 from embedserve.client.options import Options
 from embedserve.client.process import ServerProcess
 from embedserve.client.transport import RetryPolicy, Target
 
 log = logging.getLogger("embedserve.client")
 
-# How long calls go straight to the fallback after every server failed one (as finder.py).
-RECHECK_INTERVAL = 2.0
 
 
 @dataclass(eq=False)
@@ -45,7 +44,7 @@ class Member:
     last_pick: int = 0
 
 
-class ServerPool:
+class ServerPool(DownMemory):
     """The servers one client spreads its requests over; thread-safe. Answers what
     Client asks of its finder (finder.ServerFinder for one server)."""
 
@@ -57,8 +56,7 @@ class ServerPool:
         self._picks = 0
         self.target: Target | None = None  # the last one picked
         self.closed = False
-        self._down_until = 0.0
-        self.down_error: ServerUnavailable | None = None
+        self._forget_failure()
 
     @property
     def size(self) -> int:
@@ -135,14 +133,6 @@ class ServerPool:
     def shares_info(cached: Target, target: Target) -> bool:
         """Replicas serve alike: one /info describes every server of the pool."""
         return True
-
-    def recently_failed(self) -> bool:
-        return self._down_until > time.monotonic()
-
-    def note_failure(self, error: ServerUnavailable) -> None:
-        with self._lock:
-            self._down_until = time.monotonic() + RECHECK_INTERVAL
-            self.down_error = error
 
     def close(self) -> tuple[bool, ServerProcess | None]:
         with self._lock:
