@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (BENCH_DIR, HOST, SERVER_START_TIMEOUT, Child, Endpoint, LoadResult, Report,
-                    Row, Scenario, Target, free_port, git_revision, load_corpus,
+                    Row, Scenario, Target, free_port, machine_facts, load_corpus,
                     emit, maps_mention, progress, read_ready_port, run_load, timed,
                     wait_healthy, worker_rss_mb)
 from profile_core import profile, worker_pid
@@ -319,10 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     duration, warmup, startup_runs = (2.0, 0.3, 3) if args.quick else (5.0, 1.0, 5)
     began = time.perf_counter()
     texts, source = load_corpus()
-    report = Report(facts={"revision": git_revision(), "corpus": source, "texts": len(texts),
-                           "python": platform.python_version(), "platform": platform.platform(),
-                           "cpus": os.cpu_count(), "quick": args.quick,
-                           "served_seconds": duration})
+    report = Report(facts={**machine_facts(), "corpus": source, "texts": len(texts),
+                           "quick": args.quick, "served_seconds": duration})
     progress(f"corpus: {len(texts)} texts from {source}")
 
     progress("in-process: HashEmbedder vs sklearn HashingVectorizer")

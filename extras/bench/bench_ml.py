@@ -42,7 +42,6 @@ import http.client
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -55,7 +54,7 @@ from typing import Any
 
 from common import (BENCH_DIR, CHILD_ENV, HOST, Child, CpuMeter, Endpoint, LoadResult, Report,
                     Row, Scenario, Target, emit, exit_on_sigterm, fixed_sample, free_port, get_json,
-                    git_revision, load_corpus, model_folder, percentile, progress,
+                    machine_facts, load_corpus, model_folder, percentile, progress,
                     read_ready_port, run_load, stop_tree, timed, wait_healthy)
 
 DIMENSIONS = 384
@@ -610,10 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     CHILD_ENV["FASTAPI_ML_REF_MODEL"] = folder  # the reference serves the same folder
     texts, source = load_corpus()
     sample = fixed_sample(texts, settings.sample)
-    report = Report(facts={"revision": git_revision(), "corpus": source, "sample": len(sample),
-                           "python": platform.python_version(), "platform": platform.platform(),
-                           "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "quick": args.quick, "settings": asdict(settings), "model": folder,
+    report = Report(facts={**machine_facts(), "corpus": source, "sample": len(sample),
+                           "torch": torch.__version__, "quick": args.quick, "settings": asdict(settings), "model": folder,
                            "server_args": args.server_args, "device": args.device,
                            "torch_threads_in_process": torch.get_num_threads()})
     if skipped:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ from typing import Any
 
 from common import (HOST, Child, CpuMeter, Endpoint, LoadResult, Report, Row, Scenario, Target,
                     check_response, emit, exit_on_sigterm, fixed_sample, get_json,
-                    git_revision, load_corpus, model_folder, percentile, progress,
+                    machine_facts, load_corpus, model_folder, percentile, progress,
                     read_ready_port, request_bodies, run_load, stop_tree, worker_rss_mb)
 
 DIMENSIONS = 384
@@ -456,10 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"extras/bench/requirements.txt") from None
     texts, source = load_corpus()
     sample = fixed_sample(texts, settings.sample)
-    report = Report(facts={"revision": git_revision(), "corpus": source, "sample": len(sample),
-                           "python": platform.python_version(), "platform": platform.platform(),
-                           "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "quick": args.quick, "settings": asdict(settings), "model": folder,
+    report = Report(facts={**machine_facts(), "corpus": source, "sample": len(sample),
+                           "torch": torch.__version__, "quick": args.quick, "settings": asdict(settings), "model": folder,
                            "server_args": args.server_args})
     progress(f"corpus: {len(sample)} of {len(texts)} texts from {source}")
     with tempfile.TemporaryDirectory(prefix="bench_models_") as scratch:

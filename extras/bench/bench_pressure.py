@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import random
 import re
 import socket
@@ -49,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (HOST, Child, CpuMeter, Report, Row, Target, emit, exit_on_sigterm,
-                    git_revision, load_corpus, model_folder, percentile, progress,
+                    machine_facts, load_corpus, model_folder, percentile, progress,
                     read_ready_port, stop_tree)
 
 BACKEND = "sentence-transformers"
@@ -460,10 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"bench_pressure needs {exc.name}: pip install -r "
                          f"extras/bench/requirements.txt") from None
     corpus, source = load_corpus()
-    report = Report(facts={"revision": git_revision(), "corpus": source, "texts": len(corpus),
-                           "python": platform.python_version(), "platform": platform.platform(),
-                           "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "quick": args.quick, "settings": asdict(settings), "model": folder,
+    report = Report(facts={**machine_facts(), "corpus": source, "texts": len(corpus),
+                           "torch": torch.__version__, "quick": args.quick, "settings": asdict(settings), "model": folder,
                            "server_args": args.server_args})
     progress(f"corpus: {len(corpus)} texts from {source}; starting the server")
     with running_server(folder, args.server_args.split()) as server:

@@ -21,7 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (CHILD_ENV, HOST, Child, Report, Row, Target, emit, fixed_sample, free_port,
-                    git_revision, load_corpus, model_folder, progress, read_ready_port,
+                    machine_facts, load_corpus, model_folder, progress, read_ready_port,
                     stop_tree, wait_healthy, BENCH_DIR, CpuMeter, exit_on_sigterm)
 
 START_TIMEOUT = 180.0
@@ -154,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = [" ".join(rest[i].split()[:8]) for i in range(CLIENTS)]
     documents = [rest[CLIENTS + i * CLIENT_DOCUMENTS:CLIENTS + (i + 1) * CLIENT_DOCUMENTS]
                  for i in range(CLIENTS)]
-    report = Report(facts={"revision": git_revision(), "corpus": source,
-                           "python": platform.python_version(), "cpus": os.cpu_count(),
+    report = Report(facts={**machine_facts(), "corpus": source,
                            "torch": torch.__version__, "quick": args.quick,
                            "torch_threads_in_process": torch.get_num_threads()})
     with tempfile.TemporaryDirectory() as scratch:

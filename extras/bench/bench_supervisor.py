@@ -28,7 +28,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import (BENCH_DIR, HOST, SERVER_START_TIMEOUT, Child, CpuMeter, Report, Row,
-                    age_s, child_pids, emit, exit_on_sigterm, free_port, git_revision,
+                    age_s, child_pids, emit, exit_on_sigterm, free_port, machine_facts,
                     progress, read_ready_port, start_ticks, stop_tree, wait_healthy)
 from embedserve.supervisor import BACKOFF_START, STABLE_AFTER
 
@@ -326,8 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kills = 5 if args.quick else 10
     began = time.perf_counter()
     meter = CpuMeter()
-    report = Report(facts={"revision": git_revision(), "python": platform.python_version(),
-                           "platform": platform.platform(), "cpus": os.cpu_count(),
+    report = Report(facts={**machine_facts(),
                            "quick": args.quick, "kills": kills, "stable_after_s": STABLE_AFTER,
                            "poll_interval_s": POLL_INTERVAL})
     with running_servers() as servers:

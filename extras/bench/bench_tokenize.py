@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import (Report, Row, emit, git_revision, load_corpus, model_folder, progress)
+from common import (Report, Row, emit, machine_facts, load_corpus, model_folder, progress)
 
 BACKENDS = ("transformers", "sentence-transformers")
 BATCH = 32  # texts per model batch and per big request (bench_ml.py's 8 clients x 32 texts)
@@ -136,8 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"extras/bench/requirements.txt") from None
     texts, source = load_corpus()
     progress(f"corpus: {len(texts)} texts from {source}")
-    report = Report(facts={"revision": git_revision(), "corpus": source, "texts": len(texts),
-                           "python": platform.python_version(), "cpus": os.cpu_count(),
+    report = Report(facts={**machine_facts(), "corpus": source, "texts": len(texts),
                            "torch": torch.__version__, "transformers": transformers.__version__,
                            "tokenizers": tokenizers.__version__, "rounds": args.rounds})
     figures = {backend: bench_backend(backend, load(backend, folder), texts, args.rounds)

@@ -597,6 +597,12 @@ def git_revision() -> str:
         return ""
 
 
+def machine_facts() -> dict[str, Any]:
+    """What every benchmark's JSON records of the run: the commit and the machine."""
+    return {"revision": git_revision(), "python": platform.python_version(),
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
 # --- shared by the ML benchmarks ---------------------------------------------------------
 
 SAMPLE_SEED = 0
