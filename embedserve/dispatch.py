@@ -203,6 +203,8 @@ class Dispatcher:
         """Host (DNS rebinding) and Origin (other web pages) checks; see guards.py. The
         CORS headers an allowed Origin gets."""
         guards = self.guards
+        if len(headers.get_all("Host") or ()) > 1:  # which would the guard have read?
+            raise ApiError(400, "malformed request: more than one Host header")
         host = headers.get("Host")
         if not guards.host_allowed(host):
             raise ApiError(403, f"Host {quoted(host)} is not one of this server's names; start it "

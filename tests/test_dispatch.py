@@ -67,3 +67,16 @@ def test_handle_refuses_a_body_over_the_limit() -> None:
         "POST", "/embed", [("Content-Type", "application/json")],
         json.dumps({"inputs": "x" * 100}).encode())
     assert answer.status == 413 and b"limit" in answer.body
+
+
+def test_two_host_headers_are_refused_on_every_transport() -> None:
+    """The DNS-rebinding guard reads one Host: a second one (that a proxy or another host
+    than the socket server might read instead) is refused in the shared dispatch."""
+    service = EmbeddingService(Config(backend="hash"))
+    service.load()
+    answer = Dispatcher(service).handle(
+        "GET", "/health", [("Host", "localhost"), ("Host", "evil.example")], b"")
+    assert answer.status == 400 and b"more than one Host header" in answer.body
+    # Header names in any case, as HTTP has them.
+    answer = Dispatcher(service).handle("GET", "/health", [("host", "evil.example")], b"")
+    assert answer.status == 403
