@@ -94,3 +94,18 @@ def test_the_fallback_never_stands_in_for_a_servers_reranker() -> None:
     anything = Client(autostart=False, fallback="always")._fallback
     anything.learn(info)
     assert anything.rerank_vectors([QUERY], None, "http://x", None)[1] == "hash-v1-384"
+
+
+def test_a_reranker_listed_without_names_is_known_by_its_model() -> None:
+    """/info from a server whose reranker lists no names (an empty list): the client knows
+    it by its model instead of failing on it (an IndexError before)."""
+    client = Client("http://127.0.0.1:9", autostart=False)
+    try:
+        client._fallback.learn({"model": "hash-v1-384", "dimensions": 384, "models": [
+            {"names": ["hash-v1-384"], "backend": "hash", "model": "hash-v1-384",
+             "kind": "embedding", "dimensions": 384},
+            {"names": [], "backend": "sentence-transformers", "model": "tiny-ce",
+             "kind": "reranker", "dimensions": 2}]})
+        assert client._fallback.served_reranker == "tiny-ce"
+    finally:
+        client.close()

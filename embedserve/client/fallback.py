@@ -93,8 +93,10 @@ class Fallback:
         entries = info.get("models")
         if not isinstance(entries, list):
             entries = [{"names": [model], **info}]  # a server of one model
-        rerankers = [entry.get("names", [""])[0] for entry in entries
+        # A reranker's name: its first listed one, else its model (a list may be empty).
+        rerankers = [(entry.get("names") or [entry.get("model")])[0] for entry in entries
                      if isinstance(entry, dict) and entry.get("kind") == "reranker"]
+        rerankers = [name for name in rerankers if isinstance(name, str) and name]
         self.served_reranker = str(rerankers[0]) if rerankers else None
         for entry in entries:
             if not isinstance(entry, dict) or entry.get("backend") != "hash":
