@@ -10,6 +10,7 @@ import json
 import uuid
 from typing import Any
 
+from embedserve.cohere import COHERE
 from embedserve.dialects import TEI, _json_type, _object, _optional
 from embedserve.errors import ApiError
 from embedserve.requests import RerankRequest, RerankResult, SimilarityRequest
@@ -164,7 +165,7 @@ class Cohere:
                          "tokens": {"input_tokens": result.tokens, "output_tokens": 0}}}
 
     def error_body(self, error: ApiError) -> Any:
-        return {"id": str(uuid.uuid4()), "message": error.message}
+        return COHERE.error_body(error)  # one error shape for every Cohere route
 
     # The Dialect protocol's embedding half: these routes embed nothing.
     def parse(self, payload: Any, max_batch_size: int) -> Any:

@@ -147,14 +147,8 @@ class RequestTokenizer:
         cutter = self._cutters[False]
         head = self._pair_piece(query)
         pairs = [(head, self._pair_piece(document)) for document in documents]
-        encodings = []
-        for pair, encoded in zip(pairs, self._encode(cutter, pairs)):
-            untruncated = len(encoded)
-            if self._limit is not None and untruncated >= self._limit:
-                untruncated = len(self._encode(self._counter, [pair])[0])
-            data = TokenIds(encoded.ids, encoded.type_ids if self._type_ids else None)
-            encodings.append(Encoding(len(encoded), untruncated, data))
-        return encodings
+        return [self._encoding(encoded, pair)
+                for pair, encoded in zip(pairs, self._encode(cutter, pairs))]
 
     def count_pairs(self, query: str, documents: Sequence[str]) -> list[tuple[str, str, int]]:
         """For a model whose library tokenizes pairs itself: each pair cut as encode_pair_ids
@@ -269,14 +263,14 @@ class RequestTokenizer:
 
     # -- tokenizing ------------------------------------------------------------------------------
     @staticmethod
-    def _encode(tokenizer: Any, texts: Sequence[str] | Sequence[tuple[str, str]],
+    def _encode(tokenizer: Any, texts: Sequence[str | tuple[str, str]],
                 add_special_tokens: bool = True) -> list[Any]:
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, unused here.
         encode: Callable[..., list[Any]] = getattr(tokenizer, "encode_batch_fast",
                                                    tokenizer.encode_batch)
         return encode(texts, add_special_tokens=add_special_tokens)
 
-    def _encoding(self, encoded: Any, piece: str) -> Encoding:
+    def _encoding(self, encoded: Any, piece: str | tuple[str, str]) -> Encoding:
         tokens = untruncated = len(encoded)
         if self._limit is not None and tokens >= self._limit:
             # Cut at the limit: counted again, untruncated. (The overflowing pieces the cut
