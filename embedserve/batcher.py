@@ -115,7 +115,7 @@ class Batcher:
         # 5 ms switch interval it waits out whichever request thread holds it. A shorter
         # interval tripled the in-process throughput of 8 clients x 32 texts on an H200.
         # (On two CPU cores the 1-text client beside a bulk load then took more of it.)
-        if not getattr(model, "device", "cpu").startswith("cpu"):
+        if not model.device.startswith("cpu"):
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
@@ -322,8 +322,10 @@ def pick_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: i
     fill that pass only as far as it then costs twice what it would alone. Where a pass
     costs about the same however full (a GPU's overhead is a whole batch), they fill it."""
     batch = lead_batch(pool, overhead, max_texts, max_tokens)
+    if not is_newcomer(pool[0].job, max_texts):  # the usual case: one plan a pass
+        return batch
     fresh = [item for item in pool if is_newcomer(item.job, max_texts)]
-    if fresh and fresh[0] is pool[0] and len(fresh) < len(pool):
+    if len(fresh) < len(pool):
         alone = pass_cost(lead_batch(fresh, overhead, max_texts, max_tokens), overhead)
         if 2 * alone <= pass_cost(batch, overhead):
             # Others' texts ride along as far as the pass then costs twice what it would

@@ -130,6 +130,8 @@ def test_a_newcomer_gets_a_short_pass_of_its_own_where_passes_cost_their_tokens(
 class Overhead:
     """Just enough of a BatchedModel for a Batcher to start: the measured pass cost."""
 
+    device = "cpu"
+
     def __init__(self, tokens: float) -> None:
         self.pass_overhead_tokens = tokens
 
