@@ -1,4 +1,4 @@
-"""ML benchmark (issue 4): all-MiniLM-L6-v2 on the CPU, served by embedserve's two ML tiers,
+"""ML benchmark: all-MiniLM-L6-v2 on the CPU, served by embedserve's two ML tiers,
 against the same model in-process and behind FastAPI + uvicorn, all in one run on one
 machine, printed as one markdown table.
 
@@ -19,7 +19,7 @@ What is measured (all on a fixed, seeded sample of the corpus):
               per request (fastapi_ml_ref.py); 8 clients x 32 texts and 32 clients x 1 text per
               request, POST /v1/embeddings with encoding_format base64 (the openai SDK's default)
   latency     one short text: 1 client, sequential requests, vs encode([text]) in-process
-Targets (issue 4): served texts/s >= 0.9x best in-process and >= 2x FastAPI; short-text p50
+Goals: served texts/s >= 0.9x best in-process and >= 2x FastAPI; short-text p50
 <= 1.2x in-process.
 
 With --device cuda the servers and the in-process reference run on the GPU in fp16 (the

@@ -1,4 +1,4 @@
-"""Supervisor benchmark (issue 3): how long embedserve (hash tier) is unavailable after a worker
+"""Supervisor benchmark: how long embedserve (hash tier) is unavailable after a worker
 dies, with one worker and with two, against uvicorn's own multi-process supervisor; printed as
 one markdown table.
 

