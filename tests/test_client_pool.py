@@ -4,6 +4,8 @@ back on its port. Real servers on 127.0.0.1, real SIGKILLs."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import signal
 import threading
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from conftest import Server, children_of, start_server
-from embedserve.client import Client, ServerUnavailable
+from embedserve.client import Client, ServerError, ServerUnavailable
 from embedserve.client.options import Endpoint
 
 pytestmark = pytest.mark.timeout(300)
@@ -170,3 +172,77 @@ def test_bad_server_lists_are_refused() -> None:
         Client("http://127.0.0.1:9,,http://127.0.0.1:10")
     with pytest.raises(ValueError, match="list of URLs"):
         Client([])
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """A stand-in for a proxy whose backend died (Ray Serve's answer then), or for a server
+    with a bug: every request is a 500, plain text or embedserve's own JSON error."""
+
+    hits = 0
+    json_error = False
+    behind = ""  # a real server whose GET answers are passed on (then only POSTs fail)
+
+    def _answer(self) -> None:
+        if self.command == "GET" and self.behind:
+            with urllib.request.urlopen(self.behind + self.path, timeout=30) as answer:
+                body = answer.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        type(self).hits += 1
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.json_error:
+            body = json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode()
+            kind = "application/json"
+        else:
+            body, kind = b"Internal Server Error", "text/plain"
+        self.send_response(500)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing() -> Iterator[tuple[str, type[_Failing]]]:
+    handler = type("Failing", (_Failing,), {"hits": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_proxys_plain_500_is_retried_on_another_server(failing: tuple[str, type[_Failing]]
+                                                         ) -> None:
+    url, handler = failing
+    server = start_server("--backend", "hash")
+    try:
+        with Client([url, server.url], fallback="never", retry_timeout=30) as client:
+            for _ in range(6):
+                assert len(client.embed(["a text"])[0]) == 384
+        assert handler.hits > 0  # it was asked, answered 500, and the call went on
+    finally:
+        server.stop()
+
+
+def test_embedserves_own_500_is_not_retried(failing: tuple[str, type[_Failing]]) -> None:
+    url, handler = failing
+    server = start_server("--backend", "hash")
+    handler.json_error, handler.behind = True, server.url
+    try:
+        with Client(url, autostart=False, fallback="never", retry_timeout=30) as client:
+            with pytest.raises(ServerError):
+                client.embed(["a text"])
+        assert handler.hits == 1  # a bug's 500 is an answer: asked once, not again
+    finally:
+        server.stop()
