@@ -132,7 +132,10 @@ def image(podman_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     before = podman(podman_env, "image", "inspect", "--format", "{{.Id}}", IMAGE,
                     check=False).stdout.strip()
     podman(podman_env, *args, str(ROOT), timeout=BUILD_TIMEOUT)
-    if before:  # the image of an earlier tree, now untagged: it would only pile up
+    after = podman(podman_env, "image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
+    # The image of an earlier tree, now untagged, would only pile up. An unchanged tree
+    # builds from cache to the very same image: removing "before" then removed this one.
+    if before and before != after:
         podman(podman_env, "rmi", before, check=False)
     return IMAGE
 
