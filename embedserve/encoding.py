@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import json
 import math
 import struct
@@ -12,6 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import repeat
 from operator import setitem
+from typing import Any
 
 _BIG_ENDIAN = sys.byteorder == "big"
 # -0.0 in native byte order: the one zero whose text is not "0.0".
@@ -19,12 +22,28 @@ _NEGATIVE_ZERO = struct.pack("=d", -0.0)
 
 
 def float32_base64(vector: Sequence[float]) -> str:
-    # array() takes a plain list the fast way, a list subclass (a SparseVector) item by
-    # item at twice the cost: a copy of the list is cheaper.
-    packed = array("f", vector if type(vector) is list else list(vector))
+    if type(vector) is not list:
+        # array() reads a list subclass (a SparseVector) item by item, at twice the cost;
+        # struct reads it as arguments, in one C loop, rounding each double to float32 as
+        # array() does ("<": little-endian on any host). Only a value past float32's range
+        # packs differently (an error, where array() makes it infinite).
+        try:
+            return _base64(_float32_packer(len(vector)).pack(*vector))
+        except (OverflowError, struct.error):
+            vector = list(vector)
+    packed = array("f", vector)  # a plain list: one C loop
     if _BIG_ENDIAN:
         packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+    return _base64(packed)
+
+
+def _base64(data: Any) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+@functools.lru_cache(maxsize=16)
+def _float32_packer(size: int) -> struct.Struct:
+    return struct.Struct(f"<{size}f")
 
 
 def decode_float32_base64(text: str) -> list[float]:
@@ -54,7 +73,7 @@ def float_array_json(vector: Sequence[float]) -> str:
     Float formatting dominates a float response, and a hash vector holds only a handful of
     distinct values (small integers over one norm), mostly zeros: each distinct value is
     formatted once, and a SparseVector's zeros are never looked at one by one."""
-    if isinstance(vector, SparseVector):
+    if isinstance(vector, SparseVector) and vector:
         weights, norm = vector.weights, vector.norm
         # The very division that made each element, so the very float; json writes finite
         # floats with float.__repr__ (0 / norm is 0.0, the text of every other element).

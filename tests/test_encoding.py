@@ -1,18 +1,22 @@
-"""The float JSON writer against json.dumps, byte for byte, on every kind of vector it can be
-given: hash vectors (sparse, few distinct values), dense model vectors, and the values whose
-text is easy to get wrong (-0.0, subnormals, 1e-300, 17 significant digits, NaN, infinity)."""
+"""The wire writers byte for byte, on every kind of vector they can be given: float JSON
+against json.dumps, base64 against little-endian float32 from array(). Hash vectors (sparse,
+few distinct values), dense model vectors, and the values whose text is easy to get wrong
+(-0.0, subnormals, 1e-300, 17 significant digits, NaN, infinity)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import pickle
 import random
 import sys
+from array import array
 
 import pytest
 
-from embedserve.encoding import SparseVector, _has_negative_zero, float32_base64, float_array_json
+from embedserve.encoding import (SparseVector, _has_negative_zero, decode_float32_base64,
+                                 float32_base64, float_array_json)
 from embedserve.hashing import HashEmbedder
 
 from test_hashing import sample_texts
@@ -139,3 +143,27 @@ def test_a_sparse_vector_survives_pickling_whole() -> None:
     assert type(copied) is SparseVector and copied == vector
     assert (copied.weights, copied.norm) == (vector.weights, vector.norm)
     assert float_array_json(copied) == dumps(list(vector))
+
+
+def float32_reference(vector: list[float]) -> str:
+    """OpenAI's base64: little-endian float32, each double rounded as C's (float) cast."""
+    packed = array("f", vector)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_base64_is_little_endian_float32_whatever_the_sequence(size: int) -> None:
+    """A plain list, a SparseVector (packed another way) and a tuple give the same text, for
+    the awkward values, values past float32's range (infinite, as the cast makes them), NaN
+    and infinities included."""
+    rng = random.Random(size)
+    pool = AWKWARD + [math.inf, -math.inf, 1e39, -1e39, 3.4028235e38, 1e-46, 0.1]
+    for _ in range(10):
+        vector = sparse_vector(rng, size, rng.random(), pool)
+        expected = float32_reference(vector)
+        for kind in (list, SparseVector, tuple):
+            assert float32_base64(kind(vector)) == expected
+    nan = float32_base64(SparseVector([math.nan, 1.0]))
+    assert math.isnan(decode_float32_base64(nan)[0]) and decode_float32_base64(nan)[1] == 1.0
