@@ -20,7 +20,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 from embedserve.backends import (DEFAULT_MODEL, BackendError, BackendInfo, BatchedModel,
-                                 Encoder, Loaded, load_backend, release_memory)
+                                 Encoder, Loaded, load_backend, release_memory,
+                                 settle_memory)
 from embedserve.batcher import Batcher
 from embedserve.config import Config
 from embedserve.errors import ApiError, quoted
@@ -208,6 +209,7 @@ class Registry:
                 slot.kind = backend.kind
                 slot.last_used = time.monotonic()
                 slot.keep_until = None
+            settle_memory()
             log.info("loaded %s (%s on %s) in %.1fs", backend.model, backend.name,
                      backend.device, time.monotonic() - began)
 

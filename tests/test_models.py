@@ -4,6 +4,8 @@ by name, loaded on demand, unloaded when idle, evicted least recently used."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from embedserve.hashing import HashEmbedder
 
-from conftest import Server, start_server
+from conftest import Server, server_env, start_server
 from tiny_models import make_tiny_models
 
 pytest.importorskip("sentence_transformers")
@@ -174,6 +176,39 @@ def test_an_idle_model_is_unloaded_and_its_memory_given_back(big: str) -> None:
         assert loaded(srv) == ["big"]
     finally:
         assert srv.stop() == 0
+
+
+# Run in a process of its own: freezing is process-wide.
+FREEZE_CHECK = """
+import contextlib, gc, sys, weakref
+from embedserve.config import Config
+from embedserve.registry import Registry
+
+registry = Registry(Config(backend="sentence-transformers", model=(sys.argv[1],)),
+                    contextlib.nullcontext)
+slot = registry.default
+with registry.use(slot):
+    backend = slot.loaded.backend
+# Loaded: the model is frozen, out of the generations a full collection walks.
+assert gc.get_freeze_count() > 0
+assert all(obj is not backend for obj in gc.get_objects())
+backend.cycle = backend  # a reference cycle: only the collector can free it
+gone = weakref.ref(backend)
+del backend
+registry.unload(slot, "test")
+assert gone() is None, "the unloaded model was kept: frozen objects are never collected"
+print("ok")
+"""
+
+
+def test_a_loaded_model_is_kept_out_of_full_collections_and_freed_when_unloaded(small: str
+                                                                                ) -> None:
+    """A full collection walked every object of the model and its libraries, holding the
+    interpreter lock: a quarter-second stall under load. Loaded models are frozen out of
+    it, and unloading still frees a model whose objects form cycles."""
+    result = subprocess.run([sys.executable, "-c", FREEZE_CHECK, small], capture_output=True,
+                            text=True, timeout=120, env=server_env())
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_max_loaded_models_evicts_the_least_recently_used(small: str, big: str) -> None:

@@ -196,10 +196,23 @@ def load_backend(config: Config) -> Loaded:
     return Loaded(HashBackend(config.dimensions), None, skipped)
 
 
+def settle_memory() -> None:
+    """After a model is loaded: collect what loading left, and keep the objects that remain
+    (the model's and its libraries', hundreds of thousands) out of the collector's full
+    passes. Each such pass walked them all holding the interpreter lock: under a bulk load
+    one stalled the model thread and every request for a quarter of a second. Frozen
+    objects are still freed when their last reference goes; release_memory unfreezes them
+    so that a dropped model's reference cycles are collected too."""
+    gc.collect()
+    gc.freeze()
+
+
 def release_memory() -> None:
     """After a model is dropped: collect it now and hand its memory back -- CUDA's cache
     to the device, glibc's freed heap to the system -- so that unloading shows."""
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()  # what the models still loaded hold: see settle_memory
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
