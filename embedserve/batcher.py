@@ -316,22 +316,20 @@ def pick_batch(pool: list[_Item], overhead: float, max_texts: int, max_tokens: i
     """The next forward pass, led by pool[0] (the pool is in turn order: see _peek).
 
     A request that has had no pass yet and fits in one (a search beside an indexing job)
-    gets a pass planned from such newcomers alone when the others' texts would make it at
-    least twice as costly: on a CPU, where a pass costs about its tokens, it then waits for
-    the pass in progress and a short one of its own, not for a full one. The others' texts
-    fill that pass only as far as it then costs twice what it would alone. Where a pass
-    costs about the same however full (a GPU's overhead is a whole batch), they fill it."""
+    gets a pass of such newcomers alone when the others' texts would make it at least twice
+    as costly: on a CPU, where a pass costs about its tokens, it then waits for the pass in
+    progress and a short one of its own, not for a full one. Others' texts do not ride
+    along: they would pad the search to their length or lengthen its pass, doing less work
+    in that time than a pass of their own does. Where a pass costs about the same however
+    full (a GPU's overhead is a whole batch), the others fill it."""
     batch = lead_batch(pool, overhead, max_texts, max_tokens)
     if not is_newcomer(pool[0].job, max_texts):  # the usual case: one plan a pass
         return batch
     fresh = [item for item in pool if is_newcomer(item.job, max_texts)]
     if len(fresh) < len(pool):
-        alone = pass_cost(lead_batch(fresh, overhead, max_texts, max_tokens), overhead)
-        if 2 * alone <= pass_cost(batch, overhead):
-            # Others' texts ride along as far as the pass then costs twice what it would
-            # alone: the extra pass is not spent on a few texts only.
-            budget = max(1, min(max_tokens, math.floor(2 * alone - overhead)))
-            return lead_batch(pool, overhead, max_texts, budget)
+        alone = lead_batch(fresh, overhead, max_texts, max_tokens)
+        if 2 * pass_cost(alone, overhead) <= pass_cost(batch, overhead):
+            return alone
     return batch
 
 

@@ -115,12 +115,17 @@ def test_a_newcomer_gets_a_short_pass_of_its_own_where_passes_cost_their_tokens(
     fresh_bulk = items([60] * 64)
     pool = fresh_bulk[:31] + search
     assert pick_batch(pool, 60.0, 32, 16384) == lead_batch(pool, 60.0, 32, 16384)
-    # Many bulk texts as short as the search: some ride along, as long as its pass costs at
-    # most twice what it would alone (60 + 12 tokens).
+    # Bulk texts as short as the search, enough to make its pass twice as costly: none ride
+    # along (they would lengthen the search's pass), nor do longer ones (they would pad it).
     many_short = items([12] * 31)
     many_short[0].job.served = 31
-    batch = pick_batch(search + many_short, 60.0, 32, 16384)
-    assert search[0] in batch and 1 < len(batch) and 60 + 12 * len(batch) <= 2 * (60 + 12)
+    assert pick_batch(search + many_short, 60.0, 32, 16384) == search
+    longer = items([30] * 31)
+    longer[0].job.served = 31
+    assert pick_batch(search + longer, 60.0, 32, 16384) == search
+    # Two searches arriving together share their pass.
+    searches = items([12]) + items([14])
+    assert pick_batch(searches + many_short, 60.0, 32, 16384) == searches
     # A few bulk texts as short as the search cost it little: they share its pass.
     short_bulk = items([12] * 4)
     short_bulk[0].job.served = 4
