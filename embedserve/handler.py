@@ -60,7 +60,7 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, _READ_CHUNK)
-        self.linger = False
+        self.linger = self.answering = False
         self.write_timeout = self.server.config.request_timeout
 
     @property
@@ -105,6 +105,7 @@ class Handler(BaseHTTPRequestHandler):
         self.reader.deadline = self.started + config.request_timeout
         self.body_read = False
         self.body_length: int | None = 0  # None: chunked
+        self.answering = False  # part of an answer may be on the wire: no other may follow
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
             if not self.raw_requestline:
@@ -118,8 +119,11 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self.dispatch()
         except TimeoutError:
-            log.debug("request from %s timed out", self.client_address[0])
             self.close_connection = True
+            if self.answering:  # the client did not take its answer in time: just close
+                log.debug("answer to %s not taken in time", self.client_address[0])
+                return
+            log.debug("request from %s timed out", self.client_address[0])
             self._try_send(ApiError(408, "request not received within request_timeout "
                                          f"({config.request_timeout:g} s)"))
         except ConnectionError as exc:
@@ -319,6 +323,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.answering = True
         # One write: headers and body leave in the same segment. A reader that takes its
         # time gets request_timeout for the whole response too.
         send_within(self.connection, head + body if self.command != "HEAD" else head,

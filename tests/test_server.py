@@ -371,6 +371,41 @@ def test_slowloris_is_bounded_by_the_request_deadline(fresh_server: list[Server]
     assert_alive(srv)
 
 
+def test_a_client_that_never_reads_its_answer_is_cut_off_by_the_request_deadline(
+        fresh_server: list[Server]) -> None:
+    """A response the client does not take is given up after --request-timeout, so a reader
+    that never reads cannot hold a server thread; the connection then just closes (an error
+    answer written after part of a response would be read as the rest of its body)."""
+    srv = start_server("--request-timeout", "1.5", "--dimensions", "1024")
+    fresh_server.append(srv)
+    # About 12 MB of float JSON: more than the socket buffers of both ends hold.
+    body = json.dumps({"inputs": [f"text number {i} of many" for i in range(2048)]}).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.settimeout(30)
+        reader.connect((srv.host, srv.port))
+        reader.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sent = time.monotonic()
+        assert srv.request("GET", "/health")[0] == 200  # meanwhile others are served
+        # Not reading: the server's send waits, gives up at 1.5 s, and closes. Reading from
+        # 2 s on frees the buffers while an error answer, if one were tried, could go out.
+        time.sleep(max(0.0, sent + 2.0 - time.monotonic()))
+        received = bytearray()
+        try:
+            while chunk := reader.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    assert len(rest) < length, "the whole response went out to a client that never read"
+    assert b"HTTP/1.1" not in rest, "another answer was written into the body"
+    assert srv.request("GET", "/health")[0] == 200
+
+
 def test_concurrency_limit_answers_429(fresh_server: list[Server]) -> None:
     srv = start_server("--max-concurrent-requests", "1")
     fresh_server.append(srv)
