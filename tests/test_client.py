@@ -137,11 +137,27 @@ def clients() -> Iterator[list[Client]]:
 
 def client_script(body: str) -> subprocess.Popen[str]:
     """A separate Python process running `body` with the client imported."""
-    code = "import json, sys, time\nfrom embedserve.client import Client\n" + \
-        textwrap.dedent(body)
+    # SIGUSR1 makes it print every thread's stack (see wait_exit).
+    code = ("import faulthandler, json, signal, sys, time\n"
+            "faulthandler.register(signal.SIGUSR1)\n"
+            "from embedserve.client import Client\n") + textwrap.dedent(body)
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=server_env(EMBEDSERVE_BACKEND="hash"), cwd=ROOT)
+
+
+def wait_exit(proc: subprocess.Popen[str], timeout: float) -> int:
+    """The client script's exit code; past `timeout`, a failure showing where each of its
+    threads was (it stops its server at exit: up to stop_timeout, 10 s, then a kill)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        _, stderr = proc.communicate(timeout=10)
+        pytest.fail(f"the client process did not exit within {timeout:g} s; its threads:\n"
+                    f"{stderr[-6000:]}")
 
 
 def read_json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
@@ -298,7 +314,7 @@ def test_the_server_a_client_started_is_gone_after_the_client_process_exits(how:
     assert seen["source"] == "server" and not gone(seen["pid"])
     if how == "ctrl-c":
         proc.send_signal(signal.SIGINT)
-    proc.wait(20)
+    wait_exit(proc, 30)
     # The client stopped its server at exit, before its own process ended.
     assert gone(seen["pid"]) and port_free(port)
 
