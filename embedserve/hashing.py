@@ -17,9 +17,10 @@ import math
 import re
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from operator import mul
+from typing import TypeVar
 
 from embedserve.encoding import SparseVector
 
@@ -37,6 +38,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # hashed on every call instead of cached, and the cache is dropped when it fills up.
 _MAX_CACHED_WORD = 64
 _MAX_CACHED_WORDS = 16384
+
+_V = TypeVar("_V", list[float], SparseVector)
 
 try:  # The C helper behind Counter.update, without its per-call isinstance() overhead.
     from collections import _count_elements  # type: ignore[attr-defined]
@@ -94,24 +97,21 @@ class HashEmbedder:
     def embed_with_counts(self, texts: Sequence[str], *, normalize: bool = True
                           ) -> tuple[list[list[float]], list[int]]:
         """Vectors and each text's word count (the hash tier's "tokens"), in input order."""
-        vectors: list[list[float]] = []
-        counts: list[int] = []
-        with self._lock:
-            for text in texts:
-                vector, words = self._embed_one(text, normalize)
-                vectors.append(vector)
-                counts.append(words)
-        return vectors, counts
+        return self._each(texts, normalize, self._embed_one)
 
     def embed_sparse_with_counts(self, texts: Sequence[str], *, normalize: bool = True
                                  ) -> tuple[list[SparseVector], list[int]]:
         """embed_with_counts, each vector a SparseVector (equal to the list embed gives):
         what the server writes, since its writers then skip the zeros."""
-        vectors: list[SparseVector] = []
+        return self._each(texts, normalize, self._embed_sparse)
+
+    def _each(self, texts: Sequence[str], normalize: bool,
+              embed: Callable[[str, bool], tuple[_V, int]]) -> tuple[list[_V], list[int]]:
+        vectors: list[_V] = []
         counts: list[int] = []
         with self._lock:
             for text in texts:
-                vector, words = self._embed_sparse(text, normalize)
+                vector, words = embed(text, normalize)
                 vectors.append(vector)
                 counts.append(words)
         return vectors, counts
