@@ -238,14 +238,7 @@ export class EmbedServeClient extends EventEmitter {
     const rankings = [];
     for (const [first, body] of rerankBodies(query, documents, info, sent)) {
       let answer;
-      try {
-        [answer, info] = await this.#request('POST', '/v2/rerank', body, first, asked);
-      } catch (error) {
-        if (error instanceof EmbedServeError && error.code === 'model_not_found') {
-          await this.#nameMissingModel(error, asked);
-        }
-        throw error;
-      }
+      [answer, info] = await this.#post('/v2/rerank', body, first, asked, asked);
       const chunk = readRankings(answer, first, documents);
       if (!chunk) throw this.#badResponse('expected rerank results and a model name');
       model = answer.model;
@@ -337,6 +330,19 @@ export class EmbedServeClient extends EventEmitter {
   }
 
   /** The call's vectors from the server, or null when its model changed mid-call. */
+  /** POST through #request; a model the server does not have is named in the error
+   *  (`wanted`: the model asked for, or the client's default). */
+  async #post(path, body, first, asked, wanted) {
+    try {
+      return await this.#request('POST', path, body, first, asked);
+    } catch (error) {
+      if (error instanceof EmbedServeError && error.code === 'model_not_found') {
+        await this.#nameMissingModel(error, wanted);
+      }
+      throw error;
+    }
+  }
+
   async #embedOnce(texts, dimensions, asked) {
     await this.#ensureConnected(asked); // the chunk limits come from /info
     // Every chunk asks for the same model: one call's vectors come from one model.
@@ -349,14 +355,7 @@ export class EmbedServeClient extends EventEmitter {
       if (dimensions !== undefined) body.dimensions = dimensions;
       if (wanted !== undefined) body.model = this.#fallback.requestName(wanted);
       let answer;
-      try {
-        [answer, info] = await this.#request('POST', '/v1/embeddings', body, first, asked);
-      } catch (error) {
-        if (error instanceof EmbedServeError && error.code === 'model_not_found') {
-          await this.#nameMissingModel(error, wanted);
-        }
-        throw error;
-      }
+      [answer, info] = await this.#post('/v1/embeddings', body, first, asked, wanted);
       const chunkVectors = this.#decode(answer, chunk.length);
       if (model !== null && answer.model !== model) {
         this.emit('modelChange', { from: model, to: answer.model, source: 'server' });
