@@ -137,8 +137,11 @@ def clients() -> Iterator[list[Client]]:
 
 def client_script(body: str) -> subprocess.Popen[str]:
     """A separate Python process running `body` with the client imported."""
+    # Ctrl-C raises KeyboardInterrupt, as in an app started from a terminal: a test run
+    # started in the background by a shell inherits SIGINT ignored, and so would this child.
     # SIGUSR1 makes it print every thread's stack (see wait_exit).
     code = ("import faulthandler, json, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "faulthandler.register(signal.SIGUSR1)\n"
             "from embedserve.client import Client\n") + textwrap.dedent(body)
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
