@@ -73,7 +73,7 @@ def float_array_json(vector: Sequence[float]) -> str:
     Float formatting dominates a float response, and a hash vector holds only a handful of
     distinct values (small integers over one norm), mostly zeros: each distinct value is
     formatted once, and a SparseVector's zeros are never looked at one by one."""
-    if isinstance(vector, SparseVector) and vector:
+    if isinstance(vector, SparseVector):
         weights, norm = vector.weights, vector.norm
         # The very division that made each element, so the very float; json writes finite
         # floats with float.__repr__ (0 / norm is 0.0, the text of every other element).
