@@ -106,6 +106,7 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = False
         self.body_length: int | None = 0  # None: chunked
         self.answering = False  # part of an answer may be on the wire: no other may follow
+        self.awaits_continue = False  # "Expect: 100-continue", and no 100 sent yet
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
             if not self.raw_requestline:
@@ -173,6 +174,13 @@ class Handler(BaseHTTPRequestHandler):
         self._skip_unread_body()
         self.send_body(answer.status, answer.body, answer.content_type, answer.headers)
 
+    def handle_expect_100(self) -> bool:
+        # The stdlib sends "100 Continue" as soon as the head is parsed. It is sent when the
+        # body is first read instead (read_body): a request refused before that (401, 403,
+        # 404, 413, 429...) is answered before the client sends a body it may not need to.
+        self.awaits_continue = True
+        return True
+
     def check_transport(self) -> None:
         self._check_framing()
         if len(self.headers.get_all("Host") or ()) > 1:
@@ -219,7 +227,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.body_read = True
         size = self.body_length
-        if size is None or size > _SKIP_BODY_BYTES:
+        if size is None or size > _SKIP_BODY_BYTES or (size and self.awaits_continue):
+            # (A client still waiting for "100 Continue" may never send its body: reading
+            # it away could wait for nothing.)
             self.close_connection = self.linger = True
             return
         try:
@@ -248,16 +258,20 @@ class Handler(BaseHTTPRequestHandler):
         """The whole body (dispatch.Incoming); once."""
         self.body_read = True  # from here on, whatever happens, don't try to skip it again
         limit = self.server.config.max_body_bytes
+        if self.body_length is not None:
+            if not self.headers.get("Content-Length"):
+                self.close_connection = True
+                raise ApiError(411, "a Content-Length header is required")
+            if self.body_length > limit:
+                # The body stays unread: this connection cannot be reused.
+                self.close_connection = self.linger = True
+                raise ApiError(413, f"request body is {self.body_length} bytes; the limit is "
+                                    f"{limit}")
+        if self.awaits_continue:  # the client waits for this before sending the body
+            self.awaits_continue = False
+            send_within(self.connection, b"HTTP/1.1 100 Continue\r\n\r\n", self.write_timeout)
         if self.body_length is None:
             return self._read_chunked(limit)
-        if not self.headers.get("Content-Length"):
-            self.close_connection = True
-            raise ApiError(411, "a Content-Length header is required")
-        if self.body_length > limit:
-            # The body stays unread: this connection cannot be reused.
-            self.close_connection = self.linger = True
-            raise ApiError(413, f"request body is {self.body_length} bytes; the limit is "
-                                f"{limit}")
         return self._read_exactly(self.body_length)
 
     def _read_exactly(self, size: int) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import select
 import socket
 import subprocess
@@ -256,6 +257,56 @@ def raw_exchange(srv: Server, data: bytes, timeout: float = 10) -> bytes:
 def split_response(data: bytes) -> tuple[int, dict]:
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """One response head (through its blank line), read byte by byte so nothing after it
+    is taken."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, f"connection closed after {head!r}"
+        head += byte
+    return head
+
+
+def test_expect_100_continue_is_answered_when_the_body_is_wanted(server: Server) -> None:
+    body = json.dumps({"inputs": "sent after the 100"}).encode()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
+                     b"\r\n" % len(body))
+        assert read_head(sock) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        head = read_head(sock)
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore
+        answer = b""
+        while len(answer) < length:
+            answer += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(answer) == [EMBEDDER.embed_one("sent after the 100")]
+
+
+@pytest.mark.parametrize("refusal", ["401", "413", "404"])
+def test_a_refused_request_is_answered_before_its_body_is_sent(refusal: str,
+                                                               fresh_server: list[Server]
+                                                               ) -> None:
+    """An "Expect: 100-continue" client waits for the 100 before it sends its body: a
+    request the server refuses anyway is answered at once, without a 100 and without
+    waiting for (or reading) the body, and the connection then closes."""
+    srv = start_server("--api-key", "k", "--max-body-bytes", "1000")
+    fresh_server.append(srv)
+    path, length, auth = {"401": (b"/embed", 100, b""),
+                          "413": (b"/embed", 5000, b"Authorization: Bearer k\r\n"),
+                          "404": (b"/nowhere", 100, b"Authorization: Bearer k\r\n")}[refusal]
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nExpect: 100-continue\r\n" + auth +
+                     b"Content-Length: %d\r\n\r\n" % length)
+        head = read_head(sock)  # no body sent: a server waiting for it would time out here
+    assert head.startswith(b"HTTP/1.1 " + refusal.encode()), head
+    assert b"Connection: close" in head
+    assert srv.request("GET", "/health")[0] == 200
 
 
 def test_missing_content_length_is_411(server: Server) -> None:
