@@ -271,3 +271,20 @@ def test_request_threads_tokenize_what_the_library_would(
             assert torch.equal(value, theirs[key]), key
         assert encodings[0].tokens == limit and encodings[0].untruncated == untruncated
     assert untruncated > limit
+
+
+@pytest.mark.parametrize("tier", ["transformers", "reranker"])
+def test_a_folder_transformers_cannot_load_is_a_backend_error_naming_it(
+        tier: str, tmp_path: Any) -> None:
+    """Both transformers tiers load through one path; a broken folder is a clear error."""
+    from embedserve.backends import BackendError
+    from embedserve.backends.rerank import SequenceClassificationBackend
+    from embedserve.backends.transformers import TransformersBackend
+    from embedserve.config import Config
+
+    (tmp_path / "config.json").write_text("{not json")
+    backend = TransformersBackend if tier == "transformers" else SequenceClassificationBackend
+    with pytest.raises(BackendError) as failed:
+        backend(Config(model=(str(tmp_path),), device="cpu"))
+    what = "model" if tier == "transformers" else "reranker"
+    assert f"cannot load {what} {str(tmp_path)!r} with transformers" in str(failed.value)

@@ -215,24 +215,17 @@ class SequenceClassificationBackend(RerankBackend):
     name = "transformers"
 
     def __init__(self, config: Config) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        source, dtype = self._locate(config)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=config.trust_remote_code)
-            network = AutoModelForSequenceClassification.from_pretrained(
-                source, trust_remote_code=config.trust_remote_code, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"cannot load reranker {self.model!r} with transformers: "
-                               f"{first_line(exc)}") from exc
+        network, _ = self._from_pretrained(AutoModelForSequenceClassification, config,
+                                           "reranker")
         self._check_one_label(int(network.config.num_labels))
         self.network = network.to(self.device).eval()
         limits = [n for n in (getattr(network.config, "max_position_embeddings", None),
                               self.tokenizer.model_max_length) if isinstance(n, int) and n > 0]
         self.max_input_tokens = self._usable_limit(min(limits) if limits else None)
         log.info("transformers: reranker %s on %s (%s), max %s tokens a pair", self.model,
-                 self.device, dtype, self.max_input_tokens)
+                 self.device, network.dtype, self.max_input_tokens)
 
     def _library_pairs(self, pairs: list[PairText]) -> dict[str, Any]:
         return dict(self.tokenizer([p.query for p in pairs], [p.document for p in pairs],

@@ -188,6 +188,23 @@ class TorchBackend:
         self._max_pass_tokens = config.max_batch_tokens
         return locate_model(self.model), pick_dtype(self.device, config.fp32)
 
+    def _from_pretrained(self, auto_class: Any, config: Config, what: str) -> tuple[Any, str]:
+        """Locate the model (see _locate), set self.tokenizer, and return `auto_class`'s
+        network, loaded with transformers, and where it came from; BackendError naming the
+        model otherwise."""
+        from transformers import AutoTokenizer
+
+        source, dtype = self._locate(config)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=config.trust_remote_code)
+            network = auto_class.from_pretrained(
+                source, trust_remote_code=config.trust_remote_code, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot load {what} {self.model!r} with transformers: "
+                               f"{first_line(exc)}") from exc
+        return network, source
+
     def _usable_limit(self, model_limit: int | None) -> int:
         """The tokens a text is cut to: the model's limit, or --max-batch-tokens where that is
         lower or the model has none. The batcher keeps a pass within --max-batch-tokens but

@@ -7,8 +7,7 @@ import logging
 import os
 from typing import Any
 
-from embedserve.backends import BackendError
-from embedserve.backends.torch_base import TorchBackend, first_line, read_json
+from embedserve.backends.torch_base import TorchBackend, read_json
 from embedserve.config import Config
 
 log = logging.getLogger("embedserve.backends")
@@ -18,20 +17,11 @@ class TransformersBackend(TorchBackend):
     name = "transformers"
 
     def __init__(self, config: Config) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        source, dtype = self._locate(config)
-        model_id = self.model
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=config.trust_remote_code)
-            network = AutoModel.from_pretrained(
-                source, trust_remote_code=config.trust_remote_code, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"cannot load model {model_id!r} with transformers: "
-                               f"{first_line(exc)}") from exc
+        network, source = self._from_pretrained(AutoModel, config, "model")
         self.network = network.to(self.device).eval()
-        folder = source if os.path.isdir(source) else _snapshot_folder(model_id)
+        folder = source if os.path.isdir(source) else _snapshot_folder(self.model)
         self.pooling = _pooling_mode(folder)
         st_config = read_json(folder, "sentence_bert_config.json") if folder else {}
         limits = [n for n in (st_config.get("max_seq_length"),
@@ -40,11 +30,11 @@ class TransformersBackend(TorchBackend):
         self.max_input_tokens = self._usable_limit(min(limits) if limits else None)
         self.dimensions = int(network.config.hidden_size)
         st_meta = read_json(folder, "config_sentence_transformers.json") if folder else {}
-        self._setup_prompts(model_id, st_meta.get("prompts"), st_meta.get("default_prompt_name"),
+        self._setup_prompts(self.model, st_meta.get("prompts"), st_meta.get("default_prompt_name"),
                             config)
         self._setup_tokenization()
-        log.info("transformers: %s on %s (%s), %s pooling, max %s tokens", model_id,
-                 self.device, dtype, self.pooling, self.max_input_tokens)
+        log.info("transformers: %s on %s (%s), %s pooling, max %s tokens", self.model,
+                 self.device, network.dtype, self.pooling, self.max_input_tokens)
 
     def _library_features(self, texts: list[str], truncate_left: bool) -> dict[str, Any]:
         self.tokenizer.truncation_side = "left" if truncate_left else "right"
