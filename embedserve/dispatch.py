@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -116,8 +117,12 @@ class _Exchange:
             return json.loads(text, parse_constant=_reject_constant)
         except RecursionError:
             raise ApiError(400, "request body is nested too deeply") from None
-        except (json.JSONDecodeError, ValueError) as exc:
+        except (json.JSONDecodeError, _Constant) as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        except ValueError:  # json's only other: an integer past Python's digit limit, whose
+            # message advises sys.set_int_max_str_digits (this server's business, not a client's)
+            raise ApiError(400, "request body is not valid JSON here: a number has more than "
+                                f"{sys.get_int_max_str_digits()} digits") from None
 
     def client_gone(self) -> bool:
         return self._incoming.client_gone()
@@ -295,5 +300,9 @@ def _json(payload: Any) -> bytes:
         payload, separators=(",", ":")).encode()
 
 
+class _Constant(ValueError):
+    """NaN, Infinity or -Infinity in a request: Python's json reads them, JSON has none."""
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise _Constant(f"{name} is not valid JSON")
