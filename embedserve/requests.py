@@ -49,6 +49,8 @@ class RerankRequest:
     top_n: int | None = None  # None: all of them
     truncate: bool = True
     raw_scores: bool = False  # a reranker's score before its activation (TEI)
+    # Cohere's: each document scored on its first this many tokens of the model (None: all)
+    max_tokens_per_doc: int | None = None
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,10 @@ class Cohere:
     def parse_rerank(self, payload: Any, max_documents: int) -> RerankRequest:
         body = _object(payload)
         _optional(body, "return_documents", bool, "a boolean")
-        # Accepted as the SDKs send them; documents are cut at the model's limit anyway.
+        # max_chunks_per_doc and priority are accepted as the SDKs send them, and unused.
+        numbers: dict[str, int | None] = {}
         for field in ("max_tokens_per_doc", "max_chunks_per_doc", "priority"):
-            value = _optional(body, field, int, "an integer")
+            value = numbers[field] = _optional(body, field, int, "an integer")
             if value is not None and value < (0 if field == "priority" else 1):
                 raise ApiError(422, f"'{field}' must be positive, got {value}", param=field)
         fields = body.get("rank_fields")
@@ -150,6 +151,7 @@ class Cohere:
                                  objects=True),
             model=_optional(body, "model", str, "a string") or None,
             top_n=_top_n(body),
+            max_tokens_per_doc=numbers["max_tokens_per_doc"],
         )
 
     def render_rerank(self, payload: Any, request: RerankRequest, result: RerankResult

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from embedserve.backends import RERANKER, SCORE, Encoding
+from embedserve.backends import RERANKER, SCORE, BackendInfo, Encoding
+from embedserve.backends.tokens import CHARS_PER_TOKEN
 from embedserve.errors import ApiError
 from embedserve.registry import Registry, Slot
 from embedserve.requests import (EmbedRequest, Ranked, RerankRequest, RerankResult,
@@ -44,7 +45,8 @@ def rerank(service: EmbeddingService, request: RerankRequest,
             raise ApiError(400, f"model {model.model} does not score pairs")
         check_well_formed([request.query] + request.documents)
         batcher.check_room(len(request.documents))  # before tokenizing, as for embed
-        encodings = model.prepare_pairs(request.query, request.documents)
+        documents = first_tokens(model, request.documents, request.max_tokens_per_doc)
+        encodings = model.prepare_pairs(request.query, documents)
         _check_pair_lengths(model.model, model.max_input_tokens, encodings, request.truncate)
         # Rows are [raw score, activated score]: never normalised.
         rows = batcher.embed(encodings, False, client_gone)
@@ -99,7 +101,14 @@ def _first_of_kind(registry: Registry, wanted: Callable[[str | None], bool]) -> 
 
 def _rerank_by_embeddings(service: EmbeddingService, slot: Slot, request: RerankRequest,
                           client_gone: Callable[[], bool] | None) -> RerankResult:
-    result = service.embed(EmbedRequest(texts=[request.query] + request.documents,
+    texts = request.documents
+    if request.max_tokens_per_doc is not None:
+        with service.registry().use(slot):
+            assert slot.backend is not None  # loaded while in use
+            if slot.model is not None:  # as service.tokenize
+                check_well_formed(texts)
+            texts = first_tokens(slot.backend, texts, request.max_tokens_per_doc)
+    result = service.embed(EmbedRequest(texts=[request.query] + texts,
                                         model=slot.names.primary, truncate=request.truncate),
                            client_gone)
     query, *documents = result.vectors
@@ -107,6 +116,36 @@ def _rerank_by_embeddings(service: EmbeddingService, slot: Slot, request: Rerank
     service.metrics.observe_rerank(result.model, EMBEDDINGS, len(scores), result.prompt_tokens)
     return RerankResult(_best(scores, request.top_n), result.model, EMBEDDINGS,
                         result.prompt_tokens)
+
+
+def first_tokens(backend: BackendInfo, documents: list[str], limit: int | None) -> list[str]:
+    """Each document up to the end of its `limit`-th token of the model (its words on the
+    hash tier): Cohere's max_tokens_per_doc. A model that reads no more than `limit` tokens
+    needs no cut. A document is tokenized in windows from its start, CHARS_PER_TOKEN
+    characters a token kept, doubled while a window holds no more than `limit` tokens: a
+    long document costs about what is kept of it, unless its start is sparse in tokens (as
+    in backends/tokens.py: such text costs by its characters, in its own request's thread).
+    """
+    most = backend.max_input_tokens
+    if limit is None or (most is not None and limit >= most):
+        return documents
+    cut = []
+    for document in documents:
+        reach = limit * CHARS_PER_TOKEN
+        while True:
+            window = document[:reach]
+            tokens = [token for token in backend.tokenize([window], add_special_tokens=False)[0]
+                      if not token.special]
+            if len(tokens) > limit:
+                # A word the window's end cut in two comes after the tokens kept: they are
+                # the whole document's.
+                document = window[:tokens[limit - 1].stop]
+                break
+            if len(window) == len(document):
+                break
+            reach *= 2
+        cut.append(document)
+    return cut
 
 
 def _best(scores: list[float], top_n: int | None) -> list[Ranked]:

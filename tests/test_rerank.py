@@ -131,6 +131,29 @@ def test_top_n_and_returned_documents(ml_server: Server, reference: Any) -> None
     assert all("text" not in r for r in tei_rerank(ml_server, QUERY, DOCUMENTS))
 
 
+def test_max_tokens_per_doc_scores_each_documents_first_tokens(
+        ml_server: Server, reference: Any, folders: dict[str, str]) -> None:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folders["cross_encoder"])
+
+    def first(document: str, tokens: int) -> str:
+        offsets = tokenizer(document, add_special_tokens=False,
+                            return_offsets_mapping=True)["offset_mapping"]
+        return document[:offsets[tokens - 1][1]] if len(offsets) > tokens else document
+
+    cut = [first(d, 3) for d in DOCUMENTS]
+    assert cut != DOCUMENTS
+    expected = predict(reference, QUERY, cut)
+    body = cohere_rerank(ml_server, "/v2/rerank", QUERY, DOCUMENTS, max_tokens_per_doc=3,
+                         return_documents=True)
+    check([(r["index"], r["relevance_score"]) for r in body["results"]], expected)
+    assert all(r["document"] == {"text": DOCUMENTS[r["index"]]} for r in body["results"])
+    # Past the model's limit, the model's own cut is all there is.
+    body = cohere_rerank(ml_server, "/v2/rerank", QUERY, DOCUMENTS, max_tokens_per_doc=10**6)
+    check([(r["index"], r["relevance_score"]) for r in body["results"]],
+          predict(reference, QUERY, DOCUMENTS))
+
+
 def test_concurrent_clients_each_get_their_own_scores(ml_server: Server,
                                                       reference: Any) -> None:
     queries = [QUERY, "hello", "a cat on a mat", "python json", "lazy dog", "search the web",

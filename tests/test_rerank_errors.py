@@ -48,6 +48,28 @@ def test_the_hash_tier_reranks_by_cosine_similarity(hash_server: Server) -> None
         assert body["model"] == "hash-v1-384"
 
 
+def test_max_tokens_per_doc_scores_each_documents_first_words(hash_server: Server) -> None:
+    # The hash tier's tokens are its words: each document is scored on its first two, and
+    # comes back whole.
+    documents = ["cats sleep, all day long", "  sleep!  cats dream", "cats", "a cat sleeps"]
+    first_two = ["cats sleep", "  sleep!  cats", "cats", "a cat"]
+    query = EMBEDDER.embed_one(QUERY)
+    expected = [cosine(query, EMBEDDER.embed_one(d)) for d in first_two]
+    assert expected != [cosine(query, EMBEDDER.embed_one(d)) for d in documents]
+    status, _, body = hash_server.request("POST", "/v2/rerank", {
+        "query": QUERY, "documents": documents, "max_tokens_per_doc": 2,
+        "return_documents": True})
+    assert status == 200, body
+    for result in body["results"]:
+        assert abs(result["relevance_score"] - expected[result["index"]]) < 1e-6
+        assert result["document"] == {"text": documents[result["index"]]}
+    # A bound past every document changes nothing.
+    status, _, whole = hash_server.request("POST", "/v2/rerank", {
+        "query": QUERY, "documents": documents, "max_tokens_per_doc": 10**9})
+    assert status == 200 and [r["relevance_score"] for r in whole["results"]] == sorted(
+        (cosine(query, EMBEDDER.embed_one(d)) for d in documents), reverse=True)
+
+
 def test_similarity_is_the_cosine_of_each_sentence_to_the_source(hash_server: Server) -> None:
     _, scores = expected_order()
     status, _, body = hash_server.request("POST", "/similarity", {
