@@ -69,6 +69,9 @@ class CohereEmbed:
     @staticmethod
     def _texts(body: dict[str, Any], max_batch_size: int) -> list[str]:
         images, inputs = body.get("images"), body.get("inputs")
+        if images is not None and not isinstance(images, list):
+            raise ApiError(400, f"'images' must be a list, got {_json_type(images)}",
+                           param="images")
         if images:
             raise ApiError(422, "'images' are not supported: this server embeds text",
                            param="images")

@@ -7,6 +7,7 @@ backends; the core knows nothing of dialects.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -116,8 +117,10 @@ class OpenAI:
     def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
         body = _object(payload)
         texts = texts_from(body.get("input"), "input", max_batch_size)
-        encoding_format = _optional(body, "encoding_format", str, "a string") or "float"
-        if encoding_format not in ("float", "base64"):
+        encoding_format = _optional(body, "encoding_format", str, "a string")
+        if encoding_format is None:
+            encoding_format = "float"
+        elif encoding_format not in ("float", "base64"):
             raise ApiError(400, "'encoding_format' must be 'float' or 'base64', got "
                                 f"{quoted(encoding_format)}", param="encoding_format")
         _optional(body, "user", str, "a string")
@@ -303,7 +306,10 @@ def _keep_alive(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range: as long as can be
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         text = value.strip()
         if _PLAIN_NUMBER.fullmatch(text):

@@ -44,6 +44,42 @@ _LINGER_SECONDS = 2.0
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
+# A header line as RFC 9112 has it: a token, a colon, then visible characters, spaces and
+# tabs. The stdlib's parser (email) is lenient where a proxy in front may not be: it ends
+# the head at a line without a colon (the rest then read as a body or the next request),
+# splits a line at a bare CR, and joins folded lines; each of those is a 400 here.
+_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
+# All header lines together (each is also at most _MAX_LINE): about what Go and hyper allow.
+_MAX_HEAD_BYTES = 256 * 1024
+
+
+class _HeadError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _HeaderLines:
+    """The connection's reader while the stdlib parses a request's header lines: each is
+    checked as it is read (see _HEADER_LINE), and all of them are bounded in bytes."""
+
+    def __init__(self, rfile: Any) -> None:
+        self._rfile = rfile
+        self._left = _MAX_HEAD_BYTES
+
+    def readline(self, limit: int = -1) -> bytes:
+        line: bytes = self._rfile.readline(limit)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _HeadError(431, f"request header fields are over {_MAX_HEAD_BYTES} bytes")
+        if line in (b"\r\n", b"\n", b"") or len(line) > _MAX_LINE:
+            return line  # the end of the head, or the stdlib's own 431 for a long line
+        if line[:1] in (b" ", b"\t"):
+            raise _HeadError(400, "malformed request: a folded header line")
+        if not _HEADER_LINE.fullmatch(line):
+            raise _HeadError(400, "malformed request: a header line that is not "
+                                  "'name: value' (or holds a control character)")
+        return line
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -107,6 +143,9 @@ class Handler(BaseHTTPRequestHandler):
         self.body_length: int | None = 0  # None: chunked
         self.answering = False  # part of an answer may be on the wire: no other may follow
         self.awaits_continue = False  # "Expect: 100-continue", and no 100 sent yet
+        # Nothing of the last request may shape the answer to this one (a HEAD's left the
+        # body out of a 408 once), nor be missing if this one ends before its request line.
+        self.command = self.requestline = self.path = ""
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
             if not self.raw_requestline:
@@ -116,9 +155,17 @@ class Handler(BaseHTTPRequestHandler):
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
-            if not self.parse_request():
+            rfile, self.rfile = self.rfile, _HeaderLines(self.rfile)  # type: ignore[assignment]
+            try:
+                parsed = self.parse_request()
+            finally:
+                self.rfile = rfile
+            if not parsed:
                 return
             self.dispatch()
+        except _HeadError as error:
+            self.close_connection = self.linger = True
+            self._try_send(ApiError(error.status, str(error)))
         except TimeoutError:
             self.close_connection = True
             if self.answering:  # the client did not take its answer in time: just close

@@ -143,7 +143,7 @@ class Cohere:
         if fields is not None and fields != ["text"]:
             raise ApiError(422, "'rank_fields' other than [\"text\"] are not supported: "
                                 "send each document's text", param="rank_fields")
-        if body.get("relevant_spans") not in (None, False):
+        if _optional(body, "relevant_spans", bool, "a boolean"):
             raise ApiError(422, "'relevant_spans' is not supported", param="relevant_spans")
         return RerankRequest(
             query=_text(body.get("query"), "query"),

@@ -126,6 +126,61 @@ def test_ambiguous_framing_is_400_and_closes(server: Server, framing: bytes) -> 
         assert closed_by_server(sock)  # no second response: the smuggled GET never ran
 
 
+@pytest.mark.parametrize("line", [
+    b"X\r\n",                         # no colon: the stdlib ended the head here
+    b"Content Length: 46\r\n",        # a space in the name: likewise
+    b"X: a\rY: b\r\n",                 # a bare CR: the stdlib split the line at it
+    b"X: a\r\n folded\r\n",           # obs-fold: the stdlib joined the lines
+    b"X: a\x00b\r\n",                 # a control character in a value
+])
+def test_header_lines_a_proxy_could_read_otherwise_are_400_and_close(server: Server,
+                                                                   line: bytes) -> None:
+    # A proxy in front may keep such a line as one header (or refuse it); either way the
+    # server must not find a different request in it. Behind the malformed line: a body
+    # the stdlib read as the next request.
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + line +
+                     b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        status, headers, body = read_response(sock)
+        assert status == 400 and headers.get("connection") == "close", body
+        assert closed_by_server(sock)
+    assert_serving(server)
+
+
+def test_header_fields_are_bounded_in_all(server: Server) -> None:
+    # Each line under the 64 KiB line limit, 97 of them: 6 MB held per connection before.
+    lines = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 60_000) for i in range(97))
+    with connect(server) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + lines + b"\r\n")
+        except ConnectionError:
+            pass  # the server may close before all is sent; its answer is still there
+        status, headers, _ = read_response(sock)
+    assert status == 431 and headers.get("connection") == "close"
+    assert_serving(server)
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/v1/embeddings", {"input": "a", "encoding_format": ""}, 400),
+    ("/v2/embed", {"texts": ["a"], "embedding_types": ["float"], "images": 0}, 400),
+    ("/v2/embed", {"texts": ["a"], "embedding_types": ["float"], "images": {}}, 400),
+    ("/v2/embed", {"texts": ["a"], "embedding_types": ["float"], "images": ["x"]}, 422),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "relevant_spans": 0}, 400),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "relevant_spans": True}, 422),
+])
+def test_odd_values_that_were_taken_for_absent_are_refused(server: Server, path: str,
+                                                           body: dict, status: int) -> None:
+    got, _, reply = server.request("POST", path, body)
+    assert got == status, reply
+
+
+def test_keep_alive_past_a_floats_range_is_forever_not_a_500(server: Server) -> None:
+    status, _, body = server.request("POST", "/api/embed", raw=(
+        b'{"model": "hash-v1-384", "input": "hi", "keep_alive": %s}' % (b"9" * 400)))
+    assert status == 200, body
+
+
 def test_body_on_get_is_never_parsed_as_the_next_request(server: Server) -> None:
     smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
     with connect(server) as sock:

@@ -399,6 +399,29 @@ def test_idle_connections_make_room_at_the_limit(fresh_server: list[Server]) -> 
             sock.close()
 
 
+def test_a_request_line_cut_short_gets_a_whole_408(fresh_server: list[Server]) -> None:
+    # Before: no answer and a traceback (no request line, no command yet); after a HEAD on
+    # the same connection, a 408 whose body was left out as the HEAD's had been.
+    srv = start_server("--request-timeout", "1")
+    fresh_server.append(srv)
+    for before in (b"", b"HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\n"):
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(before + b"GE")
+            reply = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        answers = reply.split(b"HTTP/1.1 ")[1:]
+        assert len(answers) == (2 if before else 1), reply
+        head, _, body = answers[-1].partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        assert head.startswith(b"408 ") and length == len(body) > 0, reply
+        assert b"request_timeout" in body
+    assert not any("Traceback" in line for line in srv.log)
+
+
 def test_slowloris_is_bounded_by_the_request_deadline(fresh_server: list[Server]) -> None:
     # A socket timeout restarts with every byte; the deadline covers the whole request.
     srv = start_server("--request-timeout", "1.5")
