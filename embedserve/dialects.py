@@ -193,7 +193,8 @@ class TEI:
         return ("[" + ",".join(map(float_array_json, result.vectors)) + "]").encode()
 
     def error_body(self, error: ApiError) -> Any:
-        kind = _TEI_TYPES.get(error.status, "Backend")
+        # A client's error is never "Backend", which says the server failed (414, 431, 505).
+        kind = _TEI_TYPES.get(error.status, "Validation" if error.status < 500 else "Backend")
         if error.status == 400 and "empty" in error.message:
             kind = "Empty"
         return {"error": error.message, "error_type": kind}

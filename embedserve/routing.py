@@ -73,7 +73,7 @@ class Route:
     path: str
     # The dialect that shapes this route's errors, and the requests of its embedding answer.
     dialect: Dialect
-    # HEAD is listed where it is answered: the GET's answer without its body.
+    # Every GET is also a HEAD: the GET's answer without its body (added here).
     methods: Mapping[str, Method]
     # Open routes answer without the API key: health checks from load balancers and
     # orchestrators, which hold no key.
@@ -84,8 +84,11 @@ class Route:
     claims_segment: bool = True
 
     def __post_init__(self) -> None:
+        methods = dict(self.methods)
+        if "GET" in methods:
+            methods.setdefault("HEAD", methods["GET"])
         # Read-only, so a route's methods cannot change after the tables are derived.
-        object.__setattr__(self, "methods", MappingProxyType(dict(self.methods)))
+        object.__setattr__(self, "methods", MappingProxyType(methods))
 
     @property
     def allowed(self) -> str:

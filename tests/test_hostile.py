@@ -175,6 +175,12 @@ def test_odd_values_that_were_taken_for_absent_are_refused(server: Server, path:
     assert got == status, reply
 
 
+def test_a_too_long_request_line_is_a_clients_error_in_teis_words(server: Server) -> None:
+    status, _, body = exchange(server, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
+    assert status == 414 and json.loads(body)["error_type"] == "Validation"  # not "Backend"
+    assert_serving(server)
+
+
 def test_keep_alive_past_a_floats_range_is_forever_not_a_500(server: Server) -> None:
     status, _, body = server.request("POST", "/api/embed", raw=(
         b'{"model": "hash-v1-384", "input": "hi", "keep_alive": %s}' % (b"9" * 400)))
