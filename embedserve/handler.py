@@ -230,8 +230,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def check_transport(self) -> None:
         self._check_framing()
-        if len(self.headers.get_all("Host") or ()) > 1:
+        hosts = self.headers.get_all("Host") or ()
+        if len(hosts) > 1:
             raise self._bad_framing("more than one Host header")  # RFC 9112 3.2
+        if not hosts and self.request_version == "HTTP/1.1":  # likewise; HTTP/1.0 has none
+            raise self._bad_framing("an HTTP/1.1 request without a Host header")
 
     def _check_framing(self) -> None:
         """How long the body is, decided once and strictly (RFC 9112 §6): a request whose

@@ -148,6 +148,12 @@ def test_header_lines_a_proxy_could_read_otherwise_are_400_and_close(server: Ser
     assert_serving(server)
 
 
+def test_http_1_1_needs_a_host_and_1_0_does_not(server: Server) -> None:
+    status, headers, _ = exchange(server, b"GET /health HTTP/1.1\r\n\r\n")
+    assert status == 400 and headers.get("connection") == "close"
+    assert exchange(server, b"GET /health HTTP/1.0\r\n\r\n")[0] == 200
+
+
 def test_header_fields_are_bounded_in_all(server: Server) -> None:
     # Each line under the 64 KiB line limit, 97 of them: 6 MB held per connection before.
     lines = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 60_000) for i in range(97))
