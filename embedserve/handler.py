@@ -35,6 +35,9 @@ _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
 _MAX_TRAILERS = 64
+# Chunks in one body: each costs a few Python calls, so 8 MB sent a byte a chunk would take
+# a core for some 17 s. Clients send chunks of kilobytes.
+_MAX_CHUNKS = 65536
 # An unread body up to this size is read away to keep the connection; a bigger one closes
 # it, after a short lingering drain so that the close does not reset the connection before
 # the client has read the answer (a client still sending gets an RST otherwise).
@@ -162,6 +165,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile = rfile
             if not parsed:
                 return
+            self._take_absolute_form()
             self.dispatch()
         except _HeadError as error:
             self.close_connection = self.linger = True
@@ -227,6 +231,19 @@ class Handler(BaseHTTPRequestHandler):
         # 404, 413, 429...) is answered before the client sends a body it may not need to.
         self.awaits_continue = True
         return True
+
+    def _take_absolute_form(self) -> None:
+        """RFC 9112 3.2.2: a server takes `GET http://host/path` (what a client sends to a
+        proxy) as `GET /path` with that Host, whatever Host header came with it."""
+        scheme, _, rest = self.path.partition("://")
+        if not rest or scheme.lower() not in ("http", "https"):
+            return
+        authority, slash, path = rest.partition("/")
+        if not authority or "@" in authority:
+            raise _HeadError(400, "malformed request: an absolute target without a host")
+        self.path = slash + path if slash else "/"
+        del self.headers["Host"]
+        self.headers["Host"] = authority
 
     def check_transport(self) -> None:
         self._check_framing()
@@ -338,7 +355,7 @@ class Handler(BaseHTTPRequestHandler):
     def _read_chunked(self, limit: int) -> bytes:
         # One growing buffer: a list of parts would cost an object per 1-byte chunk.
         body = bytearray()
-        while True:
+        for _ in range(_MAX_CHUNKS + 1):
             line = self._read_line()
             size_text = line.split(b";", 1)[0]
             if not _HEX_DIGITS.fullmatch(size_text):
@@ -355,6 +372,7 @@ class Handler(BaseHTTPRequestHandler):
             body += self._read_exactly(size)
             if self._read_line():
                 raise self._bad_framing("chunk data longer than its size")
+        raise self._bad_framing(f"a body of more than {_MAX_CHUNKS} chunks")
 
     def _read_line(self) -> bytes:
         """One CRLF-terminated line of chunked framing, without its CRLF."""

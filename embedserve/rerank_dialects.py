@@ -149,7 +149,7 @@ class Cohere:
             query=_text(body.get("query"), "query"),
             documents=_documents(body.get("documents"), "documents", max_documents,
                                  objects=True),
-            model=_optional(body, "model", str, "a string") or None,
+            model=_optional(body, "model", str, "a string"),
             top_n=_top_n(body),
             max_tokens_per_doc=numbers["max_tokens_per_doc"],
         )

@@ -154,6 +154,29 @@ def test_http_1_1_needs_a_host_and_1_0_does_not(server: Server) -> None:
     assert exchange(server, b"GET /health HTTP/1.0\r\n\r\n")[0] == 200
 
 
+def test_an_absolute_target_is_its_path_on_its_host(server: Server) -> None:
+    # What a client sends to a proxy; RFC 9112 3.2.2: a server takes it too, by its host.
+    status, _, body = exchange(server, b"GET http://127.0.0.1/health HTTP/1.1\r\n"
+                                       b"Host: evil.example\r\n\r\n")
+    assert status == 200, body
+    assert exchange(server, b"GET http://evil.example/health HTTP/1.1\r\n"
+                            b"Host: 127.0.0.1\r\n\r\n")[0] == 403  # its host is checked
+    assert exchange(server, b"GET HTTP://localhost HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+
+
+def test_a_body_of_a_byte_a_chunk_is_bounded(server: Server) -> None:
+    chunks = b"1\r\na\r\n" * 70_000
+    with connect(server) as sock:
+        try:
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                         b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+        except ConnectionError:
+            pass  # the server may close before all is sent; its answer is still there
+        status, headers, body = read_response(sock)
+    assert status == 400 and b"chunks" in body and headers.get("connection") == "close"
+    assert_serving(server)
+
+
 def test_header_fields_are_bounded_in_all(server: Server) -> None:
     # Each line under the 64 KiB line limit, 97 of them: 6 MB held per connection before.
     lines = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 60_000) for i in range(97))
@@ -174,6 +197,9 @@ def test_header_fields_are_bounded_in_all(server: Server) -> None:
     ("/v2/embed", {"texts": ["a"], "embedding_types": ["float"], "images": ["x"]}, 422),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "relevant_spans": 0}, 400),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "relevant_spans": True}, 422),
+    # An empty model name is no name served, as on the embedding routes (not the default).
+    ("/v2/rerank", {"model": "", "query": "q", "documents": ["a"]}, 404),
+    ("/v1/embeddings", {"model": "", "input": "a"}, 404),
 ])
 def test_odd_values_that_were_taken_for_absent_are_refused(server: Server, path: str,
                                                            body: dict, status: int) -> None:
