@@ -267,7 +267,8 @@ class Ollama:
         """GET /api/ps: the models loaded now, with their size and when they unload (a
         model kept for good shows a far future, as Ollama shows it)."""
         def when(expires: float | None) -> str:
-            if expires is None:
+            # Kept for good, or for longer than a date can say (keep_alive 1e20): the same.
+            if expires is None or not expires < _FOREVER:
                 return "2318-01-01T00:00:00Z"
             return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
 
@@ -300,6 +301,7 @@ class OllamaLegacy(Ollama):
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_FOREVER = 10_413_792_000.0  # 2300-01-01 in Unix time: later is "kept for good" in /api/ps
 
 
 def _keep_alive(value: Any) -> float | None:

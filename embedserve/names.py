@@ -13,7 +13,8 @@ from pathlib import Path
 _GENERIC_FOLDERS = frozenset({"model", "models", "snapshot", "snapshots", "weights",
                               "checkpoint", "final", "latest", "main"})
 # Titles of generated model cards (sentence-transformers' save() writes one), not names.
-_GENERIC_TITLES = frozenset({"sentencetransformer", "model", "model-card", "readme"})
+_GENERIC_TITLES = frozenset({"sentencetransformer", "crossencoder", "model", "model-card",
+                             "readme"})
 _HUB_CACHE_FOLDER = re.compile(r"^models--(.+?)--(.+)$")
 _CARD_TITLE = re.compile(r"^#\s+(\S[^\n]*?)\s*$", re.MULTILINE)
 

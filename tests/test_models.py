@@ -240,5 +240,13 @@ def test_ollama_keep_alive_0_unloads_after_the_request(small: str) -> None:
         (entry,) = srv.request("GET", "/api/ps")[2]["models"]
         assert entry["name"] == "small:latest" and entry["size"] > 0
         assert entry["expires_at"].startswith(time.strftime("%Y-"))
+        # Longer than a date can say: kept for good, as -1 (a 500 before, until replaced).
+        this_year = time.strftime("%Y-")
+        for keep_alive, expires in ((1e20, "2318-"), (-1, "2318-"), ("1h", this_year)):
+            status, _, _ = srv.request("POST", "/api/embed", {
+                "model": "small", "input": "x", "keep_alive": keep_alive})
+            assert status == 200
+            status, _, body = srv.request("GET", "/api/ps")
+            assert status == 200 and body["models"][0]["expires_at"].startswith(expires)
     finally:
         assert srv.stop() == 0

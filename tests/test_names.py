@@ -35,6 +35,17 @@ def test_a_folder_without_a_card_skips_generic_names(tmp_path: Path) -> None:
     assert default_names(str(folder))[0] == "my-encoder"
 
 
+@pytest.mark.parametrize("title", ["SentenceTransformer", "CrossEncoder"])
+def test_the_card_sentence_transformers_writes_names_nothing(tmp_path: Path, title: str
+                                                             ) -> None:
+    # save() titles its card after the class: two such cross-encoders were both
+    # "CrossEncoder", and neither answered to its folder's name.
+    folder = tmp_path / "my-reranker"
+    folder.mkdir()
+    (folder / "README.md").write_text(f"---\ntags:\n- x\n---\n\n# {title}\n")
+    assert default_names(str(folder))[0] == "my-reranker"
+
+
 def test_a_cached_hub_snapshot_is_named_by_its_id(tmp_path: Path) -> None:
     folder = tmp_path / "models--BAAI--bge-small-en-v1.5" / "snapshots" / "5c38ec7c"
     folder.mkdir(parents=True)
