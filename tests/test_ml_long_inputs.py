@@ -240,6 +240,29 @@ def watched(tokenizer: Any, limit: int) -> tuple[Any, list[Seen]]:
     return cutting, watch(cutting)
 
 
+def test_a_short_call_is_tokenized_while_a_bulk_one_is(tiny: tuple[str, str]) -> None:
+    """The tokenizers library runs every call's texts on one thread pool, first come first
+    served: a search's one text waited out a bulk request's whole batch (a 3-pair rerank
+    took 1-4 s behind four 1000-pair ones). Judged by what the bulk call had been given
+    when the short one was done: not all of it."""
+    from transformers import AutoTokenizer
+
+    cutting, seen = watched(AutoTokenizer.from_pretrained(tiny[0]), MAX_SEQ_LENGTH)
+    bulk_text = "lorem ipsum dolor sit amet " * 12  # unknown words: a token a letter
+    bulk = [bulk_text] * 8000
+    given = seen[0].lengths  # the right-cutting copy, which both calls use
+    worker = threading.Thread(target=cutting.encode_ids, args=(bulk, False))
+    worker.start()
+    try:
+        while not given:  # the bulk call is under way
+            pass
+        cutting.encode_ids(["a short search"], False)
+        assert given.count(len(bulk_text)) < len(bulk)
+    finally:
+        worker.join()
+    assert given.count(len(bulk_text)) == len(bulk)
+
+
 @pytest.mark.parametrize("family", ["tiny", "all-MiniLM-L6-v2", "byte-level BPE",
                                     "metaspace unigram"])
 def test_a_cut_text_gets_the_ids_of_the_whole_text(family: str, tiny: tuple[str, str]) -> None:
