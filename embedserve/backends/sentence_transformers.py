@@ -1,5 +1,6 @@
 """sentence-transformers tier: the model's own modules (transformer, pooling, dense,
-normalize) exactly as `SentenceTransformer.encode` runs them, driven batch by batch."""
+normalize) exactly as `SentenceTransformer.encode` runs them, driven batch by batch (a
+final normalize by the batcher, when the request asks for it)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ class SentenceTransformersBackend(TorchBackend):
         if dtype != next(network.parameters()).dtype:
             network = network.to(dtype)
         self.network = network.eval()
+        # A trailing Normalize module is left to the batcher, whose normalising is the same
+        # call (rows.lists): normalize=false then gets the vector before it, as TEI gives it
+        # and the transformers tier gives it for the same folder.
+        modules = list(network.children())
+        self._until_normalize = modules[:-1] if modules and \
+            type(modules[-1]).__name__ == "Normalize" else None
         self.tokenizer = network.tokenizer
         self.max_input_tokens = self._usable_limit(network.max_seq_length)
         if network.max_seq_length != self.max_input_tokens:
@@ -56,4 +63,8 @@ class SentenceTransformersBackend(TorchBackend):
     def _forward(self, features: dict[str, Any]) -> Any:
         features = {k: v.to(self.device) if hasattr(v, "to") else v
                     for k, v in features.items()}
-        return self.network(features)["sentence_embedding"]
+        if self._until_normalize is None:
+            return self.network(features)["sentence_embedding"]
+        for module in self._until_normalize:  # as SentenceTransformer.forward runs them
+            features = module(features)
+        return features["sentence_embedding"]
