@@ -126,7 +126,15 @@ class CohereEmbed:
                 f'{tail[1:]}').encode()
 
     def error_body(self, error: ApiError) -> Any:
-        return {"id": str(uuid.uuid4()), "message": error.message}
+        message = error.message
+        # The core names the other dialects' fields; a Cohere client knows its own.
+        for theirs, ours in _OWN_WORDS.get(error.param or "", ()):
+            message = message.replace(theirs, ours)
+        return {"id": str(uuid.uuid4()), "message": message}
+
+
+_OWN_WORDS = {"dimensions": (("'dimensions'", "'output_dimension'"),),
+              "truncate": (("(truncate=true)", "(truncate \"END\" or \"START\")"),)}
 
 
 def _embedding_types(value: Any) -> tuple[str, ...]:

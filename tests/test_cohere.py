@@ -157,6 +157,7 @@ def test_errors_through_the_sdk(hash_server: Server) -> None:
     assert isinstance(error, cohere.UnprocessableEntityError)
     error = sdk_error(hash_server, output_dimension=385)
     assert isinstance(error, cohere.UnprocessableEntityError) and "384" in error.body["message"]
+    assert "'output_dimension'" in error.body["message"]  # Cohere's name, not 'dimensions'
     error = sdk_error(hash_server, images=["data:image/png;base64,AAAA"], texts=None)
     assert isinstance(error, cohere.UnprocessableEntityError)
 
@@ -300,6 +301,7 @@ def test_truncate_none_start_end(ml_server: Server) -> None:
     error = sdk_error(ml_server, model=model, texts=[LONG], truncate="NONE")
     assert isinstance(error, cohere.UnprocessableEntityError)
     assert "at most 32" in error.body["message"]
+    assert '"END"' in error.body["message"] and "truncate=true" not in error.body["message"]
     for truncate, direction in (("START", "Left"), ("END", "Right")):
         got = embed(ml_server, [LONG + " the end"], model, truncate=truncate,
                     embedding_types=["float"]).embeddings.float_[0]
