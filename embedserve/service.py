@@ -233,8 +233,9 @@ class EmbeddingService:
 
     @staticmethod
     def _prompted(backend: BackendInfo, request: EmbedRequest) -> list[str]:
-        name = request.prompt_name or _input_type_prompt(backend, request.input_type) or \
-            backend.default_prompt_name
+        # An empty prompt_name is a name asked for (and none has it), not no name.
+        name = request.prompt_name if request.prompt_name is not None else \
+            _input_type_prompt(backend, request.input_type) or backend.default_prompt_name
         if name is None:
             return request.texts
         prompt = backend.prompts.get(name)

@@ -200,6 +200,8 @@ def test_header_fields_are_bounded_in_all(server: Server) -> None:
     # An empty model name is no name served, as on the embedding routes (not the default).
     ("/v2/rerank", {"model": "", "query": "q", "documents": ["a"]}, 404),
     ("/v1/embeddings", {"model": "", "input": "a"}, 404),
+    ("/embed", {"inputs": "a", "prompt_name": ""}, 422),  # a name no prompt has
+    ("/api/embed", {"model": "HASH-V1-384:LATEST", "input": "a"}, 200),  # names: any case
 ])
 def test_odd_values_that_were_taken_for_absent_are_refused(server: Server, path: str,
                                                            body: dict, status: int) -> None:
