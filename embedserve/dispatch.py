@@ -114,10 +114,11 @@ class _Exchange:
         except UnicodeDecodeError as exc:
             raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text, parse_constant=_reject_constant,
+                              object_pairs_hook=_unique_keys)
         except RecursionError:
             raise ApiError(400, "request body is nested too deeply") from None
-        except (json.JSONDecodeError, _Constant) as exc:
+        except (json.JSONDecodeError, _NotJson) as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         except ValueError:  # json's only other: an integer past Python's digit limit, whose
             # message advises sys.set_int_max_str_digits (this server's business, not a client's)
@@ -300,9 +301,23 @@ def _json(payload: Any) -> bytes:
         payload, separators=(",", ":")).encode()
 
 
-class _Constant(ValueError):
-    """NaN, Infinity or -Infinity in a request: Python's json reads them, JSON has none."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key given twice is read as its last value here and as its first by some parsers (a
+    # proxy's or a firewall's that checked the request): refused, as TEI refuses it.
+    result = dict(pairs)
+    if len(result) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _NotJson(f"the key {quoted(key)} appears more than once in an object")
+            seen.add(key)
+    return result
+
+
+class _NotJson(ValueError):
+    """What json reads but a request may not hold: NaN, Infinity, -Infinity (JSON has none)
+    and keys given twice."""
 
 
 def _reject_constant(name: str) -> Any:
-    raise _Constant(f"{name} is not valid JSON")
+    raise _NotJson(f"{name} is not valid JSON")

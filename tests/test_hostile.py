@@ -326,11 +326,13 @@ def test_deeply_nested_json_is_400_without_a_traceback(server: Server, path: str
     assert_serving(server)
 
 
-def test_numbers_json_has_but_python_will_not_read_are_400_in_our_words(server: Server
-                                                                          ) -> None:
-    # A 5,000-digit integer is valid JSON past Python's digit limit; NaN is not JSON at all.
+def test_json_python_reads_differently_is_400_in_our_words(server: Server) -> None:
+    # A 5,000-digit integer is valid JSON past Python's digit limit; NaN is not JSON at all;
+    # a key given twice has no one meaning.
     for body, says in ((b'{"input": [[%s]]}' % (b"9" * 5000), "more than 4300 digits"),
-                       (b'{"input": "a", "dimensions": NaN}', "NaN is not valid JSON")):
+                       (b'{"input": "a", "dimensions": NaN}', "NaN is not valid JSON"),
+                       # Read as "b" here, as "a" by a parser keeping the first (a proxy's).
+                       (b'{"input": "a", "input": "b"}', "appears more than once")):
         status, _, reply = server.request("POST", "/v1/embeddings", raw=body)
         assert status == 400 and says in str(reply), reply
         assert "set_int_max_str_digits" not in str(reply)
