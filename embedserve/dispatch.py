@@ -170,8 +170,12 @@ class Dispatcher:
                         route_label = "(unauthenticated)"  # nothing of the request is kept
                         raise
                     reply = method.answer(_Exchange(incoming, self.service, dialect, draining))
-            except (TimeoutError, ConnectionError):
-                raise  # the connection is unusable: the transport closes it
+            except (TimeoutError, ConnectionError) as lost:
+                # The connection is unusable: the transport closes it, after a 408 for a
+                # request not received in time. Counted as what the client got (a 500 once,
+                # which made slow clients look like server faults).
+                status = 408 if isinstance(lost, TimeoutError) else CLIENT_GONE
+                raise
             except ClientGone as gone:
                 # Nobody to answer; counted apart (nginx's 499) so a dashboard can tell it
                 # from a served request.

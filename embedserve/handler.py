@@ -99,7 +99,8 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, _READ_CHUNK)
-        self.linger = self.answering = False
+        self.linger = self.answering = self.dispatched = False
+        self.started = time.monotonic()
         self.write_timeout = self.server.config.request_timeout
 
     @property
@@ -141,6 +142,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.started = time.monotonic()
+        self.dispatched = False  # from then on, the Dispatcher counts it in /metrics
         self.reader.deadline = self.started + config.request_timeout
         self.body_read = False
         self.body_length: int | None = 0  # None: chunked
@@ -215,6 +217,7 @@ class Handler(BaseHTTPRequestHandler):
             server.waiting(conn, False)
 
     def dispatch(self) -> None:
+        self.dispatched = True
         # Routes, guards, auth, errors and metrics: the Dispatcher's, as for every
         # transport. This handler adds HTTP/1.1 itself: framing, the body, the connection.
         answer = self.server.dispatcher.answer(self, draining=self.draining)
@@ -415,6 +418,7 @@ class Handler(BaseHTTPRequestHandler):
                             status, len(body))
 
     def _try_send(self, error: ApiError) -> None:
+        self._count_refused(error.status)
         try:
             self.write_timeout = 1.0  # the connection closes after it
             self.send_json(error.status, self._dialect_of_request().error_body(error))
@@ -426,7 +430,15 @@ class Handler(BaseHTTPRequestHandler):
         # Called by the stdlib parser for malformed requests: answer JSON, never HTML.
         self.close_connection = True
         error = ApiError(int(code), message or HTTPStatus(code).phrase)
+        self._count_refused(error.status)
         self.send_json(error.status, self._dialect_of_request().error_body(error))
+
+    def _count_refused(self, status: int) -> None:
+        """A request answered before the Dispatcher saw it (its head malformed, too long or
+        too slow) is counted too, under the labels of a path and method nobody named."""
+        if not self.dispatched:
+            self.service.metrics.observe_request("(unknown)", "other", status,
+                                                 time.monotonic() - self.started)
 
     def _dialect_of_request(self) -> Dialect:
         # Also before dispatch (a timeout, a malformed request): from whatever path was read.

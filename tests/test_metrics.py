@@ -174,6 +174,39 @@ def test_requests_in_flight_are_summed_over_workers(servers: list[Server]) -> No
     assert requests_of(samples, "/embed", "POST") == 6
 
 
+def test_a_request_not_received_in_time_counts_as_its_408(servers: list[Server]) -> None:
+    # It was counted a 500: slow clients looked like server faults on a dashboard.
+    srv = start_server("--request-timeout", "1")
+    servers.append(srv)
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 408 ")
+    samples = scrape_until(srv, lambda s: requests_of(s, "/embed", "POST", "408") == 1)
+    assert requests_of(samples, "/embed", "POST", "408") == 1
+    assert requests_of(samples, "/embed", "POST", "500") == 0
+
+
+def test_requests_refused_before_they_are_parsed_are_counted(servers: list[Server]
+                                                            ) -> None:
+    # A malformed head, an over-long request line, a head not received in time: answered
+    # by the transport before any route saw them, and uncounted before.
+    srv = start_server("--request-timeout", "1")
+    servers.append(srv)
+    for data, status in ((b"GET /health HTTP/1.1\r\nHost: localhost\r\nX\r\n\r\n", 400),
+                         (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+                         (b"GET /health HTTP/1.1\r\nHost: loc", 408)):
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(data)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 %d " % status)
+    def counted(samples: dict) -> bool:  # type: ignore[type-arg]
+        return all(requests_of(samples, "(unknown)", "other", status) == 1
+                   for status in ("400", "414", "408"))
+
+    samples = scrape_until(srv, counted)
+    assert counted(samples), samples.get("embedserve_requests_total")
+
+
 def test_the_run_directory_goes_with_the_server(servers: list[Server], tmp_path: Path) -> None:
     # One left by a supervisor that is gone (its whole process group killed at once).
     gone = subprocess.Popen(["true"])
