@@ -155,9 +155,9 @@ class OpenAI:
 
 # --- Hugging Face text-embeddings-inference ------------------------------------------------
 
-_TEI_TYPES = {400: "Validation", 401: "Unauthorized", 403: "Unauthorized", 404: "NotFound",
-              405: "Validation", 408: "Validation", 411: "Validation", 413: "Validation",
-              415: "Validation", 422: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+# TEI's error_type where it is not "Validation" (a client's error) or "Backend" (a fault).
+_TEI_TYPES = {401: "Unauthorized", 403: "Unauthorized", 404: "NotFound", 429: "Overloaded",
+              503: "Unhealthy"}
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,6 @@ class TEI:
         return ("[" + ",".join(map(float_array_json, result.vectors)) + "]").encode()
 
     def error_body(self, error: ApiError) -> Any:
-        # A client's error is never "Backend", which says the server failed (414, 431, 505).
         kind = _TEI_TYPES.get(error.status, "Validation" if error.status < 500 else "Backend")
         if error.status == 400 and "empty" in error.message:
             kind = "Empty"

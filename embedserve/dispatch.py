@@ -305,6 +305,11 @@ def _json(payload: Any) -> bytes:
         payload, separators=(",", ":")).encode()
 
 
+class _NotJson(ValueError):
+    """What json reads but a request may not hold: NaN, Infinity, -Infinity (JSON has none)
+    and keys given twice."""
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # A key given twice is read as its last value here and as its first by some parsers (a
     # proxy's or a firewall's that checked the request): refused, as TEI refuses it.
@@ -316,11 +321,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise _NotJson(f"the key {quoted(key)} appears more than once in an object")
             seen.add(key)
     return result
-
-
-class _NotJson(ValueError):
-    """What json reads but a request may not hold: NaN, Infinity, -Infinity (JSON has none)
-    and keys given twice."""
 
 
 def _reject_constant(name: str) -> Any:

@@ -57,11 +57,11 @@ def _documents(value: Any, field: str, limit: int, objects: bool) -> list[str]:
     return texts
 
 
-def _top_n(body: dict[str, Any]) -> int | None:
-    top_n = _optional(body, "top_n", int, "an integer")
-    if top_n is not None and top_n < 1:
-        raise ApiError(422, f"'top_n' must be at least 1, got {top_n}", param="top_n")
-    return top_n
+def _at_least(body: dict[str, Any], field: str, least: int = 1) -> int | None:
+    value = _optional(body, field, int, "an integer")
+    if value is not None and value < least:
+        raise ApiError(422, f"'{field}' must be at least {least}, got {value}", param=field)
+    return value
 
 
 class TEIRerank(TEI):
@@ -133,12 +133,9 @@ class Cohere:
     def parse_rerank(self, payload: Any, max_documents: int) -> RerankRequest:
         body = _object(payload)
         _optional(body, "return_documents", bool, "a boolean")
-        # max_chunks_per_doc and priority are accepted as the SDKs send them, and unused.
-        numbers: dict[str, int | None] = {}
-        for field in ("max_tokens_per_doc", "max_chunks_per_doc", "priority"):
-            value = numbers[field] = _optional(body, field, int, "an integer")
-            if value is not None and value < (0 if field == "priority" else 1):
-                raise ApiError(422, f"'{field}' must be positive, got {value}", param=field)
+        # Accepted as the SDKs send them, and unused.
+        _at_least(body, "max_chunks_per_doc")
+        _at_least(body, "priority", 0)
         fields = body.get("rank_fields")
         if fields is not None and fields != ["text"]:
             raise ApiError(422, "'rank_fields' other than [\"text\"] are not supported: "
@@ -150,8 +147,8 @@ class Cohere:
             documents=_documents(body.get("documents"), "documents", max_documents,
                                  objects=True),
             model=_optional(body, "model", str, "a string"),
-            top_n=_top_n(body),
-            max_tokens_per_doc=numbers["max_tokens_per_doc"],
+            top_n=_at_least(body, "top_n"),
+            max_tokens_per_doc=_at_least(body, "max_tokens_per_doc"),
         )
 
     def render_rerank(self, payload: Any, request: RerankRequest, result: RerankResult

@@ -119,13 +119,10 @@ def tei_similarity(exchange: Exchange) -> Reply:
         return Reply(scoring.similarity(service, request, exchange.client_gone))
 
 
-_HEALTH = Method(health, "Ready?", response="Health")
-_OLLAMA_RUNNING = Method(ollama_running, "Liveness, as Ollama answers it",
-                         content_type="text/plain")
-
 # TEI's shape for paths no dialect claims: TEI's API is this server's own (/embed, /info).
 ROUTES = RouteTable.of([
-    Route("/health", TEI_DIALECT, {"GET": _HEALTH}, open=True),
+    Route("/health", TEI_DIALECT, {"GET": Method(health, "Ready?", response="Health")},
+          open=True),
     Route("/info", TEI_DIALECT, {"GET": Method(info, "Backend, model and limits",
                                                response="Info")}),
     Route("/metrics", TEI_DIALECT, {"GET": Method(metrics, "Prometheus metrics",
@@ -143,7 +140,8 @@ ROUTES = RouteTable.of([
     Route("/", TEI_DIALECT, {
         "POST": Method(embed, "Embed (TEI, as huggingface_hub posts it)", "TEIEmbedRequest",
                        "TEIEmbedResponse"),
-        "GET": _OLLAMA_RUNNING}),
+        "GET": Method(ollama_running, "Liveness, as Ollama answers it",
+                      content_type="text/plain")}),
     Route("/tokenize", TEI_DIALECT, {"POST": Method(
         tei_tokenize, "Tokenize (TEI)", "TEITokenizeRequest", "TEITokenizeResponse")}),
     Route("/rerank", TEI_RERANK, {"POST": Method(

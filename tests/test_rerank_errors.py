@@ -135,7 +135,7 @@ COHERE_ERRORS: list[tuple[Any, int, str]] = [
     ({"query": "q", "documents": ["a"], "model": 7}, 400, "'model' must be a string"),
     ({"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, "'rank_fields'"),
     ({"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 422,
-     "'max_tokens_per_doc' must be positive"),
+     "'max_tokens_per_doc' must be at least 1"),
 ]
 
 
