@@ -177,6 +177,15 @@ def supervisor_pid(info: dict[str, Any]) -> int:
     return int(info.get("supervisor_pid", info["pid"]))
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A stand-in server that takes a client hanging up on a kept-alive connection (what the
+    client under test does when it closes) as normal, not as a traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class Stub:
     """A scripted HTTP/1.1 peer: answers the first POSTs from `script` (status, headers),
     then embeds for real; counts POSTs and connections, and keeps the POSTed bodies."""
@@ -238,7 +247,7 @@ class Stub:
                                            "embedding": float32_base64(v)}
                                           for i, v in enumerate(vectors)]})
 
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server = _QuietServer((HOST, 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{HOST}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
