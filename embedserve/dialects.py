@@ -232,8 +232,11 @@ class Ollama:
         body = _object(payload)
         truncate = _optional(body, "truncate", bool, "a boolean")
         _optional(body, "options", dict, "an object")
+        # No input ("input" left out, "" or []) is Ollama's idiom for loading a model, or,
+        # with keep_alive 0, unloading it: answered with no embeddings, as Ollama does.
+        text = body.get("input")
         return EmbedRequest(
-            texts=texts_from(body.get("input"), "input", max_batch_size),
+            texts=[] if text in (None, "", []) else texts_from(text, "input", max_batch_size),
             model=_required_model(body),
             truncate=True if truncate is None else truncate,
             dimensions=_optional(body, "dimensions", int, "an integer"),
@@ -287,14 +290,17 @@ class OllamaLegacy(Ollama):
 
     def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
         body = _object(payload)
-        prompt = body.get("prompt")
+        prompt = "" if body.get("prompt") is None else body["prompt"]
         if not isinstance(prompt, str):
             raise ApiError(400, f"'prompt' must be a string, got {_json_type(prompt)}",
                            param="prompt")
-        return EmbedRequest(texts=texts_from(prompt, "prompt", 1), model=_required_model(body))
+        _optional(body, "options", dict, "an object")
+        return EmbedRequest(texts=[prompt] if prompt else [], model=_required_model(body),
+                            keep_alive=_keep_alive(body.get("keep_alive")))
 
     def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
-        return f'{{"embedding":{float_array_json(result.vectors[0])}}}'.encode()
+        vector = float_array_json(result.vectors[0]) if result.vectors else "[]"
+        return f'{{"embedding":{vector}}}'.encode()
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -26,6 +26,9 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
     ollama_model = {"type": "string", "enum": names + [f"{n}:latest" for n in names]}
     prompts = sorted(info["prompts"])  # type: ignore[call-overload]
     vector = {"type": "array", "items": {"type": "number"}}
+    keep_alive = {"oneOf": [  # seconds, or a Go duration
+        {"type": "number"},
+        {"type": "string", "pattern": r"^(-?[0-9]+(\.[0-9]+)?|-?([0-9]+(\.[0-9]+)?(ms|h|m|s))+)$"}]}
 
     schemas: dict[str, Any] = {
         "OpenAIEmbeddingRequest": _object({
@@ -65,17 +68,19 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
             "special": {"type": "boolean"}, "start": {"type": ["integer", "null"]},
             "stop": {"type": ["integer", "null"]}},
             required=["id", "text", "special", "start", "stop"])}},
+        # Ollama's input may be left out, "" or []: a request to load (or unload) the model.
         "OllamaEmbedRequest": _object({
-            "model": ollama_model, "input": texts, "truncate": {"type": "boolean"},
-            "dimensions": dimensions, "keep_alive": {"oneOf": [
-                {"type": "number"},
-                {"type": "string", "pattern": r"^(-?[0-9]+(\.[0-9]+)?|-?([0-9]+(\.[0-9]+)?(ms|h|m|s))+)$"}]},
-            "options": {"type": "object"}}, required=["model", "input"]),
+            "model": ollama_model, "truncate": {"type": "boolean"},
+            "input": {"oneOf": [{"type": "string"},
+                                {"type": "array", "items": text, "maxItems": batch}]},
+            "dimensions": dimensions, "keep_alive": keep_alive,
+            "options": {"type": "object"}}, required=["model"]),
         "OllamaEmbedResponse": _object({
             "model": {"type": "string"}, "embeddings": {"type": "array", "items": vector},
             "prompt_eval_count": {"type": "integer"}}, required=["model", "embeddings"]),
-        "OllamaEmbeddingsRequest": _object({"model": ollama_model, "prompt": text},
-                                           required=["model", "prompt"]),
+        "OllamaEmbeddingsRequest": _object({
+            "model": ollama_model, "prompt": {"type": "string"}, "keep_alive": keep_alive,
+            "options": {"type": "object"}}, required=["model"]),
         "OllamaEmbeddingsResponse": _object({"embedding": vector}, required=["embedding"]),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"]),
         **_rerank_schemas(service, text, model, prompts),

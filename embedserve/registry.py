@@ -165,9 +165,11 @@ class Registry:
     @contextmanager
     def use(self, slot: Slot, keep_alive: float | None = None) -> Iterator[Slot]:
         """`slot`, loaded, for one request. `keep_alive` (seconds; negative: forever; 0:
-        unload once this request is done) replaces the idle timeout for this model."""
+        unload once this request is done) replaces the idle timeout for this model, once
+        the request has succeeded: a refused one changes nothing."""
         with self._lock:
             slot.in_use += 1
+        succeeded = False
         try:
             if slot.loaded is None:
                 try:
@@ -177,14 +179,15 @@ class Registry:
                     raise ApiError(500, f"model {slot.names.primary} failed to load: {exc}"
                                    ) from None
             yield slot
+            succeeded = True
         finally:
             now = time.monotonic()
             with self._lock:
                 slot.in_use -= 1
                 slot.last_used = now
-                if keep_alive is not None:
+                if succeeded and keep_alive is not None:
                     slot.keep_until = math.inf if keep_alive < 0 else now + keep_alive
-                release = keep_alive == 0 and not slot.in_use
+                release = succeeded and keep_alive == 0 and not slot.in_use
             if release:
                 self.unload(slot, "keep_alive 0")
 

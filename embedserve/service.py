@@ -149,7 +149,9 @@ class EmbeddingService:
                                param="dimensions")
             ranges = _ranges_for(backend, request, dims or backend.dimensions)
             texts = self._prompted(backend, request)
-            if slot.encoder is not None:
+            if not texts:  # Ollama's request to load a model (keep_alive 0: to unload it)
+                vectors, tokens = [], 0
+            elif slot.encoder is not None:
                 # The hash tier computes `dimensions` buckets directly: its features carry
                 # no order of importance, so a shortened 384-d vector would be mostly zeros.
                 with self._encode_lock, self.backend_call():

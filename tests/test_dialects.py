@@ -34,11 +34,30 @@ def test_ollama_legacy_embeddings(server: Server) -> None:
     assert status == 200 and body == {"embedding": EMBEDDER.embed_one("legacy")}
 
 
+@pytest.mark.parametrize("route,body,reply", [
+    ("/api/embed", {"model": "hash-v1-384"}, {"model": "hash-v1-384", "embeddings": []}),
+    ("/api/embed", {"model": "hash-v1-384:latest", "input": ""}, {"model": "hash-v1-384",
+                                                                   "embeddings": []}),
+    ("/api/embed", {"model": "hash-v1-384", "input": [], "keep_alive": 0},
+     {"model": "hash-v1-384", "embeddings": []}),
+    ("/api/embeddings", {"model": "hash-v1-384"}, {"embedding": []}),
+    ("/api/embeddings", {"model": "hash-v1-384", "prompt": "", "keep_alive": "5m"},
+     {"embedding": []}),
+])
+def test_ollama_no_input_loads_the_model_and_embeds_nothing(server: Server, route: str,
+                                                            body: dict, reply: dict) -> None:
+    # How Ollama's clients load a model ahead of use, or unload it with keep_alive 0.
+    status, _, answer = server.request("POST", route, body)
+    assert status == 200
+    assert {key: answer[key] for key in reply} == reply, answer
+
+
 @pytest.mark.parametrize("body,status,fragment", [
     ({"model": "nomic-embed-text", "input": "x"}, 404, "not served here"),
     ({"input": "x"}, 400, "'model' is required"),
-    ({"model": "hash-v1-384", "input": []}, 400, "empty"),
+    ({"model": "hash-v1-384", "input": ["x", ""]}, 400, "'input[1]' is an empty string"),
     ({"model": "hash-v1-384", "input": "x", "keep_alive": {}}, 400, "keep_alive"),
+    ({"model": "nomic-embed-text"}, 404, "not served here"),
 ])
 def test_ollama_errors_are_ollama_shaped(server: Server, body: dict, status: int,
                                          fragment: str) -> None:

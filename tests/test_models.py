@@ -234,6 +234,17 @@ def test_ollama_keep_alive_0_unloads_after_the_request(small: str) -> None:
         status, _, _ = srv.request("POST", "/api/embed", {"model": "small", "input": "x",
                                                           "keep_alive": 0})
         assert status == 200 and loaded(srv) == []
+        # No input: Ollama's way to load a model ahead of use, and with keep_alive 0 to
+        # unload it (a 400 before).
+        status, _, body = srv.request("POST", "/api/embed", {"model": "small"})
+        assert status == 200 and body["embeddings"] == [] and loaded(srv) == ["small"]
+        # A refused request changes nothing: its keep_alive 0 does not unload the model.
+        status, _, _ = srv.request("POST", "/api/embed", {
+            "model": "small", "input": "x", "dimensions": 100_000, "keep_alive": 0})
+        assert status == 422 and loaded(srv) == ["small"]
+        status, _, body = srv.request("POST", "/api/embed", {"model": "small", "input": [],
+                                                             "keep_alive": 0})
+        assert status == 200 and body["embeddings"] == [] and loaded(srv) == []
         status, _, _ = srv.request("POST", "/api/embed", {"model": "small", "input": "x",
                                                           "keep_alive": "5m"})
         assert status == 200

@@ -31,6 +31,9 @@ def test_ollama_client(server: Server) -> None:
     assert all(close(a, b) for a, b in zip(result.embeddings, EMBEDDER.embed(TEXTS)))
     assert close(client.embeddings(model="hash-v1-384", prompt="x").embedding,
                  EMBEDDER.embed_one("x"))
+    # The client's default input is "": how its users load a model (or, keep_alive=0,
+    # unload it) without embedding anything.
+    assert client.embed(model="hash-v1-384", keep_alive=0).embeddings == []
     with pytest.raises(ollama.ResponseError) as info:
         client.embed(model="nomic-embed-text", input="x")
     assert info.value.status_code == 404 and "hash-v1-384" in str(info.value)
