@@ -152,9 +152,12 @@ class Dispatcher:
             try:
                 incoming.check_transport()
                 cors = self._check_browser(incoming.headers)
-                if route is None:
+                if path == "*" and method_name == "OPTIONS":
+                    # The asterisk form asks about the server as a whole (RFC 9110, 9.3.7).
+                    reply = Reply(b"", "text/plain", {"Allow": ROUTES.all_methods}, status=204)
+                elif route is None:
                     raise ApiError(404, f"no route {quoted(path)}; see GET /info for the API")
-                if method_name == "OPTIONS":
+                elif method_name == "OPTIONS":
                     reply = self._options(route, incoming.headers)
                     if reply.status == 204 and incoming.headers.get(
                             "Access-Control-Request-Method"):

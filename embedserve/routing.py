@@ -128,6 +128,11 @@ class RouteTable:
     def get(self, path: str) -> Route | None:
         return self.routes.get(path)
 
+    @property
+    def all_methods(self) -> str:
+        """The Allow header for `OPTIONS *`: every method some route answers."""
+        return ", ".join(sorted({"OPTIONS"}.union(*(r.methods for r in self.routes.values()))))
+
     def dialect_for(self, target: str) -> Dialect:
         """The dialect of a request target (path and query): its route's, or for a path
         that is no route, its first segment's."""

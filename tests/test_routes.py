@@ -168,6 +168,14 @@ def test_options_never_needs_the_key(keyed: Server, path: str) -> None:
     assert headers["allow"] == ", ".join(sorted({*route(path).methods, "OPTIONS"}))
 
 
+def test_options_asterisk_lists_every_method_the_server_answers(keyed: Server) -> None:
+    # "OPTIONS *" asks about the server as a whole (a 404 "no route '*'" before).
+    status, headers, body = call(keyed, "OPTIONS", "*")
+    assert status == 204 and body == b""
+    assert headers["allow"] == "GET, HEAD, OPTIONS, POST"
+    assert call(keyed, "GET", "*")[0] == 404  # the asterisk form is OPTIONS's alone
+
+
 # -- errors in the route's dialect ---------------------------------------------------------------
 
 @pytest.mark.parametrize("path", [r.path for r in ROUTES])
