@@ -334,8 +334,7 @@ def _required_model(body: dict[str, Any]) -> str:
     model = _optional(body, "model", str, "a string")
     if not model:
         raise ApiError(400, "'model' is required", param="model")
-    # Ollama names carry a tag; ":latest" names the one version a server has.
-    return model[: -len(":latest")] if model.lower().endswith(":latest") else model
+    return model
 
 
 OPENAI = OpenAI()

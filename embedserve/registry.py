@@ -30,6 +30,8 @@ from embedserve.names import ModelNames, served_names
 
 log = logging.getLogger("embedserve.registry")
 
+_LATEST = ":latest"
+
 HASH = "hash"  # --model hash: the hash tier, beside or instead of ML models
 SWEEP_EVERY = 1.0  # seconds between looks for idle models (at most)
 
@@ -144,13 +146,16 @@ class Registry:
         return [name for slot in self.slots for name in slot.names.listed]
 
     def resolve(self, name: str | None) -> Slot:
-        """The model a request names (any accepted name, any case); None: the default."""
+        """The model a request names (any accepted name, any case, with or without
+        Ollama's ":latest" tag, which names the one version a server has); None: the
+        default."""
         if name is None:
             return self.default
         wanted = name.lower()
-        for slot in self.slots:
-            if wanted in (n.lower() for n in slot.names.accepted):
-                return slot
+        for candidate in (wanted, wanted.removesuffix(_LATEST)):
+            for slot in self.slots:
+                if candidate in (n.lower() for n in slot.names.accepted):
+                    return slot
         listed = ", ".join(repr(n) for n in self.listed_names())
         raise ApiError(404, f"model {quoted(name)} is not served here; this server serves "
                             f"{listed}", param="model")

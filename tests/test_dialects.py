@@ -36,8 +36,8 @@ def test_ollama_legacy_embeddings(server: Server) -> None:
 
 @pytest.mark.parametrize("route,body,reply", [
     ("/api/embed", {"model": "hash-v1-384"}, {"model": "hash-v1-384", "embeddings": []}),
-    ("/api/embed", {"model": "hash-v1-384:latest", "input": ""}, {"model": "hash-v1-384",
-                                                                   "embeddings": []}),
+    ("/api/embed", {"model": "hash-v1-384:latest", "input": ""},
+     {"model": "hash-v1-384:latest", "embeddings": []}),
     ("/api/embed", {"model": "hash-v1-384", "input": [], "keep_alive": 0},
      {"model": "hash-v1-384", "embeddings": []}),
     ("/api/embeddings", {"model": "hash-v1-384"}, {"embedding": []}),

@@ -83,7 +83,11 @@ def test_served_names_route_every_dialect(named_server: Server) -> None:
         assert status == 200 and body["model"] == "text-embedding-3-small"
     status, _, body = named_server.request("POST", "/api/embed",
                                            {"input": "x", "model": "emb:latest"})
-    assert status == 200
+    assert status == 200 and body["model"] == "emb:latest"  # echoed as Ollama does
+    # Ollama's tag on any route (an app moved from Ollama's /v1 keeps its model names).
+    for route, key in (("/v1/embeddings", "input"), ("/embed", "inputs")):
+        status, _, body = named_server.request("POST", route, {key: "x", "model": "EMB:Latest"})
+        assert status == 200, body
     status, _, body = named_server.request("GET", "/api/tags")
     assert [m["name"] for m in body["models"]] == ["text-embedding-3-small:latest", "emb:latest"]
     status, _, body = named_server.request("POST", "/v1/embeddings",
