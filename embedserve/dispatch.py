@@ -191,21 +191,22 @@ class Dispatcher:
                     log.error("%s %s: %s", method_name, path, error.message)
                 else:  # a client's mistake, or an expected state (loading, draining, busy)
                     log.debug("%s %s: %d %s", method_name, path, status, error.message)
-                return Outgoing(status, _json(dialect.error_body(error)),
+                return Outgoing(status, json_body(dialect.error_body(error)),
                                 headers={**(error.headers or {}), **cors})
             except RecursionError:
                 # Deeply nested JSON, from the C parser or anything walking its result.
                 status = 400
                 log.debug("%s %s: input nested too deeply", method_name, path)
-                return Outgoing(400, _json(dialect.error_body(ApiError(
+                return Outgoing(400, json_body(dialect.error_body(ApiError(
                     400, "request body is nested too deeply"))), headers=cors, close=True)
             except Exception:
                 log.exception("unhandled error in %s %s", method_name, path)
                 failure = ApiError(500, "internal server error (details in the server log)")
-                return Outgoing(500, _json(dialect.error_body(failure)), headers=cors,
+                return Outgoing(500, json_body(dialect.error_body(failure)), headers=cors,
                                 close=True)
             status = reply.status
-            body = _json(reply.body) if reply.content_type == "application/json" else reply.body
+            body = (json_body(reply.body) if reply.content_type == "application/json"
+                    else reply.body)
             return Outgoing(status, body, reply.content_type, {**(reply.headers or {}), **cors})
         finally:
             method_label = method_name if method_name in _KNOWN_METHODS else "other"
@@ -302,7 +303,7 @@ class Buffered:
         return self.gone() if self.gone is not None else False
 
 
-def _json(payload: Any) -> bytes:
+def json_body(payload: Any) -> bytes:
     """`payload` is an object to serialise, or bytes that already are JSON."""
     return payload if isinstance(payload, bytes) else json.dumps(
         payload, separators=(",", ":")).encode()

@@ -7,7 +7,6 @@ and written in one piece, never as an HTML page or a traceback.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 import select
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from embedserve import __version__
 from embedserve.connections import DeadlineReader, send_within
 from embedserve.dialects import Dialect
+from embedserve.dispatch import json_body
 from embedserve.errors import ApiError, quoted
 from embedserve.routes import ROUTES
 from embedserve.service import EmbeddingService
@@ -390,9 +390,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None
                   ) -> None:
         """`payload` is an object to serialise, or bytes that already are JSON."""
-        body = payload if isinstance(payload, bytes) else json.dumps(
-            payload, separators=(",", ":")).encode()
-        self.send_body(status, body, "application/json", headers)
+        self.send_body(status, json_body(payload), "application/json", headers)
 
     def send_body(self, status: int, body: bytes, content_type: str,
                   headers: dict[str, str] | None = None) -> None:
