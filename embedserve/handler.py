@@ -35,6 +35,9 @@ _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
 _MAX_TRAILERS = 64
+# Empty lines skipped before a request line (RFC 9112 2.2: a server SHOULD ignore at least
+# one; a client may send a stray CRLF after a POST's body).
+_MAX_LEADING_EMPTY_LINES = 8
 # Chunks in one body: each costs a few Python calls, so 8 MB sent a byte a chunk would take
 # a core for some 17 s. Clients send chunks of kilobytes.
 _MAX_CHUNKS = 65536
@@ -151,8 +154,9 @@ class Handler(BaseHTTPRequestHandler):
         # Nothing of the last request may shape the answer to this one (a HEAD's left the
         # body out of a 408 once), nor be missing if this one ends before its request line.
         self.command = self.requestline = self.path = ""
+        self.announce_keep_alive = False
         try:
-            self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+            self.raw_requestline = self._request_line()
             if not self.raw_requestline:
                 self.close_connection = True
                 return
@@ -167,6 +171,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile = rfile
             if not parsed:
                 return
+            self._connection_options()
             self._take_absolute_form()
             self.dispatch()
         except _HeadError as error:
@@ -185,6 +190,35 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.reader.deadline = None
+
+    def _request_line(self) -> bytes:
+        """The request line (b"" when the connection ends first), past a few empty lines:
+        a stray line end after a POST's body (some clients send one) is no request, and
+        what follows it is waited for as on an idle connection."""
+        for _ in range(_MAX_LEADING_EMPTY_LINES):
+            line: bytes = self.rfile.readline(_MAX_LINE + 1)
+            if line not in (b"\r\n", b"\n"):
+                return line
+            if not self._next_request_arrives():
+                return b""
+            self.reader.deadline = time.monotonic() + self.server.config.request_timeout
+        raise _HeadError(400, "malformed request: empty lines where a request line was due")
+
+    def _connection_options(self) -> None:
+        """Whether the connection stays open after this request, from its Connection
+        options (a comma-separated list, over one or more headers; the stdlib compares the
+        whole value with "close" only): "close" closes it; an HTTP/1.0 request keeps it
+        only with "keep-alive", and its answer then says so (an HTTP/1.0 client otherwise
+        waits for the close)."""
+        options = {option.strip().lower()
+                   for value in self.headers.get_all("Connection") or ()
+                   for option in value.split(",")}
+        self.announce_keep_alive = False
+        if "close" in options:
+            self.close_connection = True
+        elif self.request_version == "HTTP/1.0":
+            self.close_connection = "keep-alive" not in options
+            self.announce_keep_alive = not self.close_connection
 
     def _next_request_arrives(self) -> bool:
         """Wait for the next request on this connection: up to keep_alive_timeout, or, once
@@ -264,6 +298,8 @@ class Handler(BaseHTTPRequestHandler):
         encodings = self.headers.get_all("Transfer-Encoding") or []
         if encodings:
             self.body_length = None
+            if self.request_version == "HTTP/1.0":  # RFC 9112 6.1: faulty framing
+                raise self._bad_framing("Transfer-Encoding in an HTTP/1.0 request")
             if lengths:
                 raise self._bad_framing("both Transfer-Encoding and Content-Length")
             if len(encodings) > 1 or encodings[0].strip().lower() != "chunked":
@@ -273,7 +309,8 @@ class Handler(BaseHTTPRequestHandler):
         if not lengths:
             self.body_length = 0
             return
-        values = {value.encode("latin-1", "replace") for value in lengths}
+        # Spaces and tabs around a field value are not part of it (RFC 9110 5.5).
+        values = {value.strip(" \t").encode("latin-1", "replace") for value in lengths}
         if len(values) > 1:
             raise self._bad_framing("conflicting Content-Length headers")
         value = values.pop()
@@ -405,6 +442,8 @@ class Handler(BaseHTTPRequestHandler):
             lines.extend(f"{name}: {value}" for name, value in headers.items())
         if self.close_connection:
             lines.append("Connection: close")
+        elif self.announce_keep_alive:
+            lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.answering = True
         # One write: headers and body leave in the same segment. A reader that takes its

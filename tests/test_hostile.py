@@ -77,13 +77,77 @@ def test_negative_chunk_size_is_refused_not_read_forever(server: Server) -> None
     assert_serving(server)
 
 
-@pytest.mark.parametrize("value", [b"+20", b"20 ", b"2_0", b"0x14", b"-0", b"\xd9\xa2"])
+@pytest.mark.parametrize("value", [b"+20", b"2 0", b"2_0", b"0x14", b"-0", b"\xd9\xa2"])
 def test_content_length_is_digits_only(server: Server, value: bytes) -> None:
     body = b'{"inputs": "twenty chars"}'[:20]
     status, headers, reply = exchange(server, b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" +
                                       JSON + b"Content-Length: " + value + b"\r\n\r\n" + body)
     assert status == 400 and b"Content-Length" in reply
     assert headers.get("connection") == "close"
+
+
+def test_spaces_around_a_content_length_are_not_part_of_it(server: Server) -> None:
+    # RFC 9110 5.5 (a 400 "invalid Content-Length '14 '" before).
+    body = b'{"inputs":"x"}'
+    status, _, reply = exchange(server, b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                                b"Content-Length:  14 \t\r\n\r\n" + body)
+    assert status == 200 and json.loads(reply) == [EMBEDDER.embed_one("x")]
+
+
+def test_transfer_encoding_in_http_1_0_is_faulty_framing(server: Server) -> None:
+    # RFC 9112 6.1: HTTP/1.0 has no chunked framing; a 1.0 proxy in front would read the
+    # body otherwise (both requests were answered on one connection before).
+    smuggled = b"GET /health HTTP/1.0\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.0\r\nConnection: keep-alive\r\n" + JSON +
+                     b"Transfer-Encoding: chunked\r\n\r\ne\r\n{\"input\":\"hi\"}\r\n0\r\n\r\n" +
+                     smuggled)
+        status, headers, _ = read_response(sock)
+        assert status == 400 and headers.get("connection") == "close"
+        assert closed_by_server(sock)
+
+
+@pytest.mark.parametrize("connection", [b"Connection: TE, close\r\n",
+                                        b"Connection: close, keep-alive\r\n",
+                                        b"Connection: keep-alive\r\nConnection: Close\r\n"])
+def test_close_among_the_connection_options_closes(server: Server, connection: bytes) -> None:
+    # The options are a list, over one or more headers (only "close" alone closed before).
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + connection + b"\r\n")
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection") == "close"
+        assert closed_by_server(sock)
+
+
+def test_http_1_0_keep_alive_is_said_in_the_answer(server: Server) -> None:
+    # An HTTP/1.0 client keeps a connection only when the answer says so; without it, it
+    # waits for a close that came only after the idle timeout.
+    with connect(server) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /health HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            assert status == 200 and headers.get("connection") == "keep-alive"
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection") == "close"
+        assert closed_by_server(sock)
+
+
+def test_empty_lines_before_a_request_line_are_skipped(server: Server) -> None:
+    # RFC 9112 2.2 (the connection was closed without an answer before).
+    status, _, _ = exchange(server, b"\r\n\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status == 200
+    body = b'{"inputs":"x"}'
+    with connect(server) as sock:
+        # A stray line end after a POST's body, then the next request: both answered...
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
+                     b"Content-Length: 14\r\n\r\n" + body + b"\r\n")
+        assert read_response(sock)[0] == 200
+        time.sleep(0.2)  # ...however late the next one comes
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    status, headers, _ = exchange(server, b"\r\n" * 9 + b"GET /health HTTP/1.1\r\n\r\n")
+    assert status == 400 and headers.get("connection") == "close"  # but not without end
 
 
 @pytest.mark.parametrize("size", [b"+e", b"0xe", b" e", b"e ", b"0_e", b"f" * 19])
