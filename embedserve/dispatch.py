@@ -245,8 +245,10 @@ class Dispatcher:
         key = self.config.api_key
         if not key or route.open:
             return
-        given = headers.get("Authorization", "") or ""
-        scheme, _, token = given.partition(" ")
+        credentials = headers.get_all("Authorization") or [""]
+        if len(credentials) > 1:  # which one counts is for no one to guess (a proxy's?)
+            raise ApiError(400, "more than one Authorization header")
+        scheme, _, token = credentials[0].partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                                  key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",

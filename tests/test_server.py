@@ -517,6 +517,12 @@ def test_api_key(fresh_server: list[Server]) -> None:
     assert srv.request("GET", "/info", headers=wrong)[0] == 401
     right = {"Authorization": "Bearer s3cret"}
     assert srv.request("POST", "/v1/embeddings", {"input": "x"}, headers=right)[0] == 200
+    # Two keys, the right one first: which counts would be a guess (the first was taken).
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer s3cret"
+                     b"\r\nAuthorization: Bearer nope\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"more than one Authorization" in answer
 
 
 # --- process behaviour ---------------------------------------------------------------------
