@@ -166,6 +166,7 @@ class TokenizeRequest:
 
     texts: list[str]
     add_special_tokens: bool = True
+    model: str | None = None  # None: the default model
 
 
 class TEI:
@@ -187,6 +188,8 @@ class TEI:
             truncate=True if truncate is None else truncate,
             prompt_name=_optional(body, "prompt_name", str, "a string"),
             dimensions=_optional(body, "dimensions", int, "an integer"),
+            # Not TEI's (one model a server): which of several models, as on /rerank.
+            model=_optional(body, "model", str, "a string"),
         )
 
     def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
@@ -208,7 +211,8 @@ class TEI:
         if chars > max_chars:
             raise ApiError(413, f"'inputs' hold {chars} characters; /tokenize takes at most "
                                 f"{max_chars} per request", param="inputs")
-        return TokenizeRequest(texts, True if special is None else special)
+        return TokenizeRequest(texts, True if special is None else special,
+                               _optional(body, "model", str, "a string"))
 
     def render_tokens(self, tokens: Sequence[Sequence[Token]]) -> list[list[dict[str, Any]]]:
         """POST /tokenize: per text, its tokens with character offsets (None: no offsets,
@@ -252,18 +256,18 @@ class Ollama:
     def error_body(self, error: ApiError) -> Any:
         return {"error": error.message}
 
-    def render_tags(self, names: Sequence[str], backend: str, loaded_at: float
+    def render_tags(self, models: Sequence[tuple[str, str]], loaded_at: float
                     ) -> dict[str, Any]:
-        """GET /api/tags: the served model as Ollama lists its local models. Ollama names
-        carry a tag, and ":latest" names the one version a server has; sizes and digests
-        describe Ollama's model files, which a server here does not have."""
+        """GET /api/tags: the served models (name, backend: "" when not loaded yet) as
+        Ollama lists its local models. Sizes and digests describe Ollama's model files,
+        which a server here does not have."""
         modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded_at))
         return {"models": [{
-            "name": f"{name}:latest", "model": f"{name}:latest", "modified_at": modified,
+            "name": _tagged(name), "model": _tagged(name), "modified_at": modified,
             "size": 0, "digest": "",
             "details": {"format": backend, "family": backend, "families": [backend],
                         "parameter_size": "", "quantization_level": ""}}
-            for name in names]}
+            for name, backend in models]}
 
     def render_ps(self, models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """GET /api/ps: the models loaded now, with their size and when they unload (a
@@ -275,7 +279,7 @@ class Ollama:
             return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
 
         return {"models": [{
-            "name": f"{m['name']}:latest", "model": f"{m['name']}:latest",
+            "name": _tagged(m["name"]), "model": _tagged(m["name"]),
             "size": m["size"], "size_vram": 0, "digest": "", "expires_at": when(m["expires_at"]),
             "details": {"format": m["backend"], "family": m["backend"],
                         "families": [m["backend"]], "parameter_size": "",
@@ -328,6 +332,12 @@ def _keep_alive(value: Any) -> float | None:
             return sign * sum(float(n) * _DURATION_UNITS[unit] for n, unit in parts)
     raise ApiError(400, "'keep_alive' must be a duration (\"5m\", \"1h30m\", \"0\", \"-1\") or "
                         "a number of seconds", param="keep_alive")
+
+
+def _tagged(name: str) -> str:
+    """A name as Ollama lists it: with a tag, ":latest" (the one version a server has)
+    unless the name has one (--served-model-name nomic-embed-text:v1.5)."""
+    return name if ":" in name else f"{name}:latest"
 
 
 def _required_model(body: dict[str, Any]) -> str:

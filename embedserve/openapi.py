@@ -54,13 +54,13 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
         "TEIEmbedRequest": _object({
             "inputs": texts, "normalize": {"type": "boolean"}, "truncate": {"type": "boolean"},
             "truncation_direction": {"type": "string", "enum": ["Left", "Right"]},
-            "dimensions": dimensions,
+            "dimensions": dimensions, "model": model,
             **({"prompt_name": {"type": "string", "enum": prompts}} if prompts else {}),
         }, required=["inputs"]),
         "TEIEmbedResponse": {"type": "array", "items": vector},
         "TEIError": _object({"error": {"type": "string"}, "error_type": {"type": "string"}},
                             required=["error", "error_type"]),
-        "TEITokenizeRequest": _object({"inputs": texts,
+        "TEITokenizeRequest": _object({"inputs": texts, "model": model,
                                        "add_special_tokens": {"type": "boolean"}},
                                       required=["inputs"]),
         "TEITokenizeResponse": {"type": "array", "items": {"type": "array", "items": _object({

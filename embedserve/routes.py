@@ -47,8 +47,7 @@ def openai_models(exchange: Exchange) -> Reply:
 
 def ollama_tags(exchange: Exchange) -> Reply:
     service = exchange.service
-    backend = str(service.info()["backend"])
-    return Reply(OLLAMA.render_tags(service.model_names().listed, backend, service.started))
+    return Reply(OLLAMA.render_tags(service.listed_models(), service.started))
 
 
 def ollama_ps(exchange: Exchange) -> Reply:
@@ -68,7 +67,7 @@ def tei_tokenize(exchange: Exchange) -> Reply:
     with service.admit():
         request = TEI_DIALECT.parse_tokenize(exchange.read_json(), service.config.max_batch_size,
                                              MAX_TOKENIZE_CHARS)
-        tokens = service.tokenize(request.texts, request.add_special_tokens)
+        tokens = service.tokenize(request.texts, request.add_special_tokens, request.model)
         return Reply(TEI_DIALECT.render_tokens(tokens))
 
 

@@ -197,6 +197,11 @@ class EmbeddingService:
         return ModelNames(tuple(n for slot in slots for n in slot.names.accepted),
                           tuple(n for slot in slots for n in slot.names.listed))
 
+    def listed_models(self) -> list[tuple[str, str]]:
+        """Every listed name with its model's backend ("" for one not loaded yet)."""
+        return [(name, slot.backend.name if slot.backend else "")
+                for slot in self._ready_registry().slots for name in slot.names.listed]
+
     def loaded_models(self) -> list[dict[str, object]]:
         """The ML models in memory now (Ollama's /api/ps): name, size, expiry (epoch s)."""
         registry, now = self._ready_registry(), time.monotonic()
@@ -224,9 +229,10 @@ class EmbeddingService:
         return self.metrics.render(
             restarts=self._restarts.value if self._restarts is not None else 0)
 
-    def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
+    def tokenize(self, texts: list[str], add_special_tokens: bool, model: str | None = None
+                 ) -> list[list[Token]]:
         registry = self._ready_registry()
-        with registry.use(registry.default) as slot:
+        with registry.use(registry.resolve(model)) as slot:
             backend = slot.backend
             assert backend is not None
             if slot.model is not None:

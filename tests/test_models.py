@@ -120,8 +120,11 @@ def test_every_model_answers_to_its_names_with_its_own_vectors(three: Server, sm
 def test_every_model_is_listed_and_a_wrong_name_lists_them(three: Server) -> None:
     ids = [m["id"] for m in three.request("GET", "/v1/models")[2]["data"]]
     assert ids == ["small", "mini", "big", "hash-v1-384"]
-    tags = [m["name"] for m in three.request("GET", "/api/tags")[2]["models"]]
-    assert tags == [f"{name}:latest" for name in ids]
+    tags = [(m["name"], m["details"]["format"])
+            for m in three.request("GET", "/api/tags")[2]["models"]]
+    # Each with its own backend (all were the default model's before).
+    assert tags == [(f"{name}:latest", "hash" if name.startswith("hash") else
+                     "sentence-transformers") for name in ids]
     status, _, body = three.request("POST", "/v1/embeddings", {"input": "x", "model": "gpt-4"})
     assert status == 404
     assert all(repr(name) in body["error"]["message"] for name in ids)
@@ -136,6 +139,13 @@ def test_ollama_and_tei_routes_pick_models_too(three: Server) -> None:
     assert status == 200 and len(body["embeddings"][0]) == 512
     status, _, body = three.request("POST", "/embed", {"inputs": "x"})  # TEI: the default
     assert status == 200 and len(body[0]) == 32
+    # ...or the one named (the default's vectors were given, without a word, before).
+    status, _, body = three.request("POST", "/embed", {"inputs": "x", "model": "big"})
+    assert status == 200 and len(body[0]) == 512
+    status, _, body = three.request("POST", "/tokenize", {"inputs": "x y", "model": "hash"})
+    assert status == 200 and [t["text"] for t in body[0]] == ["x", "y"]
+    status, _, body = three.request("POST", "/tokenize", {"inputs": "x", "model": "nope"})
+    assert status == 404 and body["error_type"] == "NotFound"
 
 
 def test_no_preload_loads_a_model_on_its_first_request(small: str, big: str) -> None:

@@ -60,7 +60,7 @@ def test_configured_names_come_first_and_are_listed() -> None:
 
 @pytest.fixture(scope="module")
 def named_server() -> Server:
-    srv = start_server("--served-model-name", "text-embedding-3-small,emb")
+    srv = start_server("--served-model-name", "text-embedding-3-small,emb,nomic-embed-text:v1.5")
     yield srv
     assert srv.stop() == 0
 
@@ -73,7 +73,7 @@ def test_an_unmodified_openai_app_asking_for_its_model_works(named_server: Serve
     assert result.data[0].embedding == pytest.approx(HashEmbedder(384).embed_one("hello there"),
                                                      abs=1e-7)
     listed = [model.id for model in client.models.list()]
-    assert listed == ["text-embedding-3-small", "emb"]
+    assert listed == ["text-embedding-3-small", "emb", "nomic-embed-text:v1.5"]
 
 
 def test_served_names_route_every_dialect(named_server: Server) -> None:
@@ -89,7 +89,12 @@ def test_served_names_route_every_dialect(named_server: Server) -> None:
         status, _, body = named_server.request("POST", route, {key: "x", "model": "EMB:Latest"})
         assert status == 200, body
     status, _, body = named_server.request("GET", "/api/tags")
-    assert [m["name"] for m in body["models"]] == ["text-embedding-3-small:latest", "emb:latest"]
+    # A name with a tag of its own is listed as it is (it was "...:v1.5:latest").
+    assert [m["name"] for m in body["models"]] == ["text-embedding-3-small:latest", "emb:latest",
+                                                   "nomic-embed-text:v1.5"]
+    status, _, body = named_server.request("POST", "/api/embed", {
+        "input": "x", "model": "nomic-embed-text:v1.5"})
+    assert status == 200 and body["model"] == "nomic-embed-text:v1.5"
     status, _, body = named_server.request("POST", "/v1/embeddings",
                                            {"input": "x", "model": "gpt-4"})
     assert status == 404 and "'text-embedding-3-small', 'emb'" in body["error"]["message"]
