@@ -97,11 +97,12 @@ class CohereEmbed:
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text" or not isinstance(part.get("text"), str):
-                    what = "image" if kind == "image_url" else quoted(kind)
+                    what = ("a text part whose 'text' is not a string" if kind == "text" else
+                            "an image part" if kind == "image_url" else
+                            f"a part of type {quoted(kind)}")
                     raise ApiError(422 if kind == "image_url" else 400,
-                                   f"'inputs[{i}]' holds a {what} part; this server embeds "
-                                   "text parts ({\"type\": \"text\", \"text\": ...})",
-                                   param="inputs")
+                                   f"'inputs[{i}]' holds {what}; this server embeds text parts "
+                                   "({\"type\": \"text\", \"text\": ...})", param="inputs")
                 parts.append(part["text"])
             texts.append(" ".join(parts))
         return texts_from(texts, "inputs", max_batch_size)

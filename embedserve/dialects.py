@@ -157,7 +157,7 @@ class OpenAI:
 
 # TEI's error_type where it is not "Validation" (a client's error) or "Backend" (a fault).
 _TEI_TYPES = {401: "Unauthorized", 403: "Unauthorized", 404: "NotFound", 429: "Overloaded",
-              503: "Unhealthy"}
+              503: "Unhealthy", 505: "Validation"}  # 505: the client's HTTP version
 
 
 @dataclass(frozen=True)

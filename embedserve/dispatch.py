@@ -110,7 +110,8 @@ class _Exchange:
                                 + (f" (got {quoted(got)})" if got else ""))
         body = self._incoming.read_body()
         try:
-            text = body.decode("utf-8")
+            # A byte order mark is ignored, as RFC 8259 allows (Windows tools send one).
+            text = body.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
             raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
         try:
@@ -156,7 +157,8 @@ class Dispatcher:
                     # The asterisk form asks about the server as a whole (RFC 9110, 9.3.7).
                     reply = Reply(b"", "text/plain", {"Allow": ROUTES.all_methods}, status=204)
                 elif route is None:
-                    raise ApiError(404, f"no route {quoted(path)}; see GET /info for the API")
+                    raise ApiError(404, f"no route {quoted(_readable(path))}; see GET /info "
+                                        "for the API")
                 elif method_name == "OPTIONS":
                     reply = self._options(route, incoming.headers)
                     if reply.status == 204 and incoming.headers.get(
@@ -303,6 +305,15 @@ class Buffered:
 
     def client_gone(self) -> bool:
         return self.gone() if self.gone is not None else False
+
+
+def _readable(path: str) -> str:
+    """A request target as its client wrote it: HTTP/1.1's bytes arrive read as Latin-1,
+    and a client sending raw non-ASCII writes UTF-8."""
+    try:
+        return path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return path
 
 
 def json_body(payload: Any) -> bytes:

@@ -399,7 +399,8 @@ class Handler(BaseHTTPRequestHandler):
             line = self._read_line()
             size_text = line.split(b";", 1)[0]
             if not _HEX_DIGITS.fullmatch(size_text):
-                raise self._bad_framing(f"invalid chunk size {size_text[:20]!r}")
+                raise self._bad_framing("invalid chunk size "
+                                        f"{quoted(size_text[:20].decode('latin-1'))}")
             size = int(size_text, 16)
             if size == 0:
                 for _ in range(_MAX_TRAILERS):

@@ -43,7 +43,7 @@ def rerank(service: EmbeddingService, request: RerankRequest,
         assert model is not None and batcher is not None  # a reranker is a batched model
         if SCORE not in model.capabilities:  # a kind and its capabilities go together
             raise ApiError(400, f"model {model.model} does not score pairs")
-        check_well_formed([request.query] + request.documents)
+        _check_well_formed(request)
         batcher.check_room(len(request.documents))  # before tokenizing, as for embed
         documents = first_tokens(model, request.documents, request.max_tokens_per_doc)
         encodings = model.prepare_pairs(request.query, documents)
@@ -102,12 +102,11 @@ def _first_of_kind(registry: Registry, wanted: Callable[[str | None], bool]) -> 
 def _rerank_by_embeddings(service: EmbeddingService, slot: Slot, request: RerankRequest,
                           client_gone: Callable[[], bool] | None) -> RerankResult:
     texts = request.documents
-    if request.max_tokens_per_doc is not None:
-        with service.registry().use(slot):
-            assert slot.backend is not None  # loaded while in use
-            if slot.model is not None:  # as service.tokenize
-                check_well_formed(texts)
-            texts = first_tokens(slot.backend, texts, request.max_tokens_per_doc)
+    with service.registry().use(slot):
+        assert slot.backend is not None  # loaded while in use
+        if slot.model is not None:  # as service.embed, naming query and documents
+            _check_well_formed(request)
+        texts = first_tokens(slot.backend, texts, request.max_tokens_per_doc)
     result = service.embed(EmbedRequest(texts=[request.query] + texts,
                                         model=slot.names.primary, truncate=request.truncate),
                            client_gone)
@@ -146,6 +145,11 @@ def first_tokens(backend: BackendInfo, documents: list[str], limit: int | None) 
             reach *= 2
         cut.append(document)
     return cut
+
+
+def _check_well_formed(request: RerankRequest) -> None:
+    check_well_formed([request.query], lambda _: "the query")
+    check_well_formed(request.documents, "document {}".format)
 
 
 def _best(scores: list[float], top_n: int | None) -> list[Ranked]:

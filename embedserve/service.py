@@ -390,11 +390,12 @@ def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: boo
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def check_well_formed(texts: list[str]) -> None:
+def check_well_formed(texts: list[str], name: Callable[[int], str] = "input {}".format
+                      ) -> None:
     """JSON can carry a lone surrogate ("\\ud800"), which is not text a tokenizer can take:
-    a 400 naming the input, not a 500 for the whole batch. (The hash tier's spec gives
-    them a meaning; the ML tiers have none to give.)"""
+    a 400 naming the input (`name` of its index), not a 500 for the whole batch. (The hash
+    tier's spec gives them a meaning; the ML tiers have none to give.)"""
     for i, text in enumerate(texts):
         if _SURROGATE.search(text):
-            raise ApiError(400, f"input {i} contains a lone surrogate (U+D800 to U+DFFF), "
+            raise ApiError(400, f"{name(i)} contains a lone surrogate (U+D800 to U+DFFF), "
                                 "which is not valid Unicode text")

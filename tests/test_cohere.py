@@ -176,6 +176,17 @@ def test_bad_requests_in_cohere_shape(hash_server: Server, body: dict[str, Any],
     assert got == status and set(answer) == {"id", "message"} and answer["message"]
 
 
+@pytest.mark.parametrize("part,message", [
+    ({"type": "image_url", "image_url": {"url": "x"}}, "holds an image part"),
+    ({"type": "image"}, "holds a part of type 'image'"),  # was "a 'image' part"
+    ({"type": "text", "text": 3}, "holds a text part whose 'text' is not a string"),
+])
+def test_a_part_that_is_no_text_is_named(hash_server: Server, part: dict[str, Any],
+                                         message: str) -> None:
+    _, _, answer = hash_server.request("POST", "/v2/embed", {"inputs": [{"content": [part]}]})
+    assert answer["message"].startswith(f"'inputs[0]' {message}; this server embeds text")
+
+
 def test_metrics_and_openapi_cover_the_route(hash_server: Server) -> None:
     embed(hash_server, ["counted"], HASH_MODEL, embedding_types=["int8"])
     _, _, spec = hash_server.request("GET", "/openapi.json")

@@ -192,6 +192,17 @@ def test_truncate_false_refuses_an_over_long_pair_naming_the_limit(ml_server: Se
     tei_rerank(ml_server, QUERY, DOCUMENTS[:6], truncate=False)
 
 
+@pytest.mark.parametrize("model", ["reranker", "embedder"])
+def test_a_lone_surrogate_is_a_400_naming_the_query_or_the_document(ml_server: Server,
+                                                                    model: str) -> None:
+    # By either kind of model (the embedder's said "input 1" for document 0 before).
+    for raw, named in ((b'"texts": ["fine", "the \\udfff cat"], "query": "q"', "document 1"),
+                       (b'"texts": ["fine"], "query": "\\ud800"', "the query")):
+        status, _, body = ml_server.request(
+            "POST", "/rerank", raw=b'{"model": "%s", %s}' % (model.encode(), raw))
+        assert status == 400 and body["error"].startswith(named + " contains a lone surrogate")
+
+
 def test_an_embedding_model_named_reranks_by_cosine_similarity(ml_server: Server,
                                                                folders: dict[str, str]
                                                                ) -> None:
