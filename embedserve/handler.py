@@ -54,6 +54,13 @@ _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
 # tabs. The stdlib's parser (email) is lenient where a proxy in front may not be: it ends
 # the head at a line without a colon (the rest then read as a body or the next request),
 # splits a line at a bare CR, and joins folded lines; each of those is a 400 here.
+# A request line as RFC 9112 has it: method, one space, a target of visible characters,
+# one space, HTTP/ and a digit on either side of the dot. The stdlib also takes tabs or
+# several spaces between them, "HTTP/01.1", control characters in the target, and a
+# two-word HTTP/0.9 request. (Raw non-ASCII bytes in the target are let through: clients
+# do send UTF-8 paths.)
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ "
+                           rb"HTTP/[0-9]\.[0-9]\r?\n")
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
 # All header lines together (each is also at most _MAX_LINE): about what Go and hyper allow.
 _MAX_HEAD_BYTES = 256 * 1024
@@ -164,6 +171,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
+            if not _REQUEST_LINE.fullmatch(self.raw_requestline):
+                raise _HeadError(400, "malformed request line: not 'METHOD /target "
+                                      "HTTP/1.1'")
             rfile, self.rfile = self.rfile, _HeaderLines(self.rfile)  # type: ignore[assignment]
             try:
                 parsed = self.parse_request()

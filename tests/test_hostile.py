@@ -105,6 +105,21 @@ def test_odd_but_readable_requests_get_answers_in_plain_words(server: Server) ->
     assert status == 505 and json.loads(reply)["error_type"] == "Validation"
 
 
+@pytest.mark.parametrize("line", [
+    b"GET /health\x00x HTTP/1.1", b"GET /he\x7flth HTTP/1.1", b"GET\t/health\tHTTP/1.1",
+    b"GET  /health HTTP/1.1", b"GET /health HTTP/01.1", b"GET /health HTTP/1.10", b"GET /health",
+])
+def test_a_request_line_that_is_not_method_target_version_is_400(server: Server,
+                                                                 line: bytes) -> None:
+    # The stdlib took each of these (a control character in the target made a 404; the
+    # two-word line is HTTP/0.9, which it served).
+    with connect(server) as sock:
+        sock.sendall(line + b"\r\nHost: localhost\r\n\r\n")
+        status, headers, reply = read_response(sock)
+        assert status == 400 and b"malformed request line" in reply
+        assert headers.get("connection") == "close" and closed_by_server(sock)
+
+
 def test_spaces_around_a_content_length_are_not_part_of_it(server: Server) -> None:
     # RFC 9110 5.5 (a 400 "invalid Content-Length '14 '" before).
     body = b'{"inputs":"x"}'
