@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import select
 import socket
 import threading
@@ -21,6 +22,11 @@ from embedserve.guards import Guards
 from embedserve.service import EmbeddingService
 
 log = logging.getLogger("embedserve.connections")
+
+# Seconds a request may wait on its client (for the rest of its head or body, or to take
+# its answer) before the connection may be closed to make room for a new one, at the
+# connection limit: a client on a working network sends a head in milliseconds.
+STALLED_GRACE = 2.0
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -124,6 +130,11 @@ class ConnectionServer(ThreadingHTTPServer):
         # Connections waiting for their next request, oldest first: at the connection
         # limit one of them is closed to make room, so idle sockets cannot lock clients out.
         self._waiting: dict[socket.socket, float] = {}
+        # Connections mid-request whose client the server waits on (for the rest of the
+        # request, or to take the answer), since when: at the limit, with no idle one, the
+        # one stalled longest (past STALLED_GRACE) is closed, so that clients sending or
+        # reading a byte at a time (slowloris) cannot lock the others out.
+        self._stalled: dict[socket.socket, float] = {}
         self._date: tuple[int, str] = (0, "")
         self.loop_tick = time.monotonic()
 
@@ -135,15 +146,13 @@ class ConnectionServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
             full = self._connections >= self.config.max_connections
-            idle = next(iter(self._waiting), None) if full else None
-            if idle is not None:
-                del self._waiting[idle]
+            idle = self._oldest_closable() if full else None
             if not full or idle is not None:
                 self._connections += 1
         if idle is not None:
             # Its thread wakes on the shutdown, reads EOF and closes; this one takes its
             # place (counted at once, so the limit is exceeded by at most the handovers).
-            log.debug("at the connection limit: closing the longest idle connection")
+            log.debug("at the connection limit: closing the longest idle or stalled connection")
             _shutdown(idle)
         elif full:
             self._refuse(request)
@@ -165,6 +174,25 @@ class ConnectionServer(ThreadingHTTPServer):
             self._connections -= 1
             if not self._connections:
                 self._idle.notify_all()
+
+    def _oldest_closable(self) -> socket.socket | None:
+        """The connection to close for a new one (the lock held): the longest idle, else
+        the longest stalled past STALLED_GRACE, else none."""
+        for conns, since in ((self._waiting, math.inf),
+                             (self._stalled, time.monotonic() - STALLED_GRACE)):
+            oldest = next(iter(conns), None)  # oldest first: marked in time order
+            if oldest is not None and conns[oldest] <= since:
+                del conns[oldest]
+                return oldest
+        return None
+
+    def stalled(self, conn: socket.socket, waits: bool) -> None:
+        """Mark a connection as waiting on its client mid-request (closable at the limit,
+        once STALLED_GRACE has passed), or no longer."""
+        with self._lock:
+            self._stalled.pop(conn, None)  # and back in at the end: oldest first
+            if waits:
+                self._stalled[conn] = time.monotonic()
 
     def waiting(self, conn: socket.socket, waits: bool) -> None:
         """Mark a connection as waiting for its next request (closable at the limit)."""

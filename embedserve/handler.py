@@ -151,6 +151,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self._next_request_arrives():
             self.close_connection = True
             return
+        self.server.stalled(self.connection, True)  # until its head and body are in
         self.started = time.monotonic()
         self.dispatched = False  # from then on, the Dispatcher counts it in /metrics
         self.reader.deadline = self.started + config.request_timeout
@@ -200,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.reader.deadline = None
+            self.server.stalled(self.connection, False)
 
     def _request_line(self) -> bytes:
         """The request line (b"" when the connection ends first), past a few empty lines:
@@ -294,6 +296,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def check_transport(self) -> None:
         self._check_framing()
+        if self.body_length == 0:  # all of the request is in (else: once its body is)
+            self.server.stalled(self.connection, False)
         hosts = self.headers.get_all("Host") or ()
         if len(hosts) > 1:
             raise self._bad_framing("more than one Host header")  # RFC 9112 3.2
@@ -387,9 +391,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.awaits_continue:  # the client waits for this before sending the body
             self.awaits_continue = False
             send_within(self.connection, b"HTTP/1.1 100 Continue\r\n\r\n", self.write_timeout)
-        if self.body_length is None:
-            return self._read_chunked(limit)
-        return self._read_exactly(self.body_length)
+        body = (self._read_chunked(limit) if self.body_length is None else
+                self._read_exactly(self.body_length))
+        self.server.stalled(self.connection, False)
+        return body
 
     def _read_exactly(self, size: int) -> bytes:
         parts: list[bytes] = []
@@ -459,8 +464,12 @@ class Handler(BaseHTTPRequestHandler):
         self.answering = True
         # One write: headers and body leave in the same segment. A reader that takes its
         # time gets request_timeout for the whole response too.
-        send_within(self.connection, head + body if self.command != "HEAD" else head,
-                    self.write_timeout)
+        self.server.stalled(self.connection, True)  # until the client has taken it
+        try:
+            send_within(self.connection, head + body if self.command != "HEAD" else head,
+                        self.write_timeout)
+        finally:
+            self.server.stalled(self.connection, False)
         if self.server.config.access_log:
             access_log.info('%s "%s" %d %d', self.client_address[0], self.requestline,
                             status, len(body))

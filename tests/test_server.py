@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -397,6 +398,38 @@ def test_idle_connections_make_room_at_the_limit(fresh_server: list[Server]) -> 
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_clients_stalled_mid_request_make_room_at_the_limit(fresh_server: list[Server]) -> None:
+    # Slowloris: connections that send a request a byte at a time held every slot for the
+    # whole request timeout (503 to everyone else). At the limit, one stalled past
+    # STALLED_GRACE (2 s) is closed for a newcomer: a cut head, a cut body, and a client
+    # that does not take its answers (pipelined requests for some 30 MB of them).
+    srv = start_server("--max-connections", "1")
+    fresh_server.append(srv)
+    body = json.dumps({"input": ["a few words"] * 2048}).encode()
+    unread = (b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)) * 10
+    for cut in (b"GET /health HTTP/1.1\r\nHost: localhost\r\n",
+                b"POST /embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 20\r\n\r\n{", unread):
+        with socket.create_connection((srv.host, srv.port), timeout=10) as stalled:
+            stalled.sendall(cut)
+            time.sleep(0.2)
+            # Within the grace it is a client on a slow network: the newcomer waits its turn.
+            status, _ = split_response(raw_exchange(srv, b"GET /health HTTP/1.1\r\n"
+                                                         b"Host: localhost\r\n\r\n"))
+            assert status == 503
+            time.sleep(2.2)
+            status, _, body = srv.request("POST", "/embed", {"inputs": "let me in"})
+            assert status == 200 and body == [EMBEDDER.embed_one("let me in")]
+            if cut is not unread:
+                assert stalled.recv(1024) == b""  # closed for it
+            else:  # what it had been sent, then the end (a reset: requests were unread)
+                with contextlib.suppress(ConnectionResetError):
+                    while stalled.recv(1 << 20):
+                        pass
+        time.sleep(0.3)  # the newcomer's connection, closed, is noticed
 
 
 def test_a_request_line_cut_short_gets_a_whole_408(fresh_server: list[Server]) -> None:
