@@ -50,10 +50,6 @@ _LINGER_SECONDS = 2.0
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
-# A header line as RFC 9112 has it: a token, a colon, then visible characters, spaces and
-# tabs. The stdlib's parser (email) is lenient where a proxy in front may not be: it ends
-# the head at a line without a colon (the rest then read as a body or the next request),
-# splits a line at a bare CR, and joins folded lines; each of those is a 400 here.
 # A request line as RFC 9112 has it: method, one space, a target of visible characters,
 # one space, HTTP/ and a digit on either side of the dot. The stdlib also takes tabs or
 # several spaces between them, "HTTP/01.1", control characters in the target, and a
@@ -61,6 +57,10 @@ _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
 # do send UTF-8 paths.)
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ "
                            rb"HTTP/[0-9]\.[0-9]\r?\n")
+# A header line as RFC 9112 has it: a token, a colon, then visible characters, spaces and
+# tabs. The stdlib's parser (email) is lenient where a proxy in front may not be: it ends
+# the head at a line without a colon (the rest then read as a body or the next request),
+# splits a line at a bare CR, and joins folded lines; each of those is a 400 here.
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
 # All header lines together (each is also at most _MAX_LINE): about what Go and hyper allow.
 _MAX_HEAD_BYTES = 256 * 1024
@@ -214,6 +214,7 @@ class Handler(BaseHTTPRequestHandler):
             if not self._next_request_arrives():
                 return b""
             self.reader.deadline = time.monotonic() + self.server.config.request_timeout
+            self.server.stalled(self.connection, True)
         raise _HeadError(400, "malformed request: empty lines where a request line was due")
 
     def _connection_options(self) -> None:
