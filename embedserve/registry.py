@@ -30,9 +30,8 @@ from embedserve.names import ModelNames, served_names
 
 log = logging.getLogger("embedserve.registry")
 
-_LATEST = ":latest"
-
 HASH = "hash"  # --model hash: the hash tier, beside or instead of ML models
+_LATEST = ":latest"  # Ollama's tag for the one version of a model a server has
 SWEEP_EVERY = 1.0  # seconds between looks for idle models (at most)
 
 
