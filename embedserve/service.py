@@ -73,9 +73,11 @@ class EmbeddingService:
     def ready(self) -> bool:
         return self._registry is not None
 
-    def load(self, loader: Callable[[Config], Loaded] = load_backend) -> None:
+    def load(self, loader: Callable[[Config], Loaded] = load_backend,
+             serves: tuple[str, int] | None = None) -> None:
         """Know the models and, unless --no-preload, load them all: then ready. A model
-        that cannot load, or names two models share, are a BackendError (a boot error)."""
+        that cannot load, names two models share, or a default model other than `serves`
+        (model, dimensions: what this server has served so far) are a BackendError."""
         try:
             registry = Registry(self.config, self.backend_call, self.metrics.observe_batch,
                                 loader)
@@ -83,6 +85,13 @@ class EmbeddingService:
             raise BackendError(str(exc)) from None
         if self.config.preload:
             registry.preload()
+        backend = registry.default.backend
+        if serves is not None and backend is not None and \
+                (backend.model, backend.dimensions) != serves:
+            raise BackendError(f"loaded {backend.model} ({backend.dimensions} dimensions), "
+                               f"but this server serves {serves[0]} ({serves[1]} dimensions): "
+                               "its vectors would be mixed with another model's. Was the "
+                               "model removed from the cache, or its backend uninstalled?")
         self._registry = registry
         self.publish_gauges()  # a sibling's scrape sees this worker's models at once
 

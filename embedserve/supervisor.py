@@ -72,6 +72,7 @@ class Supervisor:
         self.quick_deaths = 0
         self.next_spawn = 0.0
         self.announced = False
+        self.serves: tuple[str, int] | None = None  # see WorkerLink.serves
         self.reloading = False
         self.signals: list[int] = []
         self.stopping = False
@@ -189,7 +190,7 @@ class Supervisor:
         heartbeat = self.ctx.Value("d", time.monotonic(), lock=False)
         self.spawned += 1
         link = worker_module.WorkerLink(child_end, heartbeat, self.ready_workers, self.restarts,
-                                        str(self.metrics_dir or ""), self.spawned)
+                                        str(self.metrics_dir or ""), self.spawned, self.serves)
         process = self.ctx.Process(target=worker_module.run, args=(self.config, self.sock, link),
                                    name=f"embedserve-worker-{self.generation}", daemon=False)
         process.start()
@@ -216,6 +217,8 @@ class Supervisor:
         current = [c for c in self.children if c.generation == self.generation]
         if not all(c.ready for c in current):
             return
+        if self.serves is None and detail["dimensions"]:  # 0: not loaded (--no-preload)
+            self.serves = (detail["model"], detail["dimensions"])
         if not self.announced:
             self.announced = True
             # One line on stdout, the contract for whoever started us (tests, clients).
@@ -243,11 +246,14 @@ class Supervisor:
             if child.draining:
                 log.info("worker %s drained and exited (%s)", child.process.pid, code)
                 continue
-            if code == EXIT_CONFIG_ERROR and not child.ready:
+            if code == EXIT_CONFIG_ERROR and not child.ready and not self.announced:
                 log.error("worker %s failed to boot with a configuration error (see above); "
                           "not restarting", child.process.pid)
                 self._stop()
                 raise Halt(EXIT_CONFIG_ERROR)
+            # Once serving, a worker that cannot boot (see its error above) is retried with
+            # the back-off below, while the others serve on: in a rolling restart, the old
+            # generation until the new one is ready.
             how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                    else f"exited with code {code}")
             lived = time.monotonic() - child.started

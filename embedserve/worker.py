@@ -44,6 +44,10 @@ class WorkerLink:
     # worker's id there: one scrape then reports the whole server.
     metrics_dir: str = ""
     worker_id: int = 0
+    # The default model and its dimensions, as the server's first workers served them: a
+    # worker that loads another (its model gone from the cache, `auto` then falls to the
+    # hash tier) must not serve beside them. None: nothing served yet.
+    serves: tuple[str, int] | None = None
 
 
 def setup_logging(config: Config) -> None:
@@ -103,7 +107,7 @@ class Worker:
         early.daemon = True
         early.start()
         try:
-            self.service.load()
+            self.service.load(serves=self.link.serves)
         except BackendError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_CONFIG_ERROR

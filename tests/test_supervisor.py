@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -457,3 +458,41 @@ def test_a_worker_draining_in_a_rolling_restart_keeps_its_heartbeat(
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     assert wait_for(lambda: not pid_alive(old), 10)
     assert not any("heartbeat" in line for line in srv.log), "".join(srv.log)
+
+
+# --- a replacement worker serves what the server served -------------------------------------
+
+def test_a_replacement_worker_never_serves_another_model(supervised: list[Server],
+                                                         tmp_path: Path) -> None:
+    # Its model gone (removed from the cache, its folder moved), a replacement worker fell
+    # to the hash tier under --backend auto and served 384-d vectors beside its sibling's
+    # 32-d ones on one port (or, failing to boot, took the whole server down). Now it
+    # refuses to serve, and is retried while the others serve on.
+    pytest.importorskip("sentence_transformers")
+    from tiny_models import make_tiny_models
+
+    folder = Path(make_tiny_models(tmp_path / "tiny")[1])
+    srv = start_server("--backend", "auto", "--model", str(folder), "--workers", "2",
+                       timeout=120)
+    supervised.append(srv)
+    dims = srv.request("GET", "/info")[2]["dimensions"]
+    assert dims != 384
+    folder.rename(folder.with_name("moved"))
+    os.kill(worker_pids(srv)[0], signal.SIGKILL)
+    assert log_has(srv, "but this server serves", 60)
+    for _ in range(40):
+        status, _, body = srv.request("POST", "/embed", {"inputs": "same model"})
+        assert status == 200 and len(body[0]) == dims
+    assert srv.proc.poll() is None  # still serving
+    # A rolling restart with no model to load keeps the old worker serving.
+    srv.proc.send_signal(signal.SIGHUP)
+    time.sleep(3)
+    status, _, body = srv.request("POST", "/embed", {"inputs": "same model"})
+    assert status == 200 and len(body[0]) == dims
+    # The model back, the replacement boots and serves it (after its back-off).
+    folder.with_name("moved").rename(folder)
+    assert wait_for(lambda: len({srv.request("GET", "/info")[2]["pid"] for _ in range(20)})
+                    == 2, 60, interval=0.5), "".join(srv.log[-30:])
+    for _ in range(40):
+        status, _, body = srv.request("POST", "/embed", {"inputs": "same model"})
+        assert status == 200 and len(body[0]) == dims
