@@ -59,7 +59,7 @@ def run(argv: Sequence[str]) -> int:
         # accepted, hidden, so scripts written as `health --no-autostart` keep working.
         sub.add_argument("--no-autostart", action="store_true",
                          help=argparse.SUPPRESS if sub is health else "never start a server")
-        sub.add_argument("--timeout", type=float, default=60.0,
+        sub.add_argument("--timeout", type=_seconds, default=60.0,
                          help="seconds to wait for a response (default 60)")
     _add_model_commands(commands)
     args = parser.parse_args(argv)
@@ -97,6 +97,18 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A flag's number of seconds: positive and finite (a bad one is argparse's exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, "
+                                         f"got {text!r}")
+    return value
+
+
 def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pull = commands.add_parser(
         "pull", help="download models into the Hugging Face cache and check each one serves",
@@ -114,7 +126,7 @@ def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     pull.add_argument("--no-check", action="store_true",
                       help="only download (and look at the files): for a machine without the "
                            "ML packages that prepares a cache for one that has them")
-    pull.add_argument("--check-timeout", type=float, default=hub.CHECK_TIMEOUT,
+    pull.add_argument("--check-timeout", type=_seconds, default=hub.CHECK_TIMEOUT,
                       help="seconds the check waits for the server to load a model "
                            f"(default {hub.CHECK_TIMEOUT:.0f})")
     models = commands.add_parser(
@@ -142,6 +154,9 @@ def _run_model_command(args: argparse.Namespace) -> int:
     except modelcache.HubError as exc:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C in a download: a word, not a traceback
+        print(f"embedserve {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _pull(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,18 +26,19 @@ DEFAULT_PORT = 8765
 
 
 def _option(default: Any, help: str, *, choices: Sequence[str] | None = None,
-            minimum: float | None = None, separator: str = ",") -> Any:
+            minimum: float | None = None, maximum: float | None = None,
+            separator: str = ",") -> Any:
     """A field and its flag. A tuple default makes a flag that may be given several times;
     its variable then holds the values joined by `separator`."""
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
-                                            "separator": separator})
+                                            "maximum": maximum, "separator": separator})
 
 
 @dataclass(frozen=True)
 class Config:
     host: str = _option("127.0.0.1", "address to bind")
     port: int = _option(DEFAULT_PORT, "port to bind; 0 picks a free one (printed when ready)",
-                        minimum=0)
+                        minimum=0, maximum=65535)
     backend: str = _option("auto", "embedding backend; auto picks the best one installed",
                            choices=BACKENDS)
     model: tuple[str, ...] = _option(
@@ -206,8 +208,12 @@ def _check(option: dataclasses.Field[Any], value: Any) -> None:
     if meta["choices"] and value not in meta["choices"]:
         raise ValueError(f"{option.name} must be one of {', '.join(meta['choices'])}; "
                          f"got {value!r}")
+    if isinstance(value, float) and math.isnan(value):  # passes every bound below
+        raise ValueError(f"{option.name} must be a number; got nan")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise ValueError(f"{option.name} must be at least {meta['minimum']}; got {value!r}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ValueError(f"{option.name} must be at most {meta['maximum']}; got {value!r}")
 
 
 def parse_option(name: str, text: str) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 
 from embedserve.backends import looks_like_path
 from embedserve.contracts import ReadyLine, parse_ready_line
+from embedserve.errors import quoted
 from embedserve.modelcache import (DEFAULT_REVISION, HubError, cache_folder, folder_size,
                                    hub_settings, snapshot_problems)
 
@@ -90,7 +91,13 @@ def pull(model: str, *, revision: str | None = None, check: bool = True,
 
 def _download(model: str, revision: str | None) -> Path:
     from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:  # before the id names a folder in the cache (one 300 characters long: OSError)
+        validate_repo_id(model)
+    except HFValidationError:
+        raise HubError(f"{quoted(model)} is not a Hugging Face model id (org/name: letters, "
+                       "digits, '-', '_' and '.', at most 96 characters a part)") from None
     wanted = revision or DEFAULT_REVISION
     if hub_settings()[2]:
         # Nothing may go online; a model already cached is still "pulled".
@@ -172,7 +179,7 @@ def check_serves(model: str, *, timeout: float = CHECK_TIMEOUT,
         try:
             announced = ready.get(timeout=timeout)
         except queue.Empty:
-            raise HubError(f"{model}: the server did not load it within {timeout:.0f} s "
+            raise HubError(f"{model}: the server did not load it within {timeout:g} s "
                            f"(--check-timeout){_why(lines)}") from None
         if announced is None:  # its output ended: it exited, or is about to
             try:

@@ -141,13 +141,22 @@ def folder_size(folder: Path) -> int:
     return sum(blobs.values())
 
 
-def cached_models() -> Cache:
+def _scan() -> Any:
+    """The cache as huggingface_hub reads it (HFCacheInfo); None when there is none yet."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        return scan_cache_dir()
     except CacheNotFound:
+        return None
+    except ValueError as exc:  # HF_HUB_CACHE names a file, for one
+        raise HubError(f"cannot read the Hugging Face cache {cache_folder()}: {exc}") from None
+
+
+def cached_models() -> Cache:
+    info = _scan()
+    if info is None:
         return Cache(cache_folder(), (), ())
     models = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id.lower()):
@@ -199,14 +208,10 @@ def _damaged(info: Any) -> list[tuple[str, Path, str]]:
 
 def remove(model: str) -> Removed:
     """Delete every cached revision of `model`, and its folder."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        info = scan_cache_dir()
-    except CacheNotFound:
+    info = _scan()
+    if info is None:
         raise HubError(f"{model} is not in the Hugging Face cache ({cache_folder()}): the "
-                       "cache is empty") from None
+                       "cache is empty")
     repos = [r for r in info.repos if r.repo_type == "model"]
     # Hub ids are case-insensitive; the cache keeps the spelling that downloaded it.
     repo = (next((r for r in repos if r.repo_id == model), None)

@@ -365,6 +365,23 @@ def test_an_unreachable_hub_is_a_clear_quick_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr and time.monotonic() - started < QUICK
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (("pull", "org/" + "b" * 300), "is not a Hugging Face model id"),  # was OSError: too long
+    (("pull", "org/tiny", "--check-timeout", "-1"), "positive, finite number of seconds"),
+    (("pull", "org/tiny", "--check-timeout", "inf"), "positive, finite number of seconds"),
+    (("models",), "cannot read the Hugging Face cache"),  # was a ValueError traceback
+    (("rm", "org/tiny"), "cannot read the Hugging Face cache"),
+])
+def test_user_errors_are_one_line_not_a_traceback(tmp_path: Path, args: tuple[str, ...],
+                                                  fragment: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = hub_env(f"http://127.0.0.1:{free_port()}", tmp_path,
+                  HF_HUB_CACHE=str(tmp_path / "a-file"))
+    done = embedserve(*args, env=env, timeout=QUICK)
+    assert done.returncode in (1, 2) and fragment in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_hash_needs_no_download(tmp_path: Path) -> None:
     done = embedserve("pull", "hash", env=hub_env(f"http://127.0.0.1:{free_port()}", tmp_path),
                       timeout=QUICK)
