@@ -79,8 +79,8 @@ def run(argv: Sequence[str]) -> int:
             elif args.command == "info":
                 print(json.dumps(client.info(), indent=2))
             else:
-                texts = args.texts if args.texts and args.texts != ["-"] else [
-                    line.rstrip("\n") for line in sys.stdin if line.strip()]
+                texts = args.texts if args.texts and args.texts != ["-"] else \
+                    _stdin_lines(parser)
                 if not texts:
                     parser.error("no texts given (as arguments or on stdin)")
                 vectors = client.embed(texts, dimensions=args.dimensions)
@@ -95,6 +95,17 @@ def run(argv: Sequence[str]) -> int:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stdin_lines(parser: argparse.ArgumentParser) -> list[str]:
+    """One text a line. A blank line is an error, not skipped: the output's lines must pair
+    with the input's one for one."""
+    texts = [line.rstrip("\r\n") for line in sys.stdin]
+    blank = next((i for i, text in enumerate(texts, 1) if not text.strip()), None)
+    if blank is not None:
+        parser.error(f"line {blank} of stdin is blank: each line is one text, and its vector "
+                     "is the same line of the output; remove blank lines first")
+    return texts
 
 
 def _seconds(text: str) -> float:

@@ -55,6 +55,15 @@ def test_embed_json_from_stdin(server: Server) -> None:
     assert [len(v) for v in result["embeddings"]] == [16, 16]
 
 
+def test_embed_refuses_a_blank_line_on_stdin(server: Server) -> None:
+    # Skipped before: the output's lines no longer paired with the input's.
+    done = run("embed", "--url", server.url, stdin="one\n\ntwo\n")
+    assert done.returncode == 2 and "line 2 of stdin is blank" in done.stderr
+    assert done.stdout == ""
+    done = run("embed", "--url", server.url, stdin="one\r\ntwo")  # CRLF, no final newline
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 2
+
+
 def test_health_and_info(server: Server) -> None:
     done = run("health", "--url", server.url)
     assert done.returncode == 0 and json.loads(done.stdout) == {"status": "ok"}
