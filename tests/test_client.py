@@ -188,10 +188,12 @@ class _QuietServer(ThreadingHTTPServer):
 
 class Stub:
     """A scripted HTTP/1.1 peer: answers the first POSTs from `script` (status, headers),
-    then embeds for real; counts POSTs and connections, and keeps the POSTed bodies."""
+    then embeds for real; counts POSTs and connections, and keeps the POSTed bodies.
+    `info` replaces its GET /info answer (raw bytes); `mangle` changes its embeddings'."""
 
     def __init__(self, script: list[tuple[int, dict[str, str]]] | None = None,
-                 model: str = "hash-v1-384", backend: str = "hash") -> None:
+                 model: str = "hash-v1-384", backend: str = "hash", info: bytes | None = None,
+                 mangle: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         self.script = list(script or [])
         self.model, self.backend = model, backend
         self.posts = 0
@@ -225,6 +227,11 @@ class Stub:
                 stub.connections.add(self.client_address)
                 if self.path == "/health":
                     self.reply(200, {"status": "ok"})
+                elif info is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(info)))
+                    self.end_headers()
+                    self.wfile.write(info)
                 else:
                     self.reply(200, {"backend": stub.backend, "model": stub.model,
                                      "dimensions": 384, "max_batch_size": 2048,
@@ -242,10 +249,12 @@ class Stub:
                                headers)
                     return
                 vectors = EMBEDDER.embed(request["input"])
+                data = [{"object": "embedding", "index": i, "embedding": float32_base64(v)}
+                        for i, v in enumerate(vectors)]
+                if mangle is not None:
+                    mangle(data)
                 self.reply(200, {"object": "list", "model": stub.model, "usage": {},
-                                 "data": [{"object": "embedding", "index": i,
-                                           "embedding": float32_base64(v)}
-                                          for i, v in enumerate(vectors)]})
+                                 "data": data})
 
         self.server = _QuietServer((HOST, 0), Handler)
         self.server.daemon_threads = True
@@ -1039,6 +1048,53 @@ def test_429_and_503_are_retried_then_succeed(stubs: list[Stub]) -> None:
     result = client.embed(TEXTS)
     assert result == expected(TEXTS) and stub.posts == 3
     assert time.monotonic() - started >= 0.2  # Retry-After was honoured
+
+
+def test_a_nan_retry_after_backs_off_as_none_would(stubs: list[Stub]) -> None:
+    # NaN passed every bound on a delay: the client retried at once (114 times in 5 s).
+    stub = Stub(script=[(429, {"Retry-After": "nan"})] * 2)
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never", retries=3, backoff=0.2)
+    started = time.monotonic()
+    assert client.embed(TEXTS) == expected(TEXTS) and stub.posts == 3
+    assert time.monotonic() - started >= 0.1 + 0.2  # backoff with equal jitter, twice
+
+
+@pytest.mark.parametrize("info", [b"<html>hello</html>", b"[1, 2]"])
+def test_an_info_that_is_no_json_object_is_an_embedserve_error(stubs: list[Stub],
+                                                               info: bytes) -> None:
+    stub = Stub(info=info)  # a bare JSONDecodeError or AttributeError before
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never")
+    with pytest.raises(EmbedServeError, match="unexpected response from .*/info"):
+        client.embed(TEXTS)
+    with pytest.raises(EmbedServeError, match="unexpected response from .*/info"):
+        client.info()
+
+
+def _two_sizes(data: list[dict[str, Any]]) -> None:
+    data[-1]["embedding"] = float32_base64([0.5] * 11)
+
+
+def _one_index(data: list[dict[str, Any]]) -> None:
+    for item in data:
+        item["index"] = 0
+
+
+@pytest.mark.parametrize("mangle,dimensions,message", [
+    (_two_sizes, None, "different sizes"), (_one_index, None, "indices"),
+    (None, 16, "vectors of \\[384\\] values, not 16"),
+])
+def test_vectors_that_cannot_be_the_answer_are_an_error(stubs: list[Stub], mangle: Any,
+                                                        dimensions: int | None,
+                                                        message: str) -> None:
+    # Accepted before: a call could return vectors of mixed sizes, or one text's vector
+    # for every text.
+    stub = Stub(mangle=mangle)  # (and a stand-in that ignores `dimensions`)
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never")
+    with pytest.raises(EmbedServeError, match=message):
+        client.embed(TEXTS, dimensions=dimensions)
 
 
 def test_retries_are_bounded(stubs: list[Stub]) -> None:

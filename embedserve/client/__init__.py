@@ -272,7 +272,7 @@ class Client:
     def info(self) -> dict[str, Any]:
         """The server's GET /info (starting a server if allowed)."""
         response, target = self._request("GET", "/info")
-        info: dict[str, Any] = response.json()
+        info = wire.json_object(response.body, f"{target.url}/info")
         self._remember_info(target, info)
         return info
 
@@ -292,8 +292,7 @@ class Client:
                                     url=target.url) from exc
         if response.status != 200:
             raise http_error(response, target.url)
-        health: dict[str, Any] = response.json()
-        return health
+        return wire.json_object(response.body, f"{target.url}/health")
 
     def connect(self) -> Client:
         """Find or start the server now rather than on first use. Returns the client."""
@@ -385,9 +384,7 @@ class Client:
                 if not self._finder.shares_info(info_target, last_target):
                     # restarted mid-call: describe the new one
                     info_target, info = self._server_info()
-                if len(vectors) != len(texts):
-                    raise EmbedServeError(f"server returned {len(vectors)} vectors for "
-                                          f"{len(texts)} texts")
+                wire.check_answer(vectors, len(texts), dimensions)
                 model = model or str(info.get("model", ""))
                 if asked is None:  # what the server's default (or the option's) model is
                     self._fallback.served_model = model
@@ -432,7 +429,7 @@ class Client:
         if cached is not None and self._finder.shares_info(cached[0], target):
             return cached
         response, target = self._request("GET", "/info")
-        info = response.json()
+        info = wire.json_object(response.body, f"{target.url}/info")
         self._remember_info(target, info)
         return target, info
 

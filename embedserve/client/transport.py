@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
 import threading
 import time
@@ -92,9 +93,6 @@ class Response:
     headers: Mapping[str, str]
     body: bytes
 
-    def json(self) -> Any:
-        return json.loads(self.body)
-
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server's Retry-After asks for (a number or an HTTP date), if any."""
@@ -102,7 +100,9 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
+        # NaN would pass every bound the caller puts on it, and so retry at once, forever.
+        return max(0.0, seconds) if not math.isnan(seconds) else None
     except ValueError:
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())

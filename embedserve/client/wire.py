@@ -93,15 +93,41 @@ def decode(body: bytes, encoding_format: EncodingFormat, url: str
         items = payload["data"]
         if any(item["index"] != i for i, item in enumerate(items)):
             items = sorted(items, key=lambda item: item["index"])
+            if [item["index"] for item in items] != list(range(len(items))):
+                raise ValueError("the indices are not 0 to n-1, each once")
         raw = [item["embedding"] for item in items]
         if encoding_format == "base64":
             vectors = [decode_float32_base64(text) for text in raw]
         else:
             vectors = [list(map(float, vector)) for vector in raw]
+        if len({len(vector) for vector in vectors}) > 1:
+            raise ValueError("vectors of different sizes in one answer")
         return str(payload["model"]), vectors
     except (ValueError, KeyError, TypeError) as exc:
         raise EmbedServeError(f"unexpected response from {url}/v1/embeddings: "
                               f"{exc!r}") from exc
+
+
+def check_answer(vectors: list[list[float]], texts: int, dimensions: int | None) -> None:
+    """EmbedServeError unless `vectors` (a call's, from all its chunks) can be the answer:
+    one for each text, all of one size (`dimensions`, when the call asked for it)."""
+    if len(vectors) != texts:
+        raise EmbedServeError(f"server returned {len(vectors)} vectors for {texts} texts")
+    sizes = {len(vector) for vector in vectors}
+    if len(sizes) > 1 or (dimensions is not None and sizes != {dimensions}):
+        raise EmbedServeError(f"server returned vectors of {sorted(sizes)} values"
+                              + (f", not {dimensions}" if dimensions else ""))
+
+
+def json_object(body: bytes, url: str) -> dict[str, Any]:
+    """The JSON object a GET to `url` (its route included) answered, or EmbedServeError."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EmbedServeError(f"unexpected response from {url}: not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise EmbedServeError(f"unexpected response from {url}: JSON, but not an object")
+    return payload
 
 
 def model_ids(body: bytes, url: str) -> list[str]:

@@ -364,6 +364,12 @@ export class EmbedServeClient extends EventEmitter {
       model = answer.model;
       for (const vector of chunkVectors) vectors.push(vector);
     }
+    // One size for all, the one asked for if any: a call never mixes vectors of two models.
+    const sizes = new Set(vectors.map((vector) => vector.length));
+    if (sizes.size > 1 || (dimensions !== undefined && !sizes.has(dimensions))) {
+      throw this.#badResponse(`vectors of ${[...sizes].sort((a, b) => a - b).join(', ')} values`
+        + (dimensions !== undefined ? `, not ${dimensions}` : ''));
+    }
     if (asked === undefined) this.#fallback.servedModel = model; // the default's (or the option's)
     return tagged(vectors, model, backendOf(info, model), 'server');
   }

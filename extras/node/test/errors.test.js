@@ -342,6 +342,21 @@ test('a malformed answer is a bad_response error', { timeout: 10_000 }, async ()
   }
 });
 
+test('vectors of mixed sizes, or of another size than asked, are a bad_response error', { timeout: 10_000 }, async () => {
+  // Accepted before: one call could return vectors of two models.
+  const peer = await fakeEmbedServe((req, res, body) => json(res, 200, {
+    object: 'list', model: 'hash-v1-4', usage: { prompt_tokens: 1, total_tokens: 1 },
+    data: body.input.map((_, index) => ({ object: 'embedding', index, embedding: index ? [1, 0, 0, 0] : [1, 0] })),
+  }));
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, fallback: 'never' });
+    await assert.rejects(client.embed(['a', 'b']), { code: 'bad_response', message: /vectors of 2, 4 values$/ });
+    await assert.rejects(client.embed(['b'], { dimensions: 3 }), { code: 'bad_response', message: /vectors of 2 values, not 3$/ });
+  } finally {
+    await peer.close();
+  }
+});
+
 test('a client closed while its server starts stops it and says closed', { timeout: 20_000 }, async () => {
   const port = await freePort();
   const client = new EmbedServeClient(clientOptions({ url: `http://127.0.0.1:${port}` }));
