@@ -699,6 +699,14 @@ def test_a_server_that_never_answers_raises_within_the_timeout() -> None:
         with pytest.raises(ServerUnavailable, match="did not answer"):
             client.embed(TEXTS)
         assert time.monotonic() - started < 3
+        # A client that starts nothing waits retry_timeout for it, not start_timeout (it
+        # waited the 60 s of start_timeout, whatever timeout and retry_timeout said).
+        client = Client(url, fallback="never", autostart=False, timeout=0.3,
+                        retry_timeout=1.0, start_timeout=60.0)
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="did not answer .* within 1s"):
+            client.embed(TEXTS)
+        assert time.monotonic() - started < 5
 
 
 def test_unreachable_url_falls_back_by_default_and_says_so() -> None:

@@ -184,8 +184,12 @@ class ServerFinder(DownMemory):
     def _find_or_start(self) -> Target:
         """Called with the lock held and no current target."""
         options = self._options
-        deadline = time.monotonic() + options.start_timeout
         may_start = options.autostart and (options.restart or not self._had_server)
+        # Waiting for a server that is there but not answering yet (loading, or hung): as
+        # long as for a server being started when this client may start one, else as long
+        # as for any request (a client that starts nothing ends within retry_timeout).
+        patience = options.start_timeout if may_start else options.retry_timeout
+        deadline = time.monotonic() + patience
         private = options.port == 0
         if private and not may_start:
             raise ServerUnavailable("the private server (port=0) is gone and restart is off",
@@ -210,7 +214,7 @@ class ServerFinder(DownMemory):
         while True:
             if not private:
                 state = self._connections.probe(self.configured_target(), deadline,
-                                                options.start_timeout)
+                                                patience)
                 if state == "ok":
                     log.info("using the embedserve server at %s", url)
                     self._foreign_lost = False

@@ -251,7 +251,7 @@ class Connections:
             if entry.connection is connection:
                 del held[address]
 
-    def probe(self, target: Target, deadline: float, start_timeout: float) -> str:
+    def probe(self, target: Target, deadline: float, patience: float) -> str:
         """GET /health at `target` until it answers 200 ('ok'), nothing listens ('refused')
         or the deadline passes (a description of what it saw). Each look uses a connection
         of its own: it must not be a kept-alive one to a server that was there before."""
@@ -282,7 +282,7 @@ class Connections:
             # A server that is starting (503 loading) or busy: wait for it, bounded.
             delay = looks.next_delay(wait)
             if delay is None:
-                return f"{seen} within {start_timeout:g}s"
+                return f"{seen} within {patience:g}s"
             time.sleep(delay)
 
 def _address(target: Target) -> tuple[str, str, int, str]:
