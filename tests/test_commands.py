@@ -71,6 +71,15 @@ def test_health_and_info(server: Server) -> None:
     assert done.returncode == 0 and json.loads(done.stdout)["model"] == "hash-v1-384"
 
 
+def test_health_of_several_servers_is_one_serving(server: Server) -> None:
+    # It asked the first only: a dead first replica made it fail while the second served.
+    dead = f"http://127.0.0.1:{free_port()}"
+    done = run("health", EMBEDSERVE_URL=f"{dead},{server.url}")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"status": "ok"}, done.stderr
+    done = run("health", EMBEDSERVE_URL=f"{dead},http://127.0.0.1:{free_port()}")
+    assert done.returncode == 1 and "no answer from" in done.stderr
+
+
 def test_health_of_nothing_fails_clearly() -> None:
     done = run("health", "--url", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 1 and "no answer from" in done.stderr

@@ -277,22 +277,25 @@ class Client:
         return info
 
     def health(self) -> dict[str, Any]:
-        """One GET /health to the server in use (or to `url`), without starting anything or
-        retrying: {"status": "ok"} when it serves; ServerError (e.g. 503 loading) or
-        ServerUnavailable otherwise."""
+        """One GET /health to the server in use (or to `url`; with several, to each until
+        one serves), without starting anything or retrying: {"status": "ok"} when it serves;
+        ServerError (e.g. 503 loading) or ServerUnavailable (the last server's) otherwise."""
         self._finder.check_open()
-        target = self._finder.target or self._finder.configured_target()
-        if target.port == 0:
-            raise ServerUnavailable("no server started yet (port=0 starts one on first use)",
-                                    url=target.url)
-        try:
-            response = self._connections.send(target, "GET", "/health", None)
-        except TRANSPORT_ERRORS as exc:
-            raise ServerUnavailable(f"no answer from {target.url}: {exc!r}",
-                                    url=target.url) from exc
-        if response.status != 200:
-            raise http_error(response, target.url)
-        return wire.json_object(response.body, f"{target.url}/health")
+        failure: EmbedServeError | None = None
+        for target in self._finder.health_targets():
+            if target.port == 0:
+                raise ServerUnavailable("no server started yet (port=0 starts one on first "
+                                        "use)", url=target.url)
+            try:
+                response = self._connections.send(target, "GET", "/health", None)
+            except TRANSPORT_ERRORS as exc:
+                failure = ServerUnavailable(f"no answer from {target.url}: {exc!r}",
+                                            url=target.url)
+                continue
+            if response.status == 200:
+                return wire.json_object(response.body, f"{target.url}/health")
+            failure = http_error(response, target.url)
+        raise failure or AssertionError("no server to ask")  # there is always one
 
     def connect(self) -> Client:
         """Find or start the server now rather than on first use. Returns the client."""

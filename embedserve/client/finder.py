@@ -120,6 +120,10 @@ class ServerFinder(DownMemory):
     def shares_info(cached: Target, target: Target) -> bool:
         return cached is target  # a restarted server may serve another model
 
+    def health_targets(self) -> list[Target]:
+        """Where Client.health looks: the server in use, or the configured one."""
+        return [self.target or self.configured_target()]
+
     def configured_target(self) -> Target:
         """Where the options say the server is (port 0 until a private one started)."""
         options = self._options

@@ -69,6 +69,11 @@ class ServerPool(DownMemory):
     def configured_target(self) -> Target:
         return self._members[0].target
 
+    def health_targets(self) -> list[Target]:
+        """Where Client.health looks: every server, the one picked last first."""
+        targets = [member.target for member in self._members]
+        return sorted(targets, key=lambda target: target is not self.target)
+
     def check_open(self) -> None:
         if self.closed:
             raise EmbedServeError("this Client is closed")

@@ -274,7 +274,14 @@ export class EmbedServeClient extends EventEmitter {
     if (this.#target.port === '0' && !this.#info) {
       return { ok: false, status: 'unreachable', url, owned, error: 'no server started yet (port 0 starts one on first use)' };
     }
-    const probe = await this.#probe(this.#pool ? this.#pool.last.base : url);
+    // With several servers, each until one serves (the one picked last first).
+    const last = this.#pool?.last.base;
+    const bases = this.#pool ? [last, ...this.#pool.bases.filter((base) => base !== last)] : [url];
+    let probe;
+    for (const base of bases) {
+      probe = await this.#probe(base);
+      if (probe.state === 'ready') break;
+    }
     const result = { ok: probe.state === 'ready', status: probe.status, url, owned };
     if (probe.detail) result.error = probe.detail;
     return result;

@@ -30,7 +30,12 @@ export class ServerPool {
   }
 
   get url() {
-    return this.#members.map((member) => member.base).join(',');
+    return this.bases.join(',');
+  }
+
+  /** Every server's base URL, in the order given. */
+  get bases() {
+    return this.#members.map((member) => member.base);
   }
 
   /** The server for the next request, counted in flight until release(). */

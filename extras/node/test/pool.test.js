@@ -152,6 +152,21 @@ test('EMBEDSERVE_URL lists several servers; none is started when all are down', 
   }
 });
 
+test('health of several servers is that of one serving', { timeout: 60_000 }, async () => {
+  // It probed the first only: a dead first replica made it fail while the second served.
+  servers = [await startServer(), await startServer()];
+  const [first, second] = servers;
+  const client = new EmbedServeClient(clientOptions({ urls: [first.url, second.url], fallback: 'never' }));
+  try {
+    await killHard(first);
+    assert.equal((await client.health()).ok, true);
+    await killHard(second);
+    assert.equal((await client.health()).ok, false);
+  } finally {
+    await client.close();
+  }
+});
+
 test('bad server lists are refused', () => {
   assert.throws(() => new EmbedServeClient({ urls: [] }), (error) => error.code === 'invalid_option');
   assert.throws(() => new EmbedServeClient({ urls: ['http://127.0.0.1:9', 'http://127.0.0.1:9'] }),
