@@ -691,11 +691,15 @@ export class EmbedServeClient extends EventEmitter {
       this.emit('connect', { url: this.#pool.last.base, owned: false, info: this.#info });
       return;
     }
-    const deadline = Date.now() + this.#options.startTimeoutMs;
     const target = this.#target;
     const recentlyFailed = Date.now() < this.#downUntil && this.#downError !== null;
     const mayStart = this.#options.autoStart && (this.#options.restart || !this.#hadServer) &&
       !recentlyFailed;
+    // Waiting for a server that is there but not answering yet (loading, or hung): as long
+    // as for a server being started when this client may start one, else as long as for
+    // any request (a client that starts nothing ends within retryTimeoutMs).
+    const patience = mayStart ? this.#options.startTimeoutMs : this.#options.retryTimeoutMs;
+    const deadline = Date.now() + patience;
     const local = isLoopback(target.hostname) && target.protocol === 'http:';
     if (target.port === '0') {
       if (!mayStart) {
@@ -735,7 +739,7 @@ export class EmbedServeClient extends EventEmitter {
       if (probe.state === 'busy') { // still busy at the deadline
         throw new EmbedServeError(
           `the server at ${target.base} did not become ready within ` +
-            `${this.#options.startTimeoutMs} ms (${probe.detail})`,
+            `${patience} ms (${probe.detail})`,
           { code: 'start_timeout', url: target.base });
       }
       // 'down': nothing listens.

@@ -100,6 +100,21 @@ test('nothing answers and autoStart is off: unreachable, at once', { timeout: 10
   assert.ok(await portIsFree(port));
 });
 
+test('a client that starts nothing waits retryTimeoutMs for a server stuck loading, not startTimeoutMs', { timeout: 20_000 }, async () => {
+  // It waited startTimeoutMs (60 s here) whatever timeoutMs and retryTimeoutMs said.
+  const peer = await fakeServer((req, res) => json(res, 503, { error: 'loading' }));
+  try {
+    const client = new EmbedServeClient({
+      url: peer.url, autoStart: false, fallback: 'never', retryTimeoutMs: 1000, startTimeoutMs: 60_000,
+    });
+    const startedAt = Date.now();
+    await assert.rejects(client.embed(['x']), { code: 'start_timeout', message: /within 1000 ms/ });
+    assert.ok(Date.now() - startedAt < 8000);
+  } finally {
+    await peer.close();
+  }
+});
+
 test('a server is never started for a remote URL', { timeout: 10_000 }, async () => {
   // 192.0.2.0/24 is TEST-NET-1: nothing there answers.
   const client = new EmbedServeClient({ url: 'http://192.0.2.1:8765', healthTimeoutMs: 300, retries: 1, fallback: 'never' });
