@@ -71,6 +71,9 @@ def pull(model: str, *, revision: str | None = None, check: bool = True,
     if model == HASH_MODEL:
         return Pulled(model, "", "", 0, "the hash tier is built in: nothing to download", "")
     if looks_like_path(model):
+        if not os.path.isdir(model):
+            raise HubError(f"{quoted(model)} is not a Hugging Face model id (org/name), nor a "
+                           "folder")
         raise HubError(f"{model!r} is a folder path, not a Hugging Face model id (org/name): "
                        f"nothing to download; serve it with --model {model}")
     wanted = revision or DEFAULT_REVISION

@@ -367,6 +367,7 @@ def test_an_unreachable_hub_is_a_clear_quick_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args,fragment", [
     (("pull", "org/" + "b" * 300), "is not a Hugging Face model id"),  # was OSError: too long
+    (("pull", "org/name/more"), "nor a folder"),  # was "a folder path ... serve it with"
     (("pull", "org/tiny", "--check-timeout", "-1"), "positive, finite number of seconds"),
     (("pull", "org/tiny", "--check-timeout", "inf"), "positive, finite number of seconds"),
     (("models",), "cannot read the Hugging Face cache"),  # was a ValueError traceback
