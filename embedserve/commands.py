@@ -79,6 +79,8 @@ def run(argv: Sequence[str]) -> int:
             elif args.command == "info":
                 print(json.dumps(client.info(), indent=2))
             else:
+                if "-" in args.texts and len(args.texts) > 1:
+                    parser.error("'-' (read stdin) cannot be mixed with texts")
                 texts = args.texts if args.texts and args.texts != ["-"] else \
                     _stdin_lines(parser)
                 if not texts:

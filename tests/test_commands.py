@@ -62,6 +62,8 @@ def test_embed_refuses_a_blank_line_on_stdin(server: Server) -> None:
     assert done.stdout == ""
     done = run("embed", "--url", server.url, stdin="one\r\ntwo")  # CRLF, no final newline
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2
+    done = run("embed", "--url", server.url, "-", "extra", stdin="one\n")  # "-" was a text
+    assert done.returncode == 2 and "cannot be mixed" in done.stderr
 
 
 def test_health_and_info(server: Server) -> None:
