@@ -1019,6 +1019,15 @@ def test_bad_input_is_caught_before_sending() -> None:
         client.embed(["ok", ""])
 
 
+@pytest.mark.parametrize("url", [f"http://user:secret@{HOST}:8765", f"http://{HOST}:8765/?k=v",
+                                 f"http://{HOST}:8765/#top"])
+def test_url_parts_that_would_not_be_sent_are_refused(url: str) -> None:
+    # Dropped without a word before; the password is not quoted back.
+    with pytest.raises(ValueError, match="without user info, query or fragment") as caught:
+        Client(url, autostart=False)
+    assert "secret" not in str(caught.value)
+
+
 BAD_SETTINGS = [("EMBEDSERVE_DIMENSIONS", value) for value in ("abc", "0", "-3", "1.5", "")] + [
     ("EMBEDSERVE_BACKEND", "bogus"), ("EMBEDSERVE_BACKEND", "")]
 

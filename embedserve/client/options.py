@@ -187,6 +187,11 @@ def _endpoint(url: str, source: str) -> Endpoint:
         url_port = parts.port
     except ValueError as exc:
         raise ValueError(f"{source} {url!r}: {exc}") from None
+    if parts.username is not None or parts.query or parts.fragment:
+        # None of them would be sent: say so rather than drop them. (The URL is not quoted
+        # back: it may hold a password.)
+        raise ValueError(f"{source} must be http://HOST:PORT[/PATH], without user info, query "
+                         "or fragment (an API key goes in api_key)")
     return Endpoint(parts.scheme, parts.hostname,
                     url_port or (DEFAULT_PORT if parts.scheme == "http" else 443),
                     parts.path.rstrip("/"))
