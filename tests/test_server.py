@@ -568,6 +568,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 @pytest.mark.parametrize("args,fragment", [
     (["--port", "-1"], "port must be at least 0"),
     (["--port", "70000"], "port must be at most 65535"),  # an OverflowError traceback before
+    (["--host", "999.1.1.1"], "is not an IPv4 address"),  # "refusing ... without an API key"
     (["--worker-timeout", "nan"], "worker_timeout must be a number"),  # hang checks off
     (["--backend", "onnx"], "invalid choice"),
     (["--dimensions", "0"], "dimensions must be at least 1"),
