@@ -21,6 +21,7 @@ from embedserve.connections import DeadlineReader, send_within
 from embedserve.dialects import Dialect
 from embedserve.dispatch import json_body
 from embedserve.errors import ApiError, quoted
+from embedserve.httphead import MAX_LINE, HeadError, HeaderLines, check_request_line
 from embedserve.routes import ROUTES
 from embedserve.service import EmbeddingService
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedserve.handler")
 access_log = logging.getLogger("embedserve.access")
 
-_MAX_LINE = 65536
 _READ_CHUNK = 1 << 16
 _POLL = 0.25  # how often an idle connection notices that the server is draining
 _DRAIN_LINGER = 0.5
@@ -50,49 +50,6 @@ _LINGER_SECONDS = 2.0
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
-# A request line as RFC 9112 has it: method, one space, a target of visible characters,
-# one space, HTTP/ and a digit on either side of the dot. The stdlib also takes tabs or
-# several spaces between them, "HTTP/01.1", control characters in the target, and a
-# two-word HTTP/0.9 request. (Raw non-ASCII bytes in the target are let through: clients
-# do send UTF-8 paths.)
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ "
-                           rb"HTTP/[0-9]\.[0-9]\r?\n")
-# A header line as RFC 9112 has it: a token, a colon, then visible characters, spaces and
-# tabs. The stdlib's parser (email) is lenient where a proxy in front may not be: it ends
-# the head at a line without a colon (the rest then read as a body or the next request),
-# splits a line at a bare CR, and joins folded lines; each of those is a 400 here.
-_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
-# All header lines together (each is also at most _MAX_LINE): about what Go and hyper allow.
-_MAX_HEAD_BYTES = 256 * 1024
-
-
-class _HeadError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _HeaderLines:
-    """The connection's reader while the stdlib parses a request's header lines: each is
-    checked as it is read (see _HEADER_LINE), and all of them are bounded in bytes."""
-
-    def __init__(self, rfile: Any) -> None:
-        self._rfile = rfile
-        self._left = _MAX_HEAD_BYTES
-
-    def readline(self, limit: int = -1) -> bytes:
-        line: bytes = self._rfile.readline(limit)
-        self._left -= len(line)
-        if self._left < 0:
-            raise _HeadError(431, f"request header fields are over {_MAX_HEAD_BYTES} bytes")
-        if line in (b"\r\n", b"\n", b"") or len(line) > _MAX_LINE:
-            return line  # the end of the head, or the stdlib's own 431 for a long line
-        if line[:1] in (b" ", b"\t"):
-            raise _HeadError(400, "malformed request: a folded header line")
-        if not _HEADER_LINE.fullmatch(line):
-            raise _HeadError(400, "malformed request: a header line that is not "
-                                  "'name: value' (or holds a control character)")
-        return line
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -168,14 +125,12 @@ class Handler(BaseHTTPRequestHandler):
             if not self.raw_requestline:
                 self.close_connection = True
                 return
-            if len(self.raw_requestline) > _MAX_LINE:
+            if len(self.raw_requestline) > MAX_LINE:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
-            if not _REQUEST_LINE.fullmatch(self.raw_requestline):
-                raise _HeadError(400, "malformed request line: not 'METHOD /target "
-                                      "HTTP/1.1'")
-            rfile, self.rfile = self.rfile, _HeaderLines(self.rfile)  # type: ignore[assignment]
+            check_request_line(self.raw_requestline)
+            rfile, self.rfile = self.rfile, HeaderLines(self.rfile)  # type: ignore[assignment]
             try:
                 parsed = self.parse_request()
             finally:
@@ -185,7 +140,7 @@ class Handler(BaseHTTPRequestHandler):
             self._connection_options()
             self._take_absolute_form()
             self.dispatch()
-        except _HeadError as error:
+        except HeadError as error:
             self.close_connection = self.linger = True
             self._try_send(ApiError(error.status, str(error)))
         except TimeoutError:
@@ -208,14 +163,14 @@ class Handler(BaseHTTPRequestHandler):
         a stray line end after a POST's body (some clients send one) is no request, and
         what follows it is waited for as on an idle connection."""
         for _ in range(_MAX_LEADING_EMPTY_LINES):
-            line: bytes = self.rfile.readline(_MAX_LINE + 1)
+            line: bytes = self.rfile.readline(MAX_LINE + 1)
             if line not in (b"\r\n", b"\n"):
                 return line
             if not self._next_request_arrives():
                 return b""
             self.reader.deadline = time.monotonic() + self.server.config.request_timeout
             self.server.stalled(self.connection, True)
-        raise _HeadError(400, "malformed request: empty lines where a request line was due")
+        raise HeadError(400, "malformed request: empty lines where a request line was due")
 
     def _connection_options(self) -> None:
         """Whether the connection stays open after this request, from its Connection
@@ -290,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         authority, slash, path = rest.partition("/")
         if not authority or "@" in authority:
-            raise _HeadError(400, "malformed request: an absolute target without a host")
+            raise HeadError(400, "malformed request: an absolute target without a host")
         self.path = slash + path if slash else "/"
         del self.headers["Host"]
         self.headers["Host"] = authority
@@ -433,10 +388,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_line(self) -> bytes:
         """One CRLF-terminated line of chunked framing, without its CRLF."""
-        line = self.rfile.readline(_MAX_LINE + 1)
+        line = self.rfile.readline(MAX_LINE + 1)
         if not line:
             raise ConnectionError("client closed the connection mid-body")
-        if not line.endswith(b"\r\n") or len(line) > _MAX_LINE:
+        if not line.endswith(b"\r\n") or len(line) > MAX_LINE:
             raise self._bad_framing("chunked body lines must end in CRLF")
         return line[:-2]
 

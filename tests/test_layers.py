@@ -14,8 +14,8 @@ PACKAGE = ROOT / "embedserve"
 LAYERS: dict[str, tuple[str, ...]] = {
     "processes": ("cli", "commands", "supervisor", "worker", "__main__", "hub", "modelcache",
                   "ray"),
-    "transport": ("server", "connections", "handler", "dispatch", "routes", "routing",
-                  "openapi", "guards"),
+    "transport": ("server", "connections", "handler", "httphead", "dispatch", "routes",
+                  "routing", "openapi", "guards"),
     "dialects": ("dialects", "rerank_dialects", "cohere"),
     "core": ("scoring", "service", "registry", "names", "requests", "metrics",
              "metricfiles"),
