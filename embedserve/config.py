@@ -124,8 +124,11 @@ class Config:
             object.__setattr__(self, "api_key", _read_secret(self.api_key_file))
             # Done with the file: a copy made with dataclasses.replace keeps the key.
             object.__setattr__(self, "api_key_file", "")
-        if self.host.replace(".", "").isdigit() and not _is_ip(self.host):
-            raise ValueError(f"host {self.host!r} is not an IPv4 address")  # nor a name
+        if self.host.replace(".", "").isdigit():  # not a name: an address, or nothing
+            try:
+                ipaddress.IPv4Address(self.host)
+            except ValueError:
+                raise ValueError(f"host {self.host!r} is not an IPv4 address") from None
         if not (self.loopback_only or self.api_key or self.allow_insecure):
             raise ValueError(f"refusing to serve on {self.host} without an API key: anyone "
                              "who can reach it could use it. Set --api-key (or "
@@ -189,14 +192,6 @@ def _read_secret(path: str) -> str:
     if not secret:
         raise ValueError(f"the API key file {path} is empty")
     return secret
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _parse_bool(text: str) -> bool:
