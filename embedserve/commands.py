@@ -59,7 +59,7 @@ def run(argv: Sequence[str]) -> int:
         # accepted, hidden, so scripts written as `health --no-autostart` keep working.
         sub.add_argument("--no-autostart", action="store_true",
                          help=argparse.SUPPRESS if sub is health else "never start a server")
-        sub.add_argument("--timeout", type=_seconds, default=60.0,
+        sub.add_argument("--timeout", type=float, default=60.0,  # checked by the Client
                          help="seconds to wait for a response (default 60)")
     _add_model_commands(commands)
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -1028,6 +1029,13 @@ def test_url_parts_that_would_not_be_sent_are_refused(url: str) -> None:
     assert "secret" not in str(caught.value)
 
 
+@pytest.mark.parametrize("timeout", [0.0, -1.0, math.inf, math.nan])
+def test_a_timeout_is_a_positive_finite_number_of_seconds(timeout: float) -> None:
+    # inf was taken, and then failed every request with an OverflowError.
+    with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
+        Client(f"http://{HOST}:{free_port()}", autostart=False, timeout=timeout)
+
+
 BAD_SETTINGS = [("EMBEDSERVE_DIMENSIONS", value) for value in ("abc", "0", "-3", "1.5", "")] + [
     ("EMBEDSERVE_BACKEND", "bogus"), ("EMBEDSERVE_BACKEND", "")]
 
@@ -1099,7 +1107,7 @@ def _one_index(data: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("mangle,dimensions,message", [
-    (_two_sizes, None, "different sizes"), (_one_index, None, "indices"),
+    (_two_sizes, None, "vectors of \\[11, 384\\] values"), (_one_index, None, "indices"),
     (None, 16, "vectors of \\[384\\] values, not 16"),
 ])
 def test_vectors_that_cannot_be_the_answer_are_an_error(stubs: list[Stub], mangle: Any,

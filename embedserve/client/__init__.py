@@ -281,7 +281,7 @@ class Client:
         one serves), without starting anything or retrying: {"status": "ok"} when it serves;
         ServerError (e.g. 503 loading) or ServerUnavailable (the last server's) otherwise."""
         self._finder.check_open()
-        failure: EmbedServeError | None = None
+        failure = EmbedServeError("no server to ask")  # there is always one
         for target in self._finder.health_targets():
             if target.port == 0:
                 raise ServerUnavailable("no server started yet (port=0 starts one on first "
@@ -295,7 +295,7 @@ class Client:
             if response.status == 200:
                 return wire.json_object(response.body, f"{target.url}/health")
             failure = http_error(response, target.url)
-        raise failure or AssertionError("no server to ask")  # there is always one
+        raise failure
 
     def connect(self) -> Client:
         """Find or start the server now rather than on first use. Returns the client."""

@@ -139,8 +139,9 @@ def resolve_options(url: str | Sequence[str] | None, *, autostart: bool, backend
         raise ValueError(f"dimensions must be at least 1, got {dimensions}")
     for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
                         ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+        if not 0 < value < float("inf"):  # inf overflowed the socket's deadline arithmetic
+            raise ValueError(f"{name} must be a positive, finite number of seconds, got "
+                             f"{value!r}")
     if not 0 <= retry_timeout < float("inf"):
         raise ValueError(f"retry_timeout must be a number of seconds >= 0, got "
                          f"{retry_timeout!r}")
