@@ -10,8 +10,8 @@ import math
 import struct
 import sys
 from array import array
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, overload
 
 _BIG_ENDIAN = sys.byteorder == "big"
 # -0.0 in native byte order: the one zero whose text is not "0.0".
@@ -19,11 +19,12 @@ _NEGATIVE_ZERO = struct.pack("=d", -0.0)
 
 
 def float32_base64(vector: Sequence[float]) -> str:
+    if isinstance(vector, SparseVector):
+        return _base64(_sparse_float32(vector))
     if type(vector) is not list:
-        # array() reads a list subclass (a SparseVector) item by item, at twice the cost;
-        # struct reads it as arguments, in one C loop, rounding each double to float32 as
-        # array() does ("<": little-endian on any host). Only a value past float32's range
-        # packs differently (an error, where array() makes it infinite).
+        # struct reads any sequence as arguments, in one C loop, rounding each double to
+        # float32 as array() does ("<": little-endian on any host). Only a value past
+        # float32's range packs differently (an error, where array() makes it infinite).
         try:
             return _base64(_float32_packer(len(vector)).pack(*vector))
         except (OverflowError, struct.error):
@@ -32,6 +33,23 @@ def float32_base64(vector: Sequence[float]) -> str:
     if _BIG_ENDIAN:
         packed.byteswap()
     return _base64(packed)
+
+
+def _sparse_float32(vector: SparseVector) -> array[float]:
+    """A copy of a zero array with each non-zero set in place: the zeros cost one memory
+    copy, and each element is converted as array("f", dense) converts it."""
+    packed = _float32_zeros(len(vector))[:]
+    norm = vector.norm
+    for index, weight in vector.weights.items():
+        packed[index] = weight / norm
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed
+
+
+@functools.lru_cache(maxsize=16)
+def _float32_zeros(size: int) -> array[float]:
+    return array("f", bytes(4 * size))
 
 
 def _base64(data: Any) -> str:
@@ -51,15 +69,68 @@ def decode_float32_base64(text: str) -> list[float]:
     return packed.tolist()
 
 
-class SparseVector(list[float]):
-    """A vector that is a plain list of floats to every reader, and also says how it was
-    made: element i is exactly `weights.get(i, 0) / norm` (an integer over one norm, as the
-    hash tier makes them). Most elements are zeros and the weights take few distinct values,
-    so the writers below format each distinct value once and never look at the zeros."""
+class SparseVector(Sequence[float]):
+    """A vector kept as what made it: element i is exactly `weights.get(i, 0) / norm` (an
+    integer over one positive norm, as the hash tier makes them). Most elements are zeros
+    and the weights take few distinct values, so the writers below format or pack only the
+    non-zeros and never build the zeros one by one; the server sends hash vectors without
+    ever making their lists. Any other reader sees a sequence of floats, made once, on
+    first use, and equal to the list HashEmbedder.embed gives."""
 
-    __slots__ = ("weights", "norm")
-    weights: dict[int, int]
-    norm: float
+    __slots__ = ("weights", "norm", "_size", "_list")
+
+    def __init__(self, weights: Mapping[int, float], norm: float, size: int) -> None:
+        self.weights = weights
+        self.norm = norm
+        self._size = size
+        self._list: list[float] | None = None
+
+    def tolist(self) -> list[float]:
+        """The elements, as a new list."""
+        return list(self._elements())
+
+    def _elements(self) -> list[float]:
+        elements = self._list
+        if elements is None:  # two threads may both make it: the same list either way
+            elements = self._list = dense(self.weights, self.norm, self._size)
+        return elements
+
+    def __len__(self) -> int:
+        return self._size
+
+    @overload
+    def __getitem__(self, index: int) -> float: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[float]: ...
+
+    def __getitem__(self, index: int | slice) -> float | list[float]:
+        return self._elements()[index]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._elements())
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list (or another SparseVector) of the same elements, as a list is."""
+        if isinstance(other, SparseVector):
+            other = other._elements()
+        return self._elements() == other
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, like a list
+
+    def __repr__(self) -> str:
+        return repr(self._elements())
+
+    def __reduce__(self) -> tuple[type[SparseVector], tuple[Mapping[int, float], float, int]]:
+        return SparseVector, (self.weights, self.norm, self._size)
+
+
+def dense(weights: Mapping[int, float], norm: float, size: int) -> list[float]:
+    """The list of `size` elements `weights.get(i, 0) / norm`, zeros made in one step."""
+    vector = [0.0] * size
+    for index, weight in weights.items():
+        vector[index] = weight / norm
+    return vector
 
 
 def float_array_json(vector: Sequence[float]) -> str:
@@ -84,6 +155,7 @@ def float_array_json(vector: Sequence[float]) -> str:
             for index, weight in weights.items():
                 parts[index] = text[weight]
             return "[" + ",".join(parts) + "]"
+        vector = vector.tolist()  # never made by the hash tier: json writes it below
     distinct = set(vector)
     if len(distinct) * 4 <= len(vector) and all(map(math.isfinite, distinct)):
         # 0.0 and -0.0 are one set entry (they are equal): with both in the vector, the

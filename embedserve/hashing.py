@@ -22,7 +22,7 @@ from itertools import chain
 from operator import mul
 from typing import TypeVar
 
-from embedserve.encoding import SparseVector
+from embedserve.encoding import SparseVector, dense
 
 HASH_VERSION = 1
 DEFAULT_DIMENSIONS = 384
@@ -102,7 +102,8 @@ class HashEmbedder:
     def embed_sparse_with_counts(self, texts: Sequence[str], *, normalize: bool = True
                                  ) -> tuple[list[SparseVector], list[int]]:
         """embed_with_counts, each vector a SparseVector (equal to the list embed gives):
-        what the server writes, since its writers then skip the zeros."""
+        what the server writes, since its writers then skip the zeros and no list of
+        floats is made."""
         return self._each(texts, normalize, self._embed_sparse)
 
     def _each(self, texts: Sequence[str], normalize: bool,
@@ -165,21 +166,11 @@ class HashEmbedder:
 
     def _embed_one(self, text: str, normalize: bool) -> tuple[list[float], int]:
         buckets, norm, words = self._weights(text, normalize)
-        return self._dense(buckets, norm), words
+        return dense(buckets, norm, self.dimensions), words
 
     def _embed_sparse(self, text: str, normalize: bool) -> tuple[SparseVector, int]:
         buckets, norm, words = self._weights(text, normalize)
-        # Filled as a plain list, then copied whole: item by item, a list subclass takes
-        # the interpreter's slower path.
-        vector = SparseVector(self._dense(buckets, norm))
-        vector.weights, vector.norm = buckets, norm
-        return vector, words
-
-    def _dense(self, buckets: dict[int, int], norm: float) -> list[float]:
-        vector = [0.0] * self.dimensions
-        for index, value in buckets.items():
-            vector[index] = value / norm
-        return vector
+        return SparseVector(buckets, norm, self.dimensions), words
 
     def _weights(self, text: str, normalize: bool) -> tuple[dict[int, int], float, int]:
         """The integer buckets (the zero ones left out), the norm to divide them by, and

@@ -4,6 +4,7 @@ service answers them. Nothing here imports another embedserve module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -30,7 +31,7 @@ class EmbedRequest:
 
 @dataclass(frozen=True)
 class EmbedResult:
-    vectors: list[list[float]]
+    vectors: Sequence[Sequence[float]]
     model: str
     prompt_tokens: int
     # Each form in EmbedRequest.quantized: one list of codes per vector.

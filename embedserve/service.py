@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -158,6 +158,7 @@ class EmbeddingService:
                                param="dimensions")
             ranges = _ranges_for(backend, request, dims or backend.dimensions)
             texts = self._prompted(backend, request)
+            vectors: Sequence[Sequence[float]]
             if not texts:  # Ollama's request to load a model (keep_alive 0: to unload it)
                 vectors, tokens = [], 0
             elif slot.encoder is not None:
@@ -168,9 +169,10 @@ class EmbeddingService:
                                                   dimensions=dims)
                 vectors, tokens = encoded.vectors, sum(encoded.token_counts)
             else:
-                vectors, tokens = self._embed_batched(slot, texts, request, client_gone)
+                rows, tokens = self._embed_batched(slot, texts, request, client_gone)
                 if dims is not None and dims < backend.dimensions:
-                    vectors = [shorten(v, dims, request.normalize) for v in vectors]
+                    rows = [shorten(v, dims, request.normalize) for v in rows]
+                vectors = rows
         self.metrics.observe_embedding(backend.model, len(vectors), tokens)
         return EmbedResult(vectors, slot.names.primary, tokens,
                            _quantized(vectors, request.quantized, ranges))
@@ -364,7 +366,7 @@ def _ranges_for(backend: BackendInfo, request: EmbedRequest, dimensions: int
     return sized
 
 
-def _quantized(vectors: list[list[float]], kinds: tuple[str, ...], ranges: Ranges | None
+def _quantized(vectors: Sequence[Sequence[float]], kinds: tuple[str, ...], ranges: Ranges | None
                ) -> dict[str, list[list[int]]]:
     """Each compact form asked for, from the final (shortened, normalised) vectors."""
     codes: dict[str, list[list[int]]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 
 def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
@@ -19,7 +20,7 @@ def shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
     return [x / norm for x in head] if norm else head
 
 
-def cosine(a: list[float], b: list[float]) -> float:
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     """Cosine similarity, summed left to right (the same bits on every Python version);
     0.0 when either vector is all zeros."""
     dot = norm_a = norm_b = 0.0

@@ -72,7 +72,7 @@ class BackendInfo(Protocol):
 
 @dataclass(frozen=True)
 class Encoded:
-    vectors: list[list[float]]
+    vectors: Sequence[Sequence[float]]
     token_counts: list[int]
 
 
