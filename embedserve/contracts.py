@@ -17,6 +17,8 @@ EXIT_CONFIG_ERROR = 3  # a worker failed to boot with a configuration error: not
 
 ENV_PREFIX = "EMBEDSERVE_"
 URL_ENV = "EMBEDSERVE_URL"  # where clients look for a server (not a server option)
+# Where clients keep what each server last served (not a server option; client/lastseen.py).
+STATE_ENV = "EMBEDSERVE_STATE_DIR"
 
 
 def env_name(option: str) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +21,30 @@ from typing import Any
 
 import pytest
 
-from embedserve.contracts import ReadyLine, parse_ready_line
+from embedserve.contracts import STATE_ENV, ReadyLine, parse_ready_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# What clients remember of servers (embedserve.client.lastseen) goes to a folder of the test
+# run's, never the user's; each test gets its own (below), so that no test goes by what
+# another test's server on a reused port served.
+os.environ[STATE_ENV] = tempfile.mkdtemp(prefix="embedserve-test-state-")
+atexit.register(shutil.rmtree, os.environ[STATE_ENV], True)
+
+
+@pytest.fixture(autouse=True)
+def client_state(tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path_factory.mktemp("client-state")
+    monkeypatch.setenv(STATE_ENV, str(folder))
+    return folder
+
+
 def server_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSERVE_")}
+    # STATE_ENV is the clients' (a test's client scripts and CLI runs), not a server option.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("EMBEDSERVE_") or k == STATE_ENV}
     # The hash tier unless a test asks otherwise: with the ML extras installed, `auto`
     # would import torch (seconds) in every server a test starts.
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", EMBEDSERVE_BACKEND="hash")

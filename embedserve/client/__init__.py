@@ -438,7 +438,7 @@ class Client:
 
     def _remember_info(self, target: Target, info: dict[str, Any]) -> None:
         self._info = (target, info)
-        self._fallback.learn(info)
+        self._fallback.learn(info, target.url)
 
     # -- requests with retries -------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, *, first: int = 0

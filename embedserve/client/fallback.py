@@ -5,11 +5,13 @@ When no server can be reached or started, `fallback` decides:
   "same-model" (default, also `True`): embed in-process with embedserve's hash tier, but
       only when that is the model the server would have used: the model this client last
       got from a server (a name its /info gave its hash tier counts as the hash tier's,
-      and labels the result); before any server answered, the one the options ask for
-      (backend="hash": yes; an ML backend or a model name: no; auto/unset: allowed, as
-      this client has no vectors yet to mix with). After a server answered with another
+      and labels the result); before any server answered this client, the one the options
+      ask for (backend="hash": yes; an ML backend or a model name: no), else the one the
+      server at this URL last said it served, to this or an earlier process (kept by
+      lastseen.py); with none of those known, allowed. After a server answered with another
       model (e.g. a sentence-transformers one) the call raises ServerUnavailable instead:
-      vectors of different models are never mixed silently.
+      vectors of different models are never mixed silently, not even by a script run again
+      while its server is down.
   "always": fall back to the hash tier whatever the server's model was.
   "never" (also `False`): raise ServerUnavailable.
 
@@ -38,6 +40,7 @@ from array import array
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from embedserve.client import lastseen
 from embedserve.client.errors import ServerUnavailable, ValidationError
 from embedserve.client.options import HASH_MODEL, Options
 from embedserve.client.results import Embeddings
@@ -80,10 +83,19 @@ class Fallback:
         self._sized: dict[int, HashEmbedder] = {}  # for `dimensions`, oldest first
         # Not the client's lock: that one is held while a server starts.
         self._sized_lock = threading.Lock()
+        # The URL whose remembered /info (lastseen.py) says what to match, while no server
+        # has answered this client; None: not looked up yet; "": none.
+        self._recalled: str | None = None
 
-    def learn(self, info: Mapping[str, Any]) -> None:
+    def learn(self, info: Mapping[str, Any], url: str | None = None) -> None:
         """What a server's GET /info says it serves: its default model (what calls without
-        a model get), and the names of its hash tier (its "models" list, where it has one)."""
+        a model get), and the names of its hash tier (its "models" list, where it has one).
+        `url`: the server's, kept for other processes (lastseen.py) when the options name
+        it (not a private server's, whose port is another at every start)."""
+        if url is not None:  # a server answered: what it says now beats any memory
+            self._recalled = ""
+            if url in self._options.server_urls():
+                lastseen.remember(url, info)
         model, dims = info.get("model"), info.get("dimensions")
         if not isinstance(model, str):
             return
@@ -138,15 +150,33 @@ class Fallback:
             local_model = model_name(dims)
         if policy == "same-model":
             expected = served or self._options.requested_model(local_model)
+            if expected is None and self._recall():
+                return self.plan(model)  # as if that server had answered this client
             if expected is not None and expected != local_model:
+                seen = (f" (what it last said it serves, kept in {lastseen.state_file()})"
+                        if self._recalled else "")
                 return Plan(None, refusal=(
-                    f"the server's model is {expected}, the in-process fallback would be "
-                    f"{local_model} (pass fallback='always' to accept vectors from another "
+                    f"the server's model is {expected}{seen}, the in-process fallback would "
+                    f"be {local_model} (pass fallback='always' to accept vectors from another "
                     "model)"))
         embedder = self._embedder
         if embedder is None or embedder.dimensions != dims:
             embedder = self._embedder = HashEmbedder(dims)
         return Plan(embedder, local_model)
+
+    def _recall(self) -> bool:
+        """Learn what the servers of these options last said they serve, once: True when
+        something was remembered (lastseen.py)."""
+        if self._recalled is not None:
+            return False
+        self._recalled = ""
+        for url in self._options.server_urls():
+            info = lastseen.recall(url)
+            if info is not None and isinstance(info.get("model"), str):
+                self.learn(info)
+                self._recalled = url
+                return True
+        return False
 
     def _plan_named(self, model: str) -> Plan:
         """A call that named its model: the hash tier's vectors when it names the hash

@@ -35,6 +35,12 @@ class Endpoint:
     base_path: str
 
 
+def url_of(scheme: str, host: str, port: int, base_path: str) -> str:
+    """A server's URL as the client names it (in errors, logs and lastseen.py's file)."""
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}{base_path}"
+
+
 @dataclass(frozen=True)
 class Options:
     """Everything Client(...) was given, checked; see Client for what each one means."""
@@ -70,6 +76,12 @@ class Options:
     # Several servers that serve alike (replicas): requests spread over them and a server
     # that fails is skipped. Empty for one server (scheme, host, port, base_path).
     pool: tuple[Endpoint, ...] = ()
+
+    def server_urls(self) -> tuple[str, ...]:
+        """The URLs of the servers these options name; none for a private server on a free
+        port (port 0), whose URL changes with every start."""
+        endpoints = self.pool or (Endpoint(self.scheme, self.host, self.port, self.base_path),)
+        return tuple(url_of(e.scheme, e.host, e.port, e.base_path) for e in endpoints if e.port)
 
     @property
     def local(self) -> bool:

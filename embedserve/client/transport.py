@@ -48,6 +48,7 @@ from embedserve.client.errors import (
     ServerError,
     ValidationError,
 )
+from embedserve.client.options import url_of
 from embedserve.client.process import ServerProcess
 
 RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
@@ -83,8 +84,7 @@ class Target:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
+        return url_of(self.scheme, self.host, self.port, self.base_path)
 
 
 @dataclass(frozen=True)
