@@ -95,7 +95,8 @@ export class EmbedServeClient extends EventEmitter {
     const { options: resolved, target, targets, settings } = resolveOptions(options);
     this.#options = resolved;
     // EMBEDSERVE_DIMENSIONS, _BACKEND and _MODEL, parsed once at construction.
-    this.#fallback = new Fallback(resolved, settings);
+    this.#fallback = new Fallback(resolved, settings,
+      targets.filter((t) => t.port !== '0').map((t) => t.base));
     this.#target = target;
     this.#baseUrl = target.base;
     if (targets.length > 1) {
@@ -657,12 +658,12 @@ export class EmbedServeClient extends EventEmitter {
     if (this.#closed) throw closedError();
   }
 
-  #setInfo(info) {
+  #setInfo(info, url = this.#pool ? this.#pool.last.base : this.#baseUrl) {
     if (typeof info !== 'object' || info === null || typeof info.model !== 'string') {
       throw this.#badResponse('GET /info did not describe a model');
     }
     this.#info = info;
-    this.#fallback.learn(info);
+    this.#fallback.learn(info, url);
   }
 
   /** The server behind `info` stopped answering: forget it (once, whoever sees it first). */
@@ -686,7 +687,7 @@ export class EmbedServeClient extends EventEmitter {
 
   async #findOrStart(model) {
     if (this.#pool) { // several servers: nothing to start; /info from whichever answers
-      this.#setInfo(await this.#poolRequest('GET', '/info'));
+      this.#setInfo(await this.#poolRequest('GET', '/info'), this.#pool.last.base);
       this.#hadServer = true;
       this.emit('connect', { url: this.#pool.last.base, owned: false, info: this.#info });
       return;
@@ -726,7 +727,7 @@ export class EmbedServeClient extends EventEmitter {
         this.#foreignLost = false;
         this.#baseUrl = target.base;
         this.#server = null;
-        this.#setInfo(await this.#fetchJson('GET', '/info', undefined, this.#options.timeoutMs, target.base));
+        this.#setInfo(await this.#fetchJson('GET', '/info', undefined, this.#options.timeoutMs, target.base), target.base);
         this.#hadServer = true;
         this.emit('connect', { url: target.base, owned: false, info: this.#info });
         return;

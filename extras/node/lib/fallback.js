@@ -3,7 +3,8 @@
 // (embedserve/client/fallback.py):
 // - a call that names no model: 'same-model' answers only with the model the server would
 //   have used (the one it last answered with, a name /info gave the hash tier counting as
-//   the hash tier's; before that, the one the options ask for),
+//   the hash tier's; before that, the one the options ask for, else the one the server at
+//   this URL last said it served, to this or an earlier process: lastseen.js),
 //   'always' whatever it was, 'never' not at all;
 // - a call that names its model (`embed(texts, {model})`) gets that model's vectors or
 //   none: the fallback answers it only when the name is the hash tier's ('hash',
@@ -12,6 +13,7 @@
 
 import { validationError } from './errors.js';
 import { DEFAULT_DIMENSIONS, HASH_VERSION, HashEmbedder, hashModelName } from './hash.js';
+import { recall, remember, stateFile } from './lastseen.js';
 
 const ML_BACKENDS = ['sentence-transformers', 'transformers'];
 // Fallback embedders kept for request-time `dimensions` other than the model's own size.
@@ -33,21 +35,32 @@ export class Fallback {
   #embedder = null;
   /** @type {Map<number, HashEmbedder>} other sizes (request-time `dimensions`, a named hash model), oldest first */
   #sized = new Map();
+  /** The URLs of the servers the options name (not a private one's on port 0). */
+  #urls;
+  /** The URL whose remembered /info says what to match while no server answered; null: not looked up yet. */
+  #recalled = null;
 
   /**
    * @param {object} options the client's resolved options
    * @param {object} settings the EMBEDSERVE_* settings a started server would see
+   * @param {string[]} urls the URLs of the servers the options name, whose /info is kept for other processes
    */
-  constructor(options, settings) {
+  constructor(options, settings, urls = []) {
     this.#options = options;
     this.#settings = settings;
+    this.#urls = urls;
   }
 
   /**
    * What a server's GET /info says it serves: its default model (what calls that name no
    * model get), and the names of its hash tier (its `models` list, where it has one).
+   * `url`: the server's, kept for other processes (lastseen.js) when the options name it.
    */
-  learn(info) {
+  learn(info, url) {
+    if (url !== undefined) { // a server answered: what it says now beats any memory
+      this.#recalled = '';
+      if (this.#urls.includes(url)) remember(url, info);
+    }
     this.servedModel = info.model;
     // The first reranker it serves: what a rerank naming no model gets.
     const reranker = (Array.isArray(info.models) ? info.models : []).find((entry) => entry?.kind === 'reranker');
@@ -97,9 +110,11 @@ export class Fallback {
       : [hashModelName(this.#configuredDimensions()), this.#configuredDimensions()]);
     if (policy === 'same-model') {
       const expected = this.servedModel ?? this.#requestedModel(dimensions);
+      if (expected === null && this.#recall()) return this.plan(model); // as if it had answered
       if (expected !== null && expected !== local) {
+        const seen = this.#recalled ? ` (what it last said it serves, kept in ${stateFile()})` : '';
         return {
-          refusal: `the server's model is ${expected}, the in-process fallback would be ` +
+          refusal: `the server's model is ${expected}${seen}, the in-process fallback would be ` +
             `${local} (pass fallback: 'always' to accept vectors from another model)`,
         };
       }
@@ -113,13 +128,29 @@ export class Fallback {
    * reranker (what a call naming no model gets when the server serves one).
    */
   rerankPlan(model) {
+    const plan = this.plan(model); // first: it may recall what the server serves
     if (model === undefined && this.servedReranker && this.#options.fallback === 'same-model') {
       return {
         refusal: `the server reranks with ${this.servedReranker}, the in-process fallback ` +
           "would rank by hash embeddings (pass fallback: 'always' to accept that)",
       };
     }
-    return this.plan(model);
+    return plan;
+  }
+
+  /** Learn what the servers of these options last said they serve, once: whether anything was remembered. */
+  #recall() {
+    if (this.#recalled !== null) return false;
+    this.#recalled = '';
+    for (const url of this.#urls) {
+      const info = recall(url);
+      if (typeof info?.model === 'string') {
+        this.learn(info);
+        this.#recalled = url;
+        return true;
+      }
+    }
+    return false;
   }
 
   /**

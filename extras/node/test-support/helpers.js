@@ -3,9 +3,11 @@
 // every .js file under a test/ folder as a test file.)
 
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
+import { afterEach, beforeEach } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseReadyLine } from '../lib/server-process.js';
@@ -13,6 +15,16 @@ import { parseReadyLine } from '../lib/server-process.js';
 export const REPO_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 export const GOLDEN_PATH = fileURLToPath(new URL('../../../tests/data/hash_golden.json', import.meta.url));
 export const PYTHON = process.env.EMBEDSERVE_PYTHON || 'python3';
+
+// What clients remember of servers (lib/lastseen.js) goes to a folder of each test's own,
+// never the user's, so that no test goes by what another test's server on a reused port
+// served. (Hooks registered here apply to every test of the file that imports this.)
+beforeEach(() => {
+  process.env.EMBEDSERVE_STATE_DIR = mkdtempSync(join(tmpdir(), 'embedserve-state-'));
+});
+afterEach(() => {
+  rmSync(process.env.EMBEDSERVE_STATE_DIR, { recursive: true, force: true });
+});
 
 /**
  * Environment for servers: embedserve from this checkout, on its hash backend (fast to

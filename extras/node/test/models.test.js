@@ -5,13 +5,14 @@
 // and a local HTTP peer where the request bodies themselves are checked.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { EmbedServeClient, EmbedServeError, HashEmbedder } from '../index.js';
-import { clientOptions, freePort, makeTinyModel, startServer } from '../test-support/helpers.js';
+import { PYTHON, REPO_ROOT, clientOptions, freePort, makeTinyModel, startServer } from '../test-support/helpers.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'embedserve-node-models-'));
 after(() => rmSync(scratch, { recursive: true, force: true }));
@@ -254,4 +255,45 @@ test('two models in one server, each by name: its own vectors, and a fallback fo
   } finally {
     await client.close();
   }
+});
+
+test('a later client does not stand hash vectors in for the model its server last served; the Python client reads the same memory', { timeout: 60_000 }, async () => {
+  const peer = await recordingServer({ model: 'all-MiniLM-L6-v2', backend: 'sentence-transformers' });
+  const first = new EmbedServeClient({ url: peer.url, autoStart: false, retries: 0 });
+  assert.equal((await first.embed(TEXTS)).source, 'server');
+  await first.close();
+  await peer.close();
+  const file = join(process.env.EMBEDSERVE_STATE_DIR, 'served-models.json');
+  assert.equal(JSON.parse(readFileSync(file, 'utf8')).servers[peer.url].info.model, 'all-MiniLM-L6-v2');
+
+  // A client of another process would know no more than this fresh one.
+  const later = new EmbedServeClient({ url: peer.url, autoStart: false, retries: 0 });
+  await assert.rejects(later.embed(TEXTS), {
+    code: 'unreachable',
+    message: /the server's model is all-MiniLM-L6-v2 \(what it last said it serves, kept in .*served-models\.json\)/,
+  });
+  const anyway = new EmbedServeClient({ url: peer.url, autoStart: false, retries: 0, fallback: 'always' });
+  assert.equal((await anyway.embed(TEXTS)).source, 'fallback');
+  // The Python CLI, run as a script runs it, goes by the file the Node client wrote.
+  const env = { ...process.env, PYTHONPATH: REPO_ROOT, HF_HUB_OFFLINE: '1' };
+  delete env.EMBEDSERVE_BACKEND;
+  const run = spawnSync(PYTHON, ['-m', 'embedserve', 'embed', '--url', peer.url, '--no-autostart', '--timeout', '5', 'x'],
+    { env, encoding: 'utf8', timeout: 50_000 });
+  assert.equal(run.status, 1, run.stderr);
+  assert.match(run.stderr, /all-MiniLM-L6-v2/);
+  assert.equal(run.stdout, '');
+
+  // Nothing remembered: nothing known to mix with, as before.
+  rmSync(file);
+  assert.equal((await new EmbedServeClient({ url: peer.url, autoStart: false, retries: 0 }).embed(TEXTS)).source, 'fallback');
+});
+
+test('a private server on port 0 is not remembered (its port is another at every start)', { timeout: 30_000 }, async () => {
+  const client = new EmbedServeClient(clientOptions({ port: 0, fallback: 'never' }));
+  try {
+    assert.equal((await client.embed(TEXTS)).source, 'server');
+  } finally {
+    await client.close();
+  }
+  assert.ok(!existsSync(join(process.env.EMBEDSERVE_STATE_DIR, 'served-models.json')));
 });
