@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from embedserve.dialects import Dialect
 from embedserve.errors import ApiError, ClientGone, quoted
 from embedserve.guards import Guards, is_json_media_type
+from embedserve.httphead import HeaderList
 from embedserve.routes import ROUTES
 from embedserve.routing import Reply, Route
 from embedserve.service import EmbeddingService
@@ -264,22 +265,6 @@ class Dispatcher:
         return self.answer(Buffered(method, path, HeaderList(headers), body,
                                     time.monotonic() if started is None else started,
                                     client_gone, self.config.max_body_bytes))
-
-
-class HeaderList:
-    """Headers as (name, value) pairs, looked up case-insensitively."""
-
-    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self._pairs = [(name.lower(), value) for name, value in pairs]
-
-    def get(self, name: str, default: Any = None) -> Any:
-        name = name.lower()
-        return next((value for key, value in self._pairs if key == name), default)
-
-    def get_all(self, name: str, failobj: Any = None) -> Any:
-        name = name.lower()
-        found = [value for key, value in self._pairs if key == name]
-        return found or failobj
 
 
 @dataclass

@@ -11,6 +11,7 @@ Clients that are not browsers send no Origin and are not affected.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ def _host_name(host: str) -> str | None:
     return name if name and port.isdigit() else None
 
 
+@functools.lru_cache(maxsize=256)  # checked on every request, nearly always for one name
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

@@ -21,7 +21,8 @@ from embedserve.connections import DeadlineReader, send_within
 from embedserve.dialects import Dialect
 from embedserve.dispatch import json_body
 from embedserve.errors import ApiError, quoted
-from embedserve.httphead import MAX_LINE, HeadError, HeaderLines, check_request_line
+from embedserve.httphead import (MAX_LINE, HeadError, HeaderList, check_request_line,
+                                 read_header_lines)
 from embedserve.routes import ROUTES
 from embedserve.service import EmbeddingService
 
@@ -61,6 +62,8 @@ class Handler(BaseHTTPRequestHandler):
     # TCP_NODELAY: without it keep-alive responses stall ~40 ms (Nagle + delayed ACK).
     disable_nagle_algorithm = True
     server: EmbedServer
+    # Read by read_header_lines, not by the stdlib's email parser (a Message).
+    headers: HeaderList  # type: ignore[assignment]
 
     def setup(self) -> None:
         super().setup()
@@ -130,12 +133,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
             check_request_line(self.raw_requestline)
-            rfile, self.rfile = self.rfile, HeaderLines(self.rfile)  # type: ignore[assignment]
-            try:
-                parsed = self.parse_request()
-            finally:
-                self.rfile = rfile
-            if not parsed:
+            if not self.parse_request():
                 return
             self._connection_options()
             self._take_absolute_form()
@@ -157,6 +155,32 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.reader.deadline = None
             self.server.stalled(self.connection, False)
+
+    def parse_request(self) -> bool:
+        """The stdlib's, for a request line that check_request_line has passed (so one
+        digit either side of the version's dot), with the header lines read by
+        read_header_lines instead of the stdlib's email parser."""
+        self.command = None  # type: ignore[assignment]  # as the stdlib: no request yet
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3:  # a target split at a NEL or no-break space, as the stdlib splits it
+            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
+            return False
+        command, path, version = words
+        if version >= "HTTP/2.0":
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                            f"Invalid HTTP version ({version[5:]})")
+            return False
+        self.close_connection = version < "HTTP/1.1"
+        self.command, self.path, self.request_version = command, path, version
+        if path.startswith("//"):  # the stdlib's guard against open redirects (gh-87389)
+            self.path = "/" + path.lstrip("/")
+        self.headers = read_header_lines(self.rfile)
+        if self.headers.get("Expect", "").lower() == "100-continue" and version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def _request_line(self) -> bytes:
         """The request line (b"" when the connection ends first), past a few empty lines:
@@ -247,8 +271,7 @@ class Handler(BaseHTTPRequestHandler):
         if not authority or "@" in authority:
             raise HeadError(400, "malformed request: an absolute target without a host")
         self.path = slash + path if slash else "/"
-        del self.headers["Host"]
-        self.headers["Host"] = authority
+        self.headers.replace("Host", authority)
 
     def check_transport(self) -> None:
         self._check_framing()

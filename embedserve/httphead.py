@@ -1,12 +1,13 @@
 """What a request's head may be, as RFC 9112 has it and a proxy in front relies on: the
-request line, each header line, and all of them together. The stdlib's parser is lenient
-where another reader of the same bytes may not be; what it would take and others would read
-otherwise is refused here (400, and the connection closes).
+request line, each header line, and all of them together; and the header lines read. The
+stdlib's parser is lenient where another reader of the same bytes may not be; what it would
+take and others would read otherwise is refused here (400, and the connection closes).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 MAX_LINE = 65536  # bytes in a request line or a header line
@@ -24,6 +25,8 @@ _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ 
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
 # All header lines together (each is also at most MAX_LINE): about what Go and hyper allow.
 MAX_HEAD_BYTES = 256 * 1024
+# Lines read for a head, the empty one that ends it included: the stdlib's bound.
+MAX_HEADER_LINES = 100
 
 
 class HeadError(Exception):
@@ -34,27 +37,55 @@ class HeadError(Exception):
         self.status = status
 
 
-class HeaderLines:
-    """The connection's reader while the stdlib parses a request's header lines: each is
-    checked as it is read (see _HEADER_LINE), and all of them are bounded in bytes."""
+class HeaderList:
+    """Headers as (name, value) pairs, looked up case-insensitively (the part of
+    email.message.Message's interface that is read of a request's headers)."""
 
-    def __init__(self, rfile: Any) -> None:
-        self._rfile = rfile
-        self._left = MAX_HEAD_BYTES
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._values: dict[str, list[str]] = {}
+        for name, value in pairs:
+            self._values.setdefault(name.lower(), []).append(value)
 
-    def readline(self, limit: int = -1) -> bytes:
-        line: bytes = self._rfile.readline(limit)
-        self._left -= len(line)
-        if self._left < 0:
+    def get(self, name: str, default: Any = None) -> Any:
+        """The first value of `name`."""
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        values = self._values.get(name.lower())
+        return list(values) if values else failobj
+
+    def replace(self, name: str, value: str) -> None:
+        """`name` has this one value from now on (any it had are dropped)."""
+        self._values[name.lower()] = [value]
+
+
+def read_header_lines(rfile: Any) -> HeaderList:
+    """A request's header lines, up to the empty line that ends them, each checked as it is
+    read (see _HEADER_LINE), all of them bounded in bytes and in number (the stdlib's 100
+    lines, the empty one included). A line that passes is `name:value` with no CR, LF or
+    other control character, so a split at its first colon reads it exactly as the
+    stdlib's email parser reads it (the value without its leading blanks and line end), at
+    a tenth of that parser's cost: a quarter of a one-text request's CPU went there."""
+    pairs: list[tuple[str, str]] = []
+    left = MAX_HEAD_BYTES
+    for _ in range(MAX_HEADER_LINES):
+        line: bytes = rfile.readline(MAX_LINE + 1)
+        left -= len(line)
+        if left < 0:
             raise HeadError(431, f"request header fields are over {MAX_HEAD_BYTES} bytes")
-        if line in (b"\r\n", b"\n", b"") or len(line) > MAX_LINE:
-            return line  # the end of the head, or the stdlib's own 431 for a long line
+        if len(line) > MAX_LINE:
+            raise HeadError(431, f"a request header line is over {MAX_LINE} bytes")
+        if line in (b"\r\n", b"\n", b""):  # the end of the head (or of the connection)
+            return HeaderList(pairs)
         if line[:1] in (b" ", b"\t"):
             raise HeadError(400, "malformed request: a folded header line")
         if not _HEADER_LINE.fullmatch(line):
             raise HeadError(400, "malformed request: a header line that is not "
                                  "'name: value' (or holds a control character)")
-        return line
+        name, _, value = line.decode("latin-1").partition(":")
+        pairs.append((name, value.lstrip(" \t").rstrip("\r\n")))
+    raise HeadError(431, f"a request has over {MAX_HEADER_LINES - 1} header lines")
 
 
 def check_request_line(line: bytes) -> None:

@@ -4,6 +4,8 @@ the fix it pins."""
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import random
 import select
@@ -15,6 +17,7 @@ import time
 import pytest
 
 from embedserve.hashing import HashEmbedder
+from embedserve.httphead import read_header_lines
 
 from conftest import Server, request, start_server
 
@@ -243,6 +246,33 @@ def test_header_lines_a_proxy_could_read_otherwise_are_400_and_close(server: Ser
         status, headers, body = read_response(sock)
         assert status == 400 and headers.get("connection") == "close", body
         assert closed_by_server(sock)
+    assert_serving(server)
+
+
+def test_header_lines_that_pass_are_read_as_the_stdlib_parser_reads_them() -> None:
+    # The server reads its own header lines (httphead.read_header_lines); every line it
+    # lets through must give the values http.client's email-based parser gives.
+    rng = random.Random(7)
+    value_chars = "".join(map(chr, [9, *range(0x20, 0x7f), *range(0x80, 0x100)]))
+    names = ["Host", "X-A", "x-a", "Content-Type", "Authorization", "A!#$%&'*+.^_`|~-9"]
+    for _ in range(300):
+        lines = []
+        for _ in range(rng.randint(0, 12)):
+            value = "".join(rng.choice(value_chars) for _ in range(rng.randint(0, 20)))
+            lines.append(f"{rng.choice(names)}:{value}\r\n".encode("latin-1"))
+        head = b"".join(lines) + b"\r\n"
+        ours = read_header_lines(io.BytesIO(head))
+        theirs = http.client.parse_headers(io.BytesIO(head))
+        for name in names:
+            assert ours.get_all(name) == theirs.get_all(name), head
+            assert ours.get(name) == theirs.get(name), head
+
+
+def test_header_lines_are_bounded_in_number_as_the_stdlib_bounds_them(server: Server) -> None:
+    head = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+    assert exchange(server, head + b"X: y\r\n" * 98 + b"\r\n")[0] == 200  # 99 lines in all
+    status, headers, _ = exchange(server, head + b"X: y\r\n" * 99 + b"\r\n")
+    assert status == 431 and headers.get("connection") == "close"
     assert_serving(server)
 
 
