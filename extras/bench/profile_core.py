@@ -3,7 +3,7 @@ worker's request path timed in-process on the bench's own request bodies, then s
 the worker's CPU time per request measured while it serves them (1 client, then 8).
 
     stage                     measured with (CPU time of the thread doing it)
-    HTTP request head         http.client.parse_headers, what the stdlib request parser runs
+    HTTP request head         the request line's check and httphead.read_header_lines
     JSON parse + validation   json.loads + the OpenAI dialect's parse
     hashing                   EmbeddingService.embed (registry, locks, metrics, HashBackend)
     JSON writing              the OpenAI dialect's render (float arrays, one body)
@@ -17,7 +17,6 @@ worker threads' (/proc/PID/task/*/status), per request.
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
@@ -48,6 +47,7 @@ def in_process_stages(texts: list[str], batch: int, dimensions: int, model: str,
     """µs per request for each stage, over the requests the served scenario sends."""
     from embedserve.config import Config
     from embedserve.dialects import OPENAI
+    from embedserve.httphead import check_request_line, read_header_lines
     from embedserve.service import EmbeddingService
 
     service = EmbeddingService(Config(backend="hash", dimensions=dimensions))
@@ -66,8 +66,8 @@ def in_process_stages(texts: list[str], batch: int, dimensions: int, model: str,
 
     def parse_head() -> None:
         stream = io.BytesIO(heads[pick()])
-        stream.readline()
-        http.client.parse_headers(stream)
+        check_request_line(stream.readline())
+        read_header_lines(stream)
 
     stages = {
         "HTTP request head": _thread_us(parse_head, repeat),
