@@ -8,13 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from embedserve import hub, modelcache
+
+if TYPE_CHECKING:
+    from embedserve.client import Client
 
 CLIENT_COMMANDS = ("embed", "health", "info")
 MODEL_COMMANDS = ("pull", "models", "rm")
 COMMANDS = CLIENT_COMMANDS + MODEL_COMMANDS
+# Lines of stdin embedded and printed at a time: a long file is never held whole (100,000
+# lines' vectors took 1.5 GB).
+STDIN_CHUNK = 1024
 # `embedserve --help` is the server's parser (config.py), which names the client commands;
 # cli.py adds this for the model commands, which live here.
 MODEL_COMMANDS_HELP = (
@@ -37,10 +44,12 @@ def run(argv: Sequence[str]) -> int:
                     "stops it afterwards); with no server at all, embeds in-process when that "
                     "gives the same vectors, unless --no-fallback.")
     embed.add_argument("texts", nargs="*", metavar="TEXT",
-                       help="texts to embed; none or '-': one text per line of stdin")
+                       help="texts to embed; none or '-': one text per line of stdin, "
+                            f"embedded and printed {STDIN_CHUNK} lines at a time")
     embed.add_argument("--json", action="store_true",
-                       help="one JSON object with model, backend and embeddings "
-                            "(default: one JSON array per text, one per line)")
+                       help="one JSON object with model, backend and embeddings, printed "
+                            "once all are in (default: one JSON array per text, one per "
+                            "line)")
     embed.add_argument("--dimensions", type=int, help="shorten vectors to this many values")
     embed.add_argument("--no-fallback", action="store_true",
                        help="fail instead of embedding locally when no server can be used")
@@ -79,18 +88,7 @@ def run(argv: Sequence[str]) -> int:
             elif args.command == "info":
                 print(json.dumps(client.info(), indent=2))
             else:
-                if "-" in args.texts and len(args.texts) > 1:
-                    parser.error("'-' (read stdin) cannot be mixed with texts")
-                texts = args.texts if args.texts and args.texts != ["-"] else \
-                    _stdin_lines(parser)
-                if not texts:
-                    parser.error("no texts given (as arguments or on stdin)")
-                vectors = client.embed(texts, dimensions=args.dimensions)
-                if args.json:
-                    print(json.dumps({"model": vectors.model, "backend": vectors.backend,
-                                      "source": vectors.source, "embeddings": vectors}))
-                else:
-                    sys.stdout.writelines(json.dumps(v) + "\n" for v in vectors)
+                return _embed(client, args, parser)
     except ValueError as exc:  # a bad --url or option, as the client words it
         parser.error(str(exc))
     except EmbedServeError as exc:
@@ -99,15 +97,54 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
-def _stdin_lines(parser: argparse.ArgumentParser) -> list[str]:
-    """One text a line. A blank line is an error, not skipped: the output's lines must pair
-    with the input's one for one."""
-    texts = [line.rstrip("\r\n") for line in sys.stdin]
-    blank = next((i for i, text in enumerate(texts, 1) if not text.strip()), None)
-    if blank is not None:
-        parser.error(f"line {blank} of stdin is blank: each line is one text, and its vector "
-                     "is the same line of the output; remove blank lines first")
-    return texts
+def _embed(client: Client, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Texts from the arguments, or from stdin a chunk at a time, each chunk printed as soon
+    as it is embedded (--json waits for all). All vectors come from one model: a change
+    between chunks (a server swapped for another model) stops with exit 1."""
+    if "-" in args.texts and len(args.texts) > 1:
+        parser.error("'-' (read stdin) cannot be mixed with texts")
+    chunks = iter([args.texts]) if args.texts and args.texts != ["-"] else \
+        _stdin_chunks(parser)
+    if args.json:
+        texts = [text for chunk in chunks for text in chunk]
+        if not texts:
+            parser.error("no texts given (as arguments or on stdin)")
+        vectors = client.embed(texts, dimensions=args.dimensions)
+        print(json.dumps({"model": vectors.model, "backend": vectors.backend,
+                          "source": vectors.source, "embeddings": vectors}))
+        return 0
+    model, done = None, 0
+    for texts in chunks:
+        vectors = client.embed(texts, dimensions=args.dimensions)
+        if model is not None and vectors.model != model:
+            print(f"embedserve embed: stopped after {done} lines: the model changed from "
+                  f"{model} to {vectors.model}, and vectors of different models are not "
+                  "comparable", file=sys.stderr)
+            return 1
+        model = vectors.model
+        sys.stdout.writelines(json.dumps(v) + "\n" for v in vectors)
+        done += len(texts)
+    if not done:
+        parser.error("no texts given (as arguments or on stdin)")
+    return 0
+
+
+def _stdin_chunks(parser: argparse.ArgumentParser) -> Iterator[list[str]]:
+    """One text a line, STDIN_CHUNK lines at a time. A blank line is an error, not skipped:
+    the output's lines must pair with the input's one for one (lines before it that were
+    embedded are printed already)."""
+    chunk: list[str] = []
+    for number, line in enumerate(sys.stdin, 1):
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            parser.error(f"line {number} of stdin is blank: each line is one text, and its "
+                         "vector is the same line of the output; remove blank lines first")
+        chunk.append(text)
+        if len(chunk) == STDIN_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _seconds(text: str) -> float:

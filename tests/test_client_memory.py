@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,7 @@ from embedserve.client.lastseen import FILE_NAME, MAX_SERVERS, remember, recall
 from embedserve.contracts import STATE_ENV
 
 from conftest import ROOT, server_env
-from test_client import TEXTS, Stub
-
-
-@pytest.fixture
-def stubs() -> Iterator[list[Stub]]:
-    made: list[Stub] = []
-    yield made
-    for stub in made:
-        stub.stop()
+from test_client import TEXTS, Stub, stubs  # noqa: F401  (stubs: a fixture)
 
 
 def served_then_stopped(stubs: list[Stub], model: str, backend: str) -> Stub:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from embedserve.commands import COMMANDS
+from embedserve.commands import COMMANDS, STDIN_CHUNK
 from embedserve.config import BACKENDS
 from embedserve.hashing import HashEmbedder
 
@@ -64,6 +65,34 @@ def test_embed_refuses_a_blank_line_on_stdin(server: Server) -> None:
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2
     done = run("embed", "--url", server.url, "-", "extra", stdin="one\n")  # "-" was a text
     assert done.returncode == 2 and "cannot be mixed" in done.stderr
+
+
+def test_embed_prints_stdin_a_chunk_at_a_time_and_never_holds_it_whole(
+        server: Server, tmp_path: Path) -> None:
+    # 40,000 lines' vectors as Python lists are about 500 MB: the CLI held all of them.
+    texts = [f"line {i} of a long file" for i in range(40_000)]
+    source, output = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("".join(text + "\n" for text in texts))
+    with source.open() as stdin, output.open("w") as stdout:
+        child = subprocess.Popen([sys.executable, "-m", "embedserve", "embed", "--url",
+                                  server.url], stdin=stdin, stdout=stdout,
+                                 stderr=subprocess.PIPE, env=server_env())
+        _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, child.stderr.read() if child.stderr else ""
+    assert usage.ru_maxrss < 200 * 1024, f"{usage.ru_maxrss // 1024} MB"  # KiB on Linux
+    lines = output.read_text().splitlines()
+    assert len(lines) == len(texts)
+    embedder = HashEmbedder()
+    for i in (0, STDIN_CHUNK - 1, STDIN_CHUNK, len(texts) - 1):
+        assert json.loads(lines[i]) == pytest.approx(embedder.embed_one(texts[i]), abs=1e-7)
+
+
+def test_a_blank_line_far_into_stdin_stops_there_after_the_lines_before_it(
+        server: Server) -> None:
+    stdin = "".join(f"text {i}\n" for i in range(1, 1500)) + "\n" + "after\n"
+    done = run("embed", "--url", server.url, stdin=stdin)
+    assert done.returncode == 2 and "line 1500 of stdin is blank" in done.stderr
+    assert len(done.stdout.splitlines()) == STDIN_CHUNK  # printed before it was read
 
 
 def test_health_and_info(server: Server) -> None:
