@@ -189,8 +189,15 @@ def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     remove = commands.add_parser(
         "rm", help="delete models from the Hugging Face cache",
         description="Delete models from the Hugging Face cache, every revision, and print "
-                    "what was freed. Exit status 1 if a model is not in the cache.")
+                    "what was freed. A model the server at --url serves is kept (its "
+                    "workers hold it in memory, but one it restarts would not find it) "
+                    "unless --force. Exit status 1 if a model is not in the cache or kept.")
     remove.add_argument("models", nargs="+", metavar="MODEL", help="cached model ids")
+    remove.add_argument("--url", help="the server to ask what it serves (default "
+                                      "$EMBEDSERVE_URL or http://127.0.0.1:8765); none "
+                                      "answering is no objection")
+    remove.add_argument("--force", action="store_true",
+                        help="delete a model even while that server serves it")
 
 
 def _run_model_command(args: argparse.Namespace) -> int:
@@ -200,7 +207,7 @@ def _run_model_command(args: argparse.Namespace) -> int:
             return _pull(args)
         if args.command == "models":
             return _models(args.json)
-        return _remove(args.models)
+        return _remove(args.models, {} if args.force else _served_models(args.url))
     except modelcache.HubError as exc:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -260,9 +267,32 @@ def _models(as_json: bool) -> int:
     return 0
 
 
-def _remove(models: Sequence[str]) -> int:
+def _served_models(url: str | None) -> dict[str, str]:
+    """What the server at `url` serves, lower-cased, each with the URL; empty when no server
+    answers there (nothing is started to ask)."""
+    from embedserve.client import Client, EmbedServeError
+
+    try:
+        with Client(url, autostart=False, fallback="never", retries=0, timeout=5.0) as client:
+            info = client.info()
+            where = client.url
+    except (EmbedServeError, ValueError):
+        return {}
+    entries = info.get("models")
+    return {str(entry.get("model")).lower(): where
+            for entry in (entries if isinstance(entries, list) else [info])
+            if isinstance(entry, dict)}
+
+
+def _remove(models: Sequence[str], served: dict[str, str]) -> int:
     failed = 0
     for model in models:
+        if model.lower() in served:
+            print(f"embedserve rm: the server at {served[model.lower()]} serves {model}: its "
+                  "workers hold it in memory, but one it restarts (a crash, a SIGHUP) would "
+                  "not find it; stop that server first, or pass --force", file=sys.stderr)
+            failed += 1
+            continue
         try:
             removed = modelcache.remove(model)
         except modelcache.HubError as exc:

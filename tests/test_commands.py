@@ -185,7 +185,8 @@ def test_model_commands_say_what_they_do() -> None:
         done = run(command, "--help")
         assert done.returncode == 0, done.stderr
         assert phrase in unwrapped(done.stdout), command
-        assert "--url" not in done.stdout  # no server is involved
+        # No server is involved, but rm asks the one at --url whether it serves the model.
+        assert ("--url" in done.stdout) == (command == "rm")
 
 
 def test_rm_of_a_model_not_cached_fails_clearly(tmp_path: Path) -> None:

@@ -334,6 +334,29 @@ def test_rm_frees_it_and_models_no_longer_lists_it(pulled: subprocess.CompletedP
     assert "embedserve rm: org/tiny is not in the Hugging Face cache" in done.stderr
 
 
+def test_rm_keeps_a_model_a_running_server_serves_unless_forced(
+        pulled: subprocess.CompletedProcess[str], stand_in: StandIn, hf_home: Path,
+        tmp_path: Path, fresh_server: list[Server]) -> None:
+    # Deleted under a running server, the model would be missing for the next worker it
+    # starts (a crash, a SIGHUP): that worker could not serve.
+    assert pulled.returncode == 0, pulled.stderr
+    copy = tmp_path / "hf-home"
+    shutil.copytree(hf_home, copy, symlinks=True)
+    env = hub_env(f"http://127.0.0.1:{free_port()}", copy, HF_HUB_OFFLINE="1")
+    srv = start_server("--model", "org/tiny", env=env, timeout=120)
+    fresh_server.append(srv)
+    url = f"http://127.0.0.1:{srv.port}"
+    done = embedserve("rm", "org/tiny", "--url", url, env=env)
+    assert done.returncode == 1
+    assert f"the server at {url} serves org/tiny" in done.stderr and "--force" in done.stderr
+    assert (copy / "hub" / "models--org--tiny").exists()
+    # The same server found by EMBEDSERVE_URL; --force deletes, and the server serves on.
+    done = embedserve("rm", "ORG/tiny", "--force", env={**env, "EMBEDSERVE_URL": url})
+    assert done.returncode == 0, done.stderr
+    assert not (copy / "hub" / "models--org--tiny").exists()
+    assert srv.request("POST", "/embed", {"inputs": ["still served"]})[0] == 200
+
+
 def test_an_unknown_model_is_a_clear_error(stand_in: StandIn, tmp_path: Path) -> None:
     started = time.monotonic()
     done = embedserve("pull", "org/nope", env=hub_env(stand_in.url, tmp_path), timeout=QUICK)
