@@ -9,7 +9,9 @@ export type Source = 'server' | 'fallback';
  * When the in-process hash embedding may answer in place of an unavailable server:
  * - 'same-model' (default; also `true`): only when its model is the one the server would
  *   have used (the model the server last answered with; before that, the one the options
- *   ask for: backend 'hash' yes, an ML backend or model no, nothing said: yes).
+ *   ask for: backend 'hash' yes, an ML backend or model no; nothing said: the one the
+ *   server at that URL last said it serves, to this or an earlier process, kept in
+ *   served-models.json; nothing known at all: yes).
  * - 'always': whatever the server's model was (check `result.model`).
  * - 'never' (also `false`): raise the error.
  * A call that names its model (`embed(texts, { model })`) is answered in-process only when
