@@ -6,7 +6,11 @@ Loading policy: every model loads at start unless --no-preload (then on its firs
 request, which waits; requests for other models do not). --model-idle-timeout unloads an
 ML model unused that long; --max-loaded-models evicts the least recently used; a request's
 keep_alive (Ollama's) sets how long its model stays, 0 meaning: unload after this request.
-The hash tier costs nothing to keep and is never unloaded.
+The hash tier costs nothing to keep and is never unloaded. `auto` falling back to the hash
+tier (the ML packages missing, or the model failing to load) is the tier's fallback only at
+the start of a one-model server; a model loaded later (on first use, or again after an
+unload) that cannot load fails its request instead, as hash vectors would go out under its
+name (the ML packages being absent altogether excepted: then every load ends the same).
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ class Registry:
         """Load every model now (a worker's start); a model that cannot load is a
         BackendError, as a boot error."""
         for slot in self.slots:
-            self._load(slot)
+            self._load(slot, at_start=True)
 
     @contextmanager
     def use(self, slot: Slot, keep_alive: float | None = None) -> Iterator[Slot]:
@@ -195,13 +199,13 @@ class Registry:
             if release:
                 self.unload(slot, "keep_alive 0")
 
-    def _load(self, slot: Slot) -> None:
+    def _load(self, slot: Slot, at_start: bool = False) -> None:
         self._make_room(slot)
         with slot.load_lock:
             if slot.loaded is not None:
                 return
             began = time.monotonic()
-            loaded = self._load_backend(slot)
+            loaded = self._load_backend(slot, at_start)
             if loaded.model is not None:
                 name = loaded.model.model
                 slot.batcher = Batcher(loaded.model, self.config, self._track_call,
@@ -220,15 +224,18 @@ class Registry:
             log.info("loaded %s (%s on %s) in %.1fs", backend.model, backend.name,
                      backend.device, time.monotonic() - began)
 
-    def _load_backend(self, slot: Slot) -> Loaded:
+    def _load_backend(self, slot: Slot, at_start: bool) -> Loaded:
         if slot.spec == HASH:
             from embedserve.backends.hash import HashBackend
 
             return Loaded(HashBackend(self.config.dimensions), None, {})
         loaded = self._loader(self.config.for_model(slot.spec))
-        if loaded.model is None and len(self.slots) > 1:
-            # `auto` fell back to the hash tier: beside other models that would serve hash
-            # vectors under this model's name. Alone, it is the tier's documented fallback.
+        installed = not all(why.startswith("not installed") for why in loaded.skipped.values())
+        if loaded.model is None and (len(self.slots) > 1 or (installed and not at_start)):
+            # `auto` fell back to the hash tier: beside other models, or after the start
+            # (this model's first use under --no-preload, or a reload after an unload, its
+            # files gone since), hash vectors would go out under this model's name. At the
+            # start of a one-model server, it is the tier's documented fallback.
             raise BackendError(f"no ML backend could load {slot.spec or 'the default model'}: "
                                + "; ".join(f"{k}: {v}" for k, v in loaded.skipped.items()))
         return loaded

@@ -236,6 +236,32 @@ def test_max_loaded_models_evicts_the_least_recently_used(small: str, big: str) 
         assert srv.stop() == 0
 
 
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_model_that_cannot_load_after_the_start_fails_its_request_not_into_hash(
+        tmp_path: Path, preload: bool) -> None:
+    # `auto` falls back to the hash tier at the start. Later (a reload after keep_alive 0,
+    # or the first use under --no-preload), a model whose files had gone answered with
+    # 384 hash values under its own name.
+    folder = make_tiny_models(tmp_path)[1]
+    srv = start_server("--backend", "auto", "--model", folder, "--served-model-name", "tiny",
+                       *([] if preload else ["--no-preload"]), timeout=60)
+    try:
+        if preload:
+            status, _, body = srv.request("POST", "/api/embed", {"model": "tiny", "input": "x",
+                                                                 "keep_alive": 0})
+            assert status == 200 and len(body["embeddings"][0]) == 32
+        assert loaded(srv) == []
+        Path(folder).rename(folder + ".gone")
+        status, _, body = srv.request("POST", "/api/embed", {"model": "tiny", "input": "x"})
+        assert status == 500 and "tiny failed to load" in body["error"], body
+        assert [m["id"] for m in srv.request("GET", "/v1/models")[2]["data"]] == ["tiny"]
+        Path(folder + ".gone").rename(folder)  # back: the next request loads it
+        status, _, body = srv.request("POST", "/api/embed", {"model": "tiny", "input": "x"})
+        assert status == 200 and len(body["embeddings"][0]) == 32
+    finally:
+        assert srv.stop() == 0
+
+
 def test_ollama_keep_alive_0_unloads_after_the_request(small: str) -> None:
     srv = start_server("--backend", "sentence-transformers", "--model", small,
                        "--served-model-name", "small", timeout=60)
