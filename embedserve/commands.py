@@ -73,7 +73,7 @@ def run(argv: Sequence[str]) -> int:
     _add_model_commands(commands)
     args = parser.parse_args(argv)
     if args.command in MODEL_COMMANDS:
-        return _run_model_command(args)
+        return _run_model_command(args, parser)
 
     from embedserve.client import Client, EmbedServeError, FallbackPolicy
 
@@ -200,14 +200,14 @@ def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
                         help="delete a model even while that server serves it")
 
 
-def _run_model_command(args: argparse.Namespace) -> int:
+def _run_model_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         hub.require_hub()
         if args.command == "pull":
             return _pull(args)
         if args.command == "models":
             return _models(args.json)
-        return _remove(args.models, {} if args.force else _served_models(args.url))
+        return _remove(args.models, {} if args.force else _served_models(args.url, parser))
     except modelcache.HubError as exc:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -267,17 +267,21 @@ def _models(as_json: bool) -> int:
     return 0
 
 
-def _served_models(url: str | None) -> dict[str, str]:
+def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str, str]:
     """What the server at `url` serves, lower-cased, each with the URL; empty when no server
-    answers there (nothing is started to ask)."""
+    answers there (nothing is started to ask). A bad --url is a usage error, as elsewhere."""
     from embedserve.client import Client, EmbedServeError
 
     try:
-        with Client(url, autostart=False, fallback="never", retries=0, timeout=5.0) as client:
+        client = Client(url, autostart=False, fallback="never", retries=0, timeout=5.0)
+    except ValueError as exc:
+        parser.error(str(exc))
+    with client:
+        try:
             info = client.info()
-            where = client.url
-    except (EmbedServeError, ValueError):
-        return {}
+        except EmbedServeError:
+            return {}
+        where = client.url
     entries = info.get("models")
     return {str(entry.get("model")).lower(): where
             for entry in (entries if isinstance(entries, list) else [info])

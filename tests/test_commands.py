@@ -194,3 +194,8 @@ def test_rm_of_a_model_not_cached_fails_clearly(tmp_path: Path) -> None:
     done = run("rm", "org/absent", HF_HOME=str(tmp_path))
     assert done.returncode == 1
     assert "org/absent is not in the Hugging Face cache" in done.stderr, done.stderr
+    # A --url that is no URL: a usage error before anything is deleted (it was ignored, as
+    # if no server answered there).
+    done = run("rm", "org/absent", "--url", "not a url", HF_HOME=str(tmp_path))
+    assert done.returncode == 2 and "url must look like http://HOST:PORT" in done.stderr
+    assert "not in the Hugging Face cache" not in done.stderr
