@@ -199,3 +199,27 @@ def test_rm_of_a_model_not_cached_fails_clearly(tmp_path: Path) -> None:
     done = run("rm", "org/absent", "--url", "not a url", HF_HOME=str(tmp_path))
     assert done.returncode == 2 and "url must look like http://HOST:PORT" in done.stderr
     assert "not in the Hugging Face cache" not in done.stderr
+
+
+def test_embed_stops_when_the_model_changes_between_chunks_of_stdin() -> None:
+    # A server swapped for another model between two chunks: the lines after would pair
+    # with another model's vectors.
+    from test_client import Stub
+
+    holder: list[Stub] = []
+
+    def swap_after_the_first(data: list[dict[str, object]]) -> None:
+        if holder[0].posts > 1:
+            holder[0].model = "another-model"
+
+    stub = Stub(mangle=swap_after_the_first)
+    holder.append(stub)
+    try:
+        stdin = "".join(f"text {i}\n" for i in range(STDIN_CHUNK + 10))
+        done = run("embed", "--url", stub.url, "--no-autostart", stdin=stdin)
+    finally:
+        stub.stop()
+    assert done.returncode == 1, done.stderr
+    assert f"stopped after {STDIN_CHUNK} lines: the model changed from hash-v1-384 to " \
+           "another-model" in done.stderr
+    assert len(done.stdout.splitlines()) == STDIN_CHUNK
