@@ -731,6 +731,14 @@ def test_a_server_that_cannot_start_raises_with_its_log_lines() -> None:
     assert any("dimensions must be at least 1" in line for line in error.log_tail)
 
 
+def test_a_call_of_no_texts_is_answered_empty_with_dimensions_too(stubs: list[Stub]) -> None:
+    # The size check over a call's vectors took "no vectors" for vectors of no size.
+    stub = Stub()
+    stubs.append(stub)
+    with Client(stub.url, autostart=False) as client:
+        assert client.embed([], dimensions=8) == [] and client.embed([]) == []
+
+
 def test_fallback_never_mixes_models(clients: list[Client]) -> None:
     # Before any server answered: the requested backend says which model to expect.
     failing = ["--dimensions", "0"]

@@ -111,10 +111,10 @@ def check_answer(vectors: list[list[float]], texts: int, dimensions: int | None)
     one for each text, all of one size (`dimensions`, when the call asked for it)."""
     if len(vectors) != texts:
         raise EmbedServeError(f"server returned {len(vectors)} vectors for {texts} texts")
-    sizes = {len(vector) for vector in vectors}
-    if len(sizes) > 1 or (dimensions is not None and sizes != {dimensions}):
+    sizes = {len(vector) for vector in vectors}  # none for a call of no texts
+    if len(sizes) > 1 or (dimensions is not None and sizes - {dimensions}):
         raise EmbedServeError(f"server returned vectors of {sorted(sizes)} values"
-                              + (f", not {dimensions}" if dimensions else ""))
+                              + (f", not {dimensions}" if dimensions is not None else ""))
 
 
 def json_object(body: bytes, url: str) -> dict[str, Any]:
