@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from embedserve.client import Client, ServerUnavailable
+from embedserve.client import lastseen
 from embedserve.client.lastseen import FILE_NAME, MAX_SERVERS, remember, recall
 from embedserve.contracts import STATE_ENV
 
@@ -120,3 +123,28 @@ def test_the_file_keeps_the_servers_seen_last(tmp_path: Path,
     assert list(servers)[0] == "http://h:6"  # 1-5 went, the oldest
     assert list(servers)[-2:] == ["http://h:69", "http://h:7"]
     assert servers["http://h:7"]["info"] == {"model": "other"}
+
+
+def test_threads_planning_a_fallback_at_once_all_go_by_the_memory(
+        stubs: list[Stub], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A second thread found the memory "looked up" while the first was still reading it,
+    # and let the hash tier stand in for the remembered model.
+    stub = served_then_stopped(stubs, "all-MiniLM-L6-v2", "sentence-transformers")
+    fallback = Client(stub.url, autostart=False, retries=0)._fallback
+    slow = lastseen.recall
+
+    def slow_recall(url: str) -> dict[str, object] | None:
+        time.sleep(0.5)  # the file read, long enough for the second thread to come
+        return slow(url)
+
+    monkeypatch.setattr(lastseen, "recall", slow_recall)
+    plans: list[object] = []
+    first = threading.Thread(target=lambda: plans.append(fallback.plan()))
+    first.start()
+    time.sleep(0.1)
+    plans.append(fallback.plan())
+    first.join()
+    assert len(plans) == 2
+    assert all(plan.embedder is None and "all-MiniLM-L6-v2" in plan.refusal  # type: ignore[attr-defined]
+               for plan in plans), plans
+

@@ -84,8 +84,10 @@ class Fallback:
         # Not the client's lock: that one is held while a server starts.
         self._sized_lock = threading.Lock()
         # The URL whose remembered /info (lastseen.py) says what to match, while no server
-        # has answered this client; None: not looked up yet; "": none.
+        # has answered this client; None: not looked up yet; "": none. Looked up under a
+        # lock: a thread seeing "looked up" must see what was learnt.
         self._recalled: str | None = None
+        self._recall_lock = threading.Lock()
 
     def learn(self, info: Mapping[str, Any], url: str | None = None) -> None:
         """What a server's GET /info says it serves: its default model (what calls without
@@ -167,16 +169,17 @@ class Fallback:
     def _recall(self) -> bool:
         """Learn what the servers of these options last said they serve, once: True when
         something was remembered (lastseen.py)."""
-        if self._recalled is not None:
+        with self._recall_lock:
+            if self._recalled is not None:
+                return bool(self._recalled) and self.served_model is not None
+            for url in self._options.server_urls():
+                info = lastseen.recall(url)
+                if info is not None and isinstance(info.get("model"), str):
+                    self.learn(info)
+                    self._recalled = url
+                    return True
+            self._recalled = ""
             return False
-        self._recalled = ""
-        for url in self._options.server_urls():
-            info = lastseen.recall(url)
-            if info is not None and isinstance(info.get("model"), str):
-                self.learn(info)
-                self._recalled = url
-                return True
-        return False
 
     def _plan_named(self, model: str) -> Plan:
         """A call that named its model: the hash tier's vectors when it names the hash
