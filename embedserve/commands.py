@@ -273,7 +273,8 @@ def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str
     from embedserve.client import Client, EmbedServeError
 
     try:
-        client = Client(url, autostart=False, fallback="never", retries=0, timeout=5.0)
+        client = Client(url, autostart=False, fallback="never", retries=0, timeout=5.0,
+                        retry_timeout=5.0)  # a server stuck loading is not waited 60 s
     except ValueError as exc:
         parser.error(str(exc))
     with client:

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -223,3 +224,35 @@ def test_embed_stops_when_the_model_changes_between_chunks_of_stdin() -> None:
     assert f"stopped after {STDIN_CHUNK} lines: the model changed from hash-v1-384 to " \
            "another-model" in done.stderr
     assert len(done.stdout.splitlines()) == STDIN_CHUNK
+
+
+def test_rm_does_not_wait_long_on_a_server_stuck_loading(tmp_path: Path) -> None:
+    # A server answering 503 (loading) to everything: rm's question was retried for the
+    # client's 60 s retry_timeout before it went on.
+    pytest.importorskip("huggingface_hub")
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Loading(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"error": "loading"}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Loading)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        done = subprocess.run([sys.executable, "-m", "embedserve", "rm", "org/absent", "--url",
+                               url], capture_output=True, text=True, timeout=30,
+                              env=server_env(HF_HOME=str(tmp_path)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1 and "org/absent is not in the Hugging Face cache" in done.stderr
+
