@@ -182,7 +182,10 @@ class ConnectionServer(ThreadingHTTPServer):
                              (self._stalled, time.monotonic() - STALLED_GRACE)):
             oldest = next(iter(conns), None)  # oldest first: marked in time order
             if oldest is not None and conns[oldest] <= since:
-                del conns[oldest]
+                # Out of both: one marked stalled may wait for its next request too (after
+                # a stray line end), and must not be closed, and counted, twice.
+                self._waiting.pop(oldest, None)
+                self._stalled.pop(oldest, None)
                 return oldest
         return None
 

@@ -464,6 +464,30 @@ def test_a_request_line_cut_short_gets_a_whole_408(fresh_server: list[Server]) -
     assert not any("Traceback" in line for line in srv.log)
 
 
+def test_a_connection_both_stalled_and_waiting_is_closed_for_one_newcomer_only() -> None:
+    # After a stray line end, a connection marked stalled also waits for its next request;
+    # the limit closed it once from each mark, counting two freed places for one.
+    from embedserve.config import Config
+    from embedserve.server import EmbedServer
+    from embedserve.service import EmbeddingService
+
+    service = EmbeddingService(Config(backend="hash"))
+    service.load()
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = EmbedServer(listener, service)
+    left, right = socket.socketpair()
+    try:
+        server.stalled(left, True)
+        server.waiting(left, True)
+        server._stalled[left] -= 60  # stalled long past the grace
+        with server._lock:
+            assert server._oldest_closable() is left
+            assert server._oldest_closable() is None
+    finally:
+        for sock in (left, right, listener):
+            sock.close()
+
+
 def test_slowloris_is_bounded_by_the_request_deadline(fresh_server: list[Server]) -> None:
     # A socket timeout restarts with every byte; the deadline covers the whole request.
     srv = start_server("--request-timeout", "1.5")
