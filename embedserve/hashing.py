@@ -103,7 +103,8 @@ class HashEmbedder:
                                  ) -> tuple[list[SparseVector], list[int]]:
         """embed_with_counts, each vector a SparseVector (equal to the list embed gives):
         what the server writes, since its writers then skip the zeros and no list of
-        floats is made."""
+        floats is made. A SparseVector is a Sequence, not a list: json.dumps takes its
+        .tolist()."""
         return self._each(texts, normalize, self._embed_sparse)
 
     def _each(self, texts: Sequence[str], normalize: bool,

@@ -24,8 +24,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 from embedserve.backends import (DEFAULT_MODEL, BackendError, BackendInfo, BatchedModel,
-                                 Encoder, Loaded, load_backend, release_memory,
-                                 settle_memory)
+                                 Encoder, Loaded, load_backend, ml_absent,
+                                 release_memory, settle_memory)
 from embedserve.batcher import Batcher
 from embedserve.config import Config
 from embedserve.errors import ApiError, quoted
@@ -230,12 +230,13 @@ class Registry:
 
             return Loaded(HashBackend(self.config.dimensions), None, {})
         loaded = self._loader(self.config.for_model(slot.spec))
-        installed = not all(why.startswith("not installed") for why in loaded.skipped.values())
-        if loaded.model is None and (len(self.slots) > 1 or (installed and not at_start)):
+        if loaded.model is None and (len(self.slots) > 1 or
+                                     not (at_start or ml_absent(loaded.skipped))):
             # `auto` fell back to the hash tier: beside other models, or after the start
             # (this model's first use under --no-preload, or a reload after an unload, its
             # files gone since), hash vectors would go out under this model's name. At the
-            # start of a one-model server, it is the tier's documented fallback.
+            # start of a one-model server, it is the tier's documented fallback; and with
+            # the ML packages absent altogether every load ends alike.
             raise BackendError(f"no ML backend could load {slot.spec or 'the default model'}: "
                                + "; ".join(f"{k}: {v}" for k, v in loaded.skipped.items()))
         return loaded

@@ -155,6 +155,8 @@ class Loaded:
 
 # What the ML tiers serve when --model names nothing.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# How a skipped tier's reason starts when its packages are missing (see ml_absent).
+NOT_INSTALLED = "not installed"
 
 # The ML tiers, best first: (name, the package that must be installed, loader path of an
 # embedding model, loader path of a reranker).
@@ -187,13 +189,19 @@ def load_backend(config: Config) -> Loaded:
 
     if config.model_id and config.backend == "auto":
         # The model was asked for and will not be used: never silently.
-        if all(reason.startswith("not installed") for reason in skipped.values()):
+        if ml_absent(skipped):
             why = "the ML packages are not installed (pip install 'embedserve[ml]')"
         else:
             why = "no ML backend could load it (see above)"
         log.warning("--model %s is ignored: serving the hash tier instead, because %s",
                     config.model_id, why)
     return Loaded(HashBackend(config.dimensions), None, skipped)
+
+
+def ml_absent(skipped: dict[str, str]) -> bool:
+    """Whether the ML tiers were skipped only for not being installed (load_backend's
+    reasons), so that every load ends as this one did, rather than for failing to load."""
+    return all(reason.startswith(NOT_INSTALLED) for reason in skipped.values())
 
 
 def settle_memory() -> None:
@@ -246,7 +254,7 @@ def _load_ml(name: str, package: str, targets: tuple[str, str], config: Config
              ) -> BatchedModel:
     if importlib.util.find_spec(package) is None or importlib.util.find_spec("torch") is None:
         missing = package if importlib.util.find_spec(package) is None else "torch"
-        raise BackendError(f"not installed ({missing} is missing; pip install 'embedserve[ml]')")
+        raise BackendError(f"{NOT_INSTALLED} ({missing} is missing; pip install 'embedserve[ml]')")
     # Before importing anything heavy (seconds): a folder that is not there is not worth
     # it, and is better said in those words than as advice about the Hugging Face cache.
     problem = model_folder_problem(config.model_id)

@@ -39,7 +39,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 from embedserve import __version__
 from embedserve.client.errors import (
