@@ -103,9 +103,10 @@ function parseTarget(text, port) {
   const fail = (why, cause) => {
     throw new EmbedServeError(`invalid url ${JSON.stringify(text)}: ${why}`, { code: 'invalid_option', cause });
   };
+  const raw = String(text).includes('://') ? String(text) : `http://${text}`;
   let url;
   try {
-    url = new URL(String(text).includes('://') ? text : `http://${text}`);
+    url = new URL(raw);
   } catch (cause) {
     fail('expected something like http://127.0.0.1:8765', cause);
   }
@@ -113,8 +114,13 @@ function parseTarget(text, port) {
   if (url.search || url.hash || url.username || url.password) {
     fail("give the server's base URL, without query, fragment or credentials (use the apiKey option)");
   }
+  // URL drops a port that is its scheme's own (":80" on http://), which then read as "no
+  // port": 8765. A port written is the one meant, as in the Python client.
+  const authority = (/^[a-z][a-z0-9+.-]*:\/\/([^/?#]*)/i.exec(raw)?.[1] ?? '').replace(/^.*@/, '');
+  const written = /:\d+$/.test(authority.replace(/^\[[^\]]*\]/, ''));
+  const schemePort = url.protocol === 'http:' ? '80' : '443';
   const effectivePort = port !== undefined ? String(port)
-    : url.port || (url.protocol === 'http:' ? String(DEFAULT_PORT) : '443');
+    : url.port || (written ? schemePort : (url.protocol === 'http:' ? String(DEFAULT_PORT) : '443'));
   const path = url.pathname.replace(/\/+$/, '');
   return {
     protocol: url.protocol,

@@ -384,3 +384,12 @@ test('a client closed while its server starts stops it and says closed', { timeo
   await closing;
   await assertStopped([pid], port);
 });
+
+test('a port written in the URL is the one used, the scheme\'s own included (":80" read as 8765 before)', () => {
+  const cases = [['http://127.0.0.1:80', 'http://127.0.0.1:80'], ['http://[::1]:80/x', 'http://[::1]:80/x'],
+    ['http://127.0.0.1', 'http://127.0.0.1:8765'], ['https://h:443', 'https://h:443'], ['https://h', 'https://h:443'],
+    ['127.0.0.1:9000', 'http://127.0.0.1:9000']];
+  for (const [given, used] of cases) {
+    assert.equal(new EmbedServeClient({ url: given, autoStart: false }).url, used, given);
+  }
+});
