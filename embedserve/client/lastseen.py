@@ -10,7 +10,8 @@ heard from its server goes by what that server last said it serves.
 The file is `served-models.json` in $EMBEDSERVE_STATE_DIR, else $XDG_STATE_HOME/embedserve,
 else ~/.local/state/embedserve (%LOCALAPPDATA%\\embedserve on Windows); the Node client
 reads and writes the same file. It is written only when what a server serves changes, whole
-and by rename (never half-written), and holds the MAX_SERVERS servers seen last. Any
+and by rename (never half-written), and holds the MAX_SERVERS servers whose news came last
+(a server that keeps serving the same model is not rewritten at every start). Any
 failure to read or write it (a read-only home, a damaged file) only loses the memory: the
 client works on as if nothing had been seen.
 """

@@ -13,7 +13,7 @@ const UNAVAILABLE = {
   unreachable: true, // nothing answers, and no server may be started for this URL
   not_embedserve: true, // something that is not an embedserve server answers at the URL
   start_failed: true, // the server process could not run, or exited before it was ready
-  start_timeout: true, // the server did not become ready within startTimeoutMs
+  start_timeout: true, // the server was not ready within startTimeoutMs (retryTimeoutMs when nothing may be started)
   validation: false, // HTTP 400/413/422, or caught before sending: the input is wrong
   model_not_found: false, // HTTP 404 for the request's model: the server serves no model of that name
   authentication: false, // HTTP 401/403: missing or wrong apiKey

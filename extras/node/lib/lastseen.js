@@ -6,8 +6,8 @@
 //
 // The file is served-models.json in $EMBEDSERVE_STATE_DIR, else $XDG_STATE_HOME/embedserve,
 // else ~/.local/state/embedserve (%LOCALAPPDATA%\embedserve on Windows), written only when
-// what a server serves changes, whole and by rename, holding the MAX_SERVERS servers seen
-// last. Failing to read or write it only loses the memory.
+// what a server serves changes, whole and by rename, holding the MAX_SERVERS servers whose
+// news came last. Failing to read or write it only loses the memory.
 
 import fs from 'node:fs';
 import os from 'node:os';
