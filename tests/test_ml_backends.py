@@ -4,6 +4,7 @@ tokenizing in request threads against the library's own)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -288,3 +289,45 @@ def test_a_folder_transformers_cannot_load_is_a_backend_error_naming_it(
         backend(Config(model=(str(tmp_path),), device="cpu"))
     what = "model" if tier == "transformers" else "reranker"
     assert f"cannot load {what} {str(tmp_path)!r} with transformers" in str(failed.value)
+
+
+LOAD_AND_COUNT_THREADS = """
+import os, sys, threading, time
+import torch
+torch.set_num_threads(2)  # a team of two however many CPUs this machine has
+from embedserve.backends import load_backend
+from embedserve.config import Config
+config = Config.from_args(["--backend", sys.argv[2], "--model", sys.argv[3],
+                           "--device", "cpu"], environ={})
+if sys.argv[1] == "here":
+    load_backend(config)
+else:
+    loader = threading.Thread(target=load_backend, args=(config,))
+    loader.start()
+    loader.join()
+# A thread's team leaves when it ends, but not at once: the least count over a while.
+counts = []
+for _ in range(30):
+    counts.append(len(os.listdir("/proc/self/task")))
+    time.sleep(0.1)
+print(min(counts))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_loading_leaves_the_loading_thread_no_openmp_team(tmp_path) -> None:
+    """Loading and warming up run OpenMP regions; libgomp keeps a team of threads for each
+    thread that ran one while that thread lives, and past one team per CPU it sleeps
+    between regions, slowing every op of the model thread's passes. So a load must leave
+    its caller (a worker's main thread, a request's) no team: the process ends up with as
+    many threads as when the caller's own thread loads and ends."""
+    import subprocess
+    import sys
+
+    # Big enough for its matrix products to run in parallel; either tier loads the same way.
+    folder = make_tiny_models(tmp_path, hidden_size=256, intermediate_size=1024)[1]
+    counts = {where: subprocess.run([sys.executable, "-c", LOAD_AND_COUNT_THREADS, where,
+                                     "sentence-transformers", folder], capture_output=True,
+                                    text=True, timeout=300, check=True).stdout.split()[-1]
+              for where in ("here", "in a thread that ends")}
+    assert counts["here"] == counts["in a thread that ends"], counts
