@@ -57,6 +57,10 @@ RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 RATE_WEIGHT = 0.2
 SWITCH_INTERVAL = 0.0005  # seconds: see Batcher.__init__
 STOP_WAIT = 30.0  # seconds a stopping model thread may take to finish its pass
+# Seconds a CPU model thread waits for work before it ends (the next request starts
+# another): see Batcher.__init__.
+IDLE_END = 2.0
+_IDLE: list[Any] = []  # _peek's answer to a model thread that is to end, idle
 
 
 @dataclass(eq=False)
@@ -117,8 +121,13 @@ class Batcher:
         # (On two CPU cores the 1-text client beside a bulk load then took more of it.)
         if not model.device.startswith("cpu"):
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
-        self._thread.start()
+        # On a CPU an idle model thread ends: torch's OpenMP keeps a team of threads for
+        # each thread that runs ops while it lives, and with more teams than CPUs every op
+        # waits for its team to wake. Measured on two cores with a second model loaded and
+        # idle, the first one's passes took 40% longer while the idle one's thread lived.
+        self._idle_end = IDLE_END if model.device.startswith("cpu") else None
+        self._thread: threading.Thread | None = None  # started by the first request
+        self._rested = True  # no thread has served since the last one ended idle
 
     def check_room(self, texts: int) -> None:
         """429 unless `texts` more fit in the queue: asked before a request is tokenized,
@@ -155,6 +164,9 @@ class Batcher:
             self._jobs.append(job)
             self._queued += len(encodings)
             self._ready.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+                self._thread.start()
         # No timeout of our own: a wedged model stops the worker's heartbeat, and the
         # supervisor replaces the worker.
         while not job.done.wait(ABANDON_POLL):
@@ -190,7 +202,9 @@ class Batcher:
         self.close(ApiError(503, "the model was unloaded; retry", headers={"Retry-After": "1"}))
         with self._ready:
             self._ready.notify_all()
-        self._thread.join(STOP_WAIT)  # a pass in progress finishes first
+            thread = self._thread
+        if thread is not None:
+            thread.join(STOP_WAIT)  # a pass in progress finishes first
 
     def queue_depth(self) -> int:
         return self._queued
@@ -201,6 +215,8 @@ class Batcher:
             pool = self._peek()
             if pool is None:  # stopped
                 self.model = None  # type: ignore[assignment]  # its memory can go now
+                return
+            if pool is _IDLE:  # the next request starts another thread
                 return
             try:
                 batch = pick_batch(pool, self.overhead, self.max_batch_texts,
@@ -225,13 +241,17 @@ class Batcher:
     def _peek(self) -> list[_Item] | None:
         """A few batches' worth of waiting texts, taken from the waiting requests in turn
         (the first text of each, then the second...), least served first. They stay
-        queued, so that the length admission checks stays true while they are planned."""
+        queued, so that the length admission checks stays true while they are planned.
+        None once stopped; _IDLE when this thread is to end, having waited IDLE_END."""
         with self._ready:
-            idle = not self._jobs
+            idle, self._rested = self._rested or not self._jobs, False
             while not self._jobs:
                 if self._closed is not None:
                     return None
-                self._ready.wait()
+                if not self._ready.wait(self._idle_end) and not self._jobs:
+                    self._thread = None  # under the lock: embed() sees it and starts one
+                    self._rested = True
+                    return _IDLE
             if idle and self.wait:
                 # An optional short wait for company, once per busy spell: more texts per
                 # forward pass, at the price of that much latency for a lone request.

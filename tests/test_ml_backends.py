@@ -200,6 +200,38 @@ def test_the_wait_for_company_is_paid_once_per_busy_spell(tiny: tuple[str, str])
     assert 1.0 <= time.monotonic() - began < 2.5  # it waited once; per pass would be 3 s
 
 
+def model_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "model"]
+
+
+def test_an_idle_cpu_model_thread_ends_and_the_next_request_starts_another(
+        tiny: tuple[str, str]) -> None:
+    """On a CPU the model thread ends once idle for IDLE_END (taking its OpenMP team with
+    it: see Batcher.__init__), and the next request is served by a new one, with the same
+    vectors; a stopped batcher with no thread stops at once."""
+    import time
+
+    from embedserve.batcher import IDLE_END
+
+    before = set(model_threads())
+    backend, batcher = direct_batcher(tiny[1])
+    encodings = backend.prepare(["the cat sat on the mat", "a dog"])
+    assert set(model_threads()) == before  # none until there is work
+    first = embed_or_hang(batcher, encodings)
+    (thread,) = set(model_threads()) - before
+    thread.join(IDLE_END + 10)
+    assert not thread.is_alive(), "the idle model thread lived on"
+    assert embed_or_hang(batcher, encodings) == first
+    (second,) = set(model_threads()) - before
+    assert second is not thread and second.is_alive()
+    batcher.stop()
+    assert not second.is_alive()
+    second_batcher = direct_batcher(tiny[1])[1]
+    began = time.monotonic()
+    second_batcher.stop()  # never started a thread: nothing to wait for
+    assert time.monotonic() - began < 5
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_tokenizing_in_request_threads_does_not_disturb_the_model_thread(
         backend_name: str, tiny: tuple[str, str]) -> None:
