@@ -87,6 +87,20 @@ def test_the_options_and_this_processs_server_come_before_the_memory(
     assert Client(other.url, autostart=False, retries=0).embed(TEXTS).source == "fallback"
 
 
+def test_a_server_is_remembered_by_its_name_however_its_url_is_spelled(
+        stubs: list[Stub], client_state: Path) -> None:
+    """127.1 and 0x7f.0.0.1 are 127.0.0.1: one server, one entry, under the name the Node
+    client gives it too (tests/data/server_urls.json)."""
+    stub = Stub(model="all-MiniLM-L6-v2", backend="sentence-transformers")
+    stubs.append(stub)
+    port = stub.server.server_address[1]
+    for spelling in ("127.1", "0x7f.0.0.1", "127.0.0.1"):
+        with Client(f"http://{spelling}:{port}", autostart=False, retries=0) as client:
+            assert client.embed(TEXTS).source == "server"
+    kept = json.loads((client_state / FILE_NAME).read_text())
+    assert list(kept["servers"]) == [f"http://127.0.0.1:{port}"]
+
+
 def test_a_private_server_on_a_free_port_is_not_remembered(client_state: Path) -> None:
     # Its port is another at every start: remembered, it would speak for whatever server
     # takes that port later.

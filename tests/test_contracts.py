@@ -1,5 +1,6 @@
 """The contracts between processes: the ready line as printed and as parsed (Python here,
-Node in extras/node/test/contracts.test.js, from the same samples), exit codes, variables."""
+Node in extras/node/test/contracts.test.js, from the same samples), a server's name in the
+clients' shared memory of servers (same samples again), exit codes, variables."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import subprocess
 import sys
 
+from embedserve.client import Client
 from embedserve.config import Config
 from embedserve.contracts import (EXIT_USAGE, ReadyLine, env_name, parse_ready_line)
 
@@ -21,6 +23,15 @@ def test_samples_parse_to_their_fields() -> None:
         ready = parse_ready_line(case["line"])
         fields = None if ready is None else {**vars(ready), "port": ready.port}
         assert fields == case["parsed"], case["line"]
+
+
+def test_both_clients_name_a_server_alike_however_its_url_is_spelled() -> None:
+    """The key of lastseen's file, shared by the Python and the Node client: a server given
+    as http://127.1:9000 to one and http://127.0.0.1:9000 to the other is one server."""
+    cases = json.loads((ROOT / "tests" / "data" / "server_urls.json").read_text("utf-8"))
+    assert len(cases["cases"]) >= 10
+    for case in cases["cases"]:
+        assert Client(case["url"], autostart=False).url == case["name"], case["url"]
 
 
 def test_format_and_parse_round_trip() -> None:

@@ -4,8 +4,10 @@ that fails to start later or a fallback of a silently other size."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,23 @@ def url_of(scheme: str, host: str, port: int, base_path: str) -> str:
     """A server's URL as the client names it (in errors, logs and lastseen.py's file)."""
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}:{port}{base_path}"
+
+
+def canonical_host(host: str) -> str:
+    """`host` (lower case already, as urlsplit gives it) as a WHATWG URL parser -- the Node
+    client's `new URL` -- writes it, so that both clients key a server alike in lastseen's
+    shared file: an IPv6 address compressed ("0:0::1" is "::1"), an IPv4 address in any of
+    its inet_aton spellings dotted ("127.1" and "0x7f.0.0.1" are "127.0.0.1")."""
+    try:
+        return ipaddress.IPv6Address(host).compressed
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fx.]+", host):  # what a number-spelled IPv4 address can hold
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            pass
+    return host
 
 
 @dataclass(frozen=True)
@@ -205,7 +224,7 @@ def _endpoint(url: str, source: str) -> Endpoint:
         # back: it may hold a password.)
         raise ValueError(f"{source} must be http://HOST:PORT[/PATH], without user info, query "
                          "or fragment (an API key goes in api_key)")
-    return Endpoint(parts.scheme, parts.hostname,
+    return Endpoint(parts.scheme, canonical_host(parts.hostname),
                     url_port or (DEFAULT_PORT if parts.scheme == "http" else 443),
                     parts.path.rstrip("/"))
 
