@@ -124,7 +124,7 @@ class Batcher:
         # On a CPU an idle model thread ends: torch's OpenMP keeps a team of threads for
         # each thread that runs ops while it lives, and with more teams than CPUs every op
         # waits for its team to wake. Measured on two cores with a second model loaded and
-        # idle, the first one's passes took 40% longer while the idle one's thread lived.
+        # idle, the first one's passes took 20-30% longer while the idle one's thread lived.
         self._idle_end = IDLE_END if model.device.startswith("cpu") else None
         self._thread: threading.Thread | None = None  # started by the first request
         self._rested = True  # no thread has served since the last one ended idle
