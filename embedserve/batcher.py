@@ -165,8 +165,15 @@ class Batcher:
             self._queued += len(encodings)
             self._ready.notify()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="model", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="model", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # the process is out of threads: nothing waits
+                    self._jobs.remove(job)
+                    self._queued -= len(encodings)
+                    raise ApiError(503, f"cannot start the model thread ({exc}); retry",
+                                   headers={"Retry-After": "1"}) from None
+                self._thread = thread
         # No timeout of our own: a wedged model stops the worker's heartbeat, and the
         # supervisor replaces the worker.
         while not job.done.wait(ABANDON_POLL):

@@ -232,6 +232,28 @@ def test_an_idle_cpu_model_thread_ends_and_the_next_request_starts_another(
     assert time.monotonic() - began < 5
 
 
+def test_a_model_thread_that_cannot_start_is_a_503_and_nothing_stays_queued(
+        tiny: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model thread starts with the first request after an idle spell; a process out
+    of threads (RuntimeError from start, as the interpreter raises it) must not leave that
+    request's texts queued with no thread to run them: the request would wait forever."""
+    from embedserve.errors import ApiError
+
+    backend, batcher = direct_batcher(tiny[1])
+    encodings = backend.prepare(["the cat sat on the mat"])
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", no_thread)
+        with pytest.raises(ApiError) as refused:
+            batcher.embed(encodings, normalize=True)
+    assert refused.value.status == 503 and batcher.queue_depth() == 0
+    assert len(embed_or_hang(batcher, encodings)) == 1  # threads to be had again: served
+    batcher.stop()
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_tokenizing_in_request_threads_does_not_disturb_the_model_thread(
         backend_name: str, tiny: tuple[str, str]) -> None:
