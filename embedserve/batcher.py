@@ -86,7 +86,8 @@ class _Item:
 class Batcher:
     def __init__(self, model: BatchedModel, config: Config,
                  track_call: Callable[[], AbstractContextManager[None]],
-                 observe_batch: Callable[[int], None] = lambda size: None) -> None:
+                 observe_batch: Callable[[int, float], None] = lambda size, seconds: None
+                 ) -> None:
         self.model = model
         self.max_batch_texts = config.max_batch_texts
         self.max_queue = config.max_queue
@@ -309,8 +310,9 @@ class Batcher:
                 self._finish(item, None, error)
             return
         self.batches += 1
-        self._observe_batch(len(batch))
-        rate = len(batch) / max(time.monotonic() - began, 1e-6)
+        seconds = time.monotonic() - began
+        self._observe_batch(len(batch), seconds)
+        rate = len(batch) / max(seconds, 1e-6)
         self._rate = rate if not self._rate else (1 - RATE_WEIGHT) * self._rate + \
             RATE_WEIGHT * rate
         if len(rows) != len(batch):  # answered as a failure past the model call (_run)

@@ -49,6 +49,9 @@ RERANKED = Family("embedserve_documents_reranked_total", "counter",
                   "for cosine similarity).")
 BATCH = Family("embedserve_batch_size", "histogram",
                "Texts (or a reranker's pairs) per forward pass (ML tiers).", BATCH_BUCKETS)
+PASS = Family("embedserve_batch_duration_seconds", "histogram",
+              "Time of one forward pass (ML tiers); the sum's rate is how busy the model is.",
+              LATENCY_BUCKETS)
 IN_FLIGHT = Family("embedserve_requests_in_flight", "gauge",
                    "Embedding and tokenize requests being served now, over all workers "
                    "(at most --max-concurrent-requests per worker).")
@@ -56,7 +59,7 @@ QUEUE = Family("embedserve_queue_depth", "gauge",
                "Texts waiting for the model, over all workers (sampled each second).")
 RESTARTS = Family("embedserve_worker_restarts_total", "counter",
                   "Workers restarted by the supervisor.")
-ORDER = (BACKEND_INFO, WORKERS, REQUESTS, DURATION, TEXTS, TOKENS, RERANKED, BATCH,
+ORDER = (BACKEND_INFO, WORKERS, REQUESTS, DURATION, TEXTS, TOKENS, RERANKED, BATCH, PASS,
          IN_FLIGHT, QUEUE, RESTARTS)
 
 
@@ -80,7 +83,7 @@ class Metrics:
         # Keys made once per label set: a request's counting is on every request's path.
         self._request_keys: dict[tuple[str, str, int], tuple[Key, str]] = {}
         self._model_keys: dict[str, tuple[Key, Key, str]] = {}
-        self._bounds = {family.name: family.bounds for family in (DURATION, BATCH)}
+        self._bounds = {family.name: family.bounds for family in (DURATION, BATCH, PASS)}
 
     # -- counting (every worker, in its request and model threads) ----------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -106,10 +109,11 @@ class Metrics:
             if method == "cross-encoder":  # embeddings are counted by observe_embedding
                 self._totals.add(self._keys_of(model)[1], tokens)
 
-    def observe_batch(self, model: str, size: int) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
         labels = self._keys_of(model)[2]
         with self._lock:
             self._observe(BATCH, labels, size)
+            self._observe(PASS, labels, seconds)
 
     def _keys_of(self, model: str) -> tuple[Key, Key, str]:
         keys = self._model_keys.get(model)

@@ -90,7 +90,8 @@ def _configured(slot: Slot) -> set[str]:
 class Registry:
     def __init__(self, config: Config,
                  track_call: Callable[[], AbstractContextManager[None]],
-                 observe_batch: Callable[[str, int], None] = lambda model, size: None,
+                 observe_batch: Callable[[str, int, float], None] =
+                 lambda model, size, seconds: None,
                  loader: Callable[[Config], Loaded] = load_backend) -> None:
         self.config = config
         self._track_call = track_call
@@ -209,7 +210,8 @@ class Registry:
             if loaded.model is not None:
                 name = loaded.model.model
                 slot.batcher = Batcher(loaded.model, self.config, self._track_call,
-                                       lambda size: self._observe_batch(name, size))
+                                       lambda size, seconds: self._observe_batch(
+                                           name, size, seconds))
             backend = loaded.backend
             # Known now for sure (a folder's card, or `auto` falling back to the hash tier).
             if backend.model != slot.spec:

@@ -292,7 +292,7 @@ def test_totals_read_while_workers_retire_count_each_worker_once(tmp_path: Path)
 def test_a_service_without_a_supervisor_reports_itself() -> None:
     metrics = Metrics()
     metrics.observe_request("/embed", "POST", 200, 0.01)
-    metrics.observe_batch("m", 3)
+    metrics.observe_batch("m", 3, 0.02)
     metrics.publish([{"backend": "hash", "model": "m"}], {"m": 4})
     families = {f.name: f for f in parser.text_string_to_metric_families(
         metrics.render(restarts=0))}
@@ -301,5 +301,9 @@ def test_a_service_without_a_supervisor_reports_itself() -> None:
     buckets = [s for s in families["embedserve_batch_size"].samples
                if s.name.endswith("_bucket")]
     assert [s.value for s in buckets if s.labels["le"] in ("2.0", "4.0", "+Inf")] == [0, 1, 1]
+    passes = {s.name: s.value for s in families["embedserve_batch_duration_seconds"].samples
+              if not s.name.endswith("_bucket")}
+    assert passes == {"embedserve_batch_duration_seconds_count": 1,
+                      "embedserve_batch_duration_seconds_sum": 0.02}
     metrics.publish([], {})  # the model unloaded: no longer reported as loaded
     assert "embedserve_backend_info{" not in metrics.render(restarts=0)

@@ -130,6 +130,41 @@ def test_concurrent_clients_get_their_own_vectors_in_order(ml_server: Server, re
     assert batches < 16 * 5, "requests were never merged into shared forward passes"
 
 
+def test_metrics_count_each_forward_pass_and_the_time_it_took(ml_server: Server) -> None:
+    """/metrics: one batch-size and one pass-duration observation per pass /info counts,
+    the durations adding up to no more than the time the requests took."""
+    import http.client
+    import time
+
+    parser = pytest.importorskip("prometheus_client.parser")
+
+    def scrape() -> dict[str, float]:
+        conn = http.client.HTTPConnection(ml_server.host, ml_server.port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            assert response.status == 200
+            text = response.read().decode()
+        finally:
+            conn.close()
+        return {sample.name: sample.value
+                for family in parser.text_string_to_metric_families(text)
+                for sample in family.samples if not sample.name.endswith("_bucket")}
+
+    before, passes_before = scrape(), ml_server.request("GET", "/info")[2]["batches"]
+    began = time.monotonic()
+    for texts in (["a cat"], ["the quick brown fox"] * 3, ["x y z"] * 10):
+        assert ml_server.request("POST", "/v1/embeddings", {"input": texts})[0] == 200
+    took = time.monotonic() - began
+    after, passes = scrape(), ml_server.request("GET", "/info")[2]["batches"] - passes_before
+    grew = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert passes >= 3
+    assert grew["embedserve_batch_size_count"] == passes
+    assert grew["embedserve_batch_duration_seconds_count"] == passes
+    assert grew["embedserve_batch_size_sum"] == 14
+    assert 0 < grew["embedserve_batch_duration_seconds_sum"] <= took
+
+
 def test_unnormalised_vectors_when_asked_even_sharing_a_batch(ml_server: Server, reference,
                                                               tiny: tuple[str, str]) -> None:
     """TEI's normalize=false gets the vector before normalising, on both tiers (the
