@@ -24,6 +24,9 @@ What is reported:
   - one forward pass at the bulk size: bulk-alone time / passes run (/info "batches")
   - p99 beside the bulk load / (3 x p99 alone + one pass), and bulk throughput with the
     1-text client / without
+  - how much of the time the model was in a pass, with and without the 1-text client
+    (/metrics embedserve_batch_duration_seconds_sum), and the share its own passes took
+    (their number x a 1-text pass's time, measured in the first alone phase)
 
 Progress goes to stderr; stdout carries only the table and its footer.
 """
@@ -118,17 +121,21 @@ class Snapshot:
     at: float  # perf_counter
     passes: int  # /info "batches"
     texts: float  # /metrics embedserve_batch_size_sum: texts through the model
+    busy: float  # /metrics embedserve_batch_duration_seconds_sum: time spent in passes
 
 
-SUM_LINE = re.compile(r"^embedserve_batch_size_sum(?:\{[^}]*\})? ([0-9.e+]+)$", re.MULTILINE)
+def metric_sum(text: str, family: str) -> float:
+    match = re.search(rf"^{family}_sum(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {family}_sum in /metrics")
+    return float(match.group(1))
 
 
 def snapshot(server: Server) -> Snapshot:
     passes = server.info()["batches"]
-    match = SUM_LINE.search(server.get("/metrics").decode())
-    if match is None:
-        raise RuntimeError("no embedserve_batch_size_sum in /metrics")
-    return Snapshot(time.perf_counter(), int(passes), float(match.group(1)))
+    text = server.get("/metrics").decode()
+    return Snapshot(time.perf_counter(), int(passes), metric_sum(text, "embedserve_batch_size"),
+                    metric_sum(text, "embedserve_batch_duration_seconds"))
 
 
 def wait_idle(server: Server, quiet: float) -> None:
@@ -276,6 +283,7 @@ class Segment:
     passes: int
     model_texts: float  # every text the model embedded, the 1-text client's included
     short_texts: int
+    busy: float  # seconds the model spent in passes
 
     @property
     def bulk_texts_per_s(self) -> float:
@@ -284,7 +292,7 @@ class Segment:
 
 def segment(kind: str, before: Snapshot, after: Snapshot, short_texts: int) -> Segment:
     return Segment(kind, after.at - before.at, after.passes - before.passes,
-                   after.texts - before.texts, short_texts)
+                   after.texts - before.texts, short_texts, after.busy - before.busy)
 
 
 @dataclass
@@ -293,6 +301,11 @@ class Results:
     mixed: list[float] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     bulk_latencies: list[float] = field(default_factory=list)  # answered in the pairs, s
+    short_pass_s: float = 0.0  # a 1-text pass, the model otherwise idle (the alone phase)
+
+    def busy_share(self, kind: str) -> float:
+        chosen = [s for s in self.segments if s.kind == kind]
+        return sum(s.busy for s in chosen) / sum(s.seconds for s in chosen)
 
     def totals(self, kind: str) -> tuple[float, int, float, int]:
         chosen = [s for s in self.segments if s.kind == kind]
@@ -314,7 +327,10 @@ def measure(server: Server, corpus: list[str], settings: Settings, facts: dict[s
         progress("warm-up: 1-text requests, 3 s")
         short.run(3.0)
         progress(f"1-text client alone, {settings.alone:g} s")
+        before = snapshot(server)
         results.alone += short.run(settings.alone)
+        after = snapshot(server)
+        results.short_pass_s = (after.busy - before.busy) / max(after.passes - before.passes, 1)
         progress(f"bulk load: {BULK_CLIENTS} clients x {BULK_TEXTS} texts; warm-up "
                  f"{settings.warmup:g} s")
         load.start()
@@ -401,6 +417,8 @@ def footer(report: Report, results: Results, settings: Settings) -> str:
     bulk_p50 = f"{percentile(bulk, 50):,.1f} s" if bulk else "n/a"
     derived = facts["derived"]
     passes_waited = percentile(sorted(results.mixed), 99) / derived["pass_s"]
+    mixed_seconds = results.totals("mixed")[0]
+    short_share = len(results.mixed) * results.short_pass_s / mixed_seconds
     others = facts.get("others_cpu_percent")
     return "\n".join([
         "",
@@ -416,6 +434,11 @@ def footer(report: Report, results: Results, settings: Settings) -> str:
         f"{settings.bulk_alone:g} s alone then {settings.mixed:g} s with the 1-text client; "
         f"with / without per pair: {per_pair}; bulk request latency p50 {bulk_p50} "
         f"({len(bulk)} answered).",
+        f"The model was in a pass {100 * results.busy_share('bulk'):.0f}% of the time with "
+        f"the bulk load alone, {100 * results.busy_share('mixed'):.0f}% with the 1-text "
+        f"client beside (/metrics embedserve_batch_duration_seconds); a 1-text pass took "
+        f"{1e3 * results.short_pass_s:.1f} ms alone, so its {len(results.mixed)} passes beside "
+        f"the bulk load took about {100 * short_share:.0f}% of the model's time there.",
         f"Texts a forward pass: {derived['texts_per_pass']:.1f} bulk alone, "
         f"{texts_mixed / max(passes_mixed, 1):.1f} with the 1-text client (/metrics "
         f"embedserve_batch_size); pass overhead measured at warm-up (/info "
@@ -473,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.facts["derived"] = build(report, results)
     report.facts["segments"] = [asdict(s) for s in results.segments]
     report.facts["short_latencies_s"] = {"alone": results.alone, "mixed": results.mixed}
+    report.facts["short_pass_s"] = results.short_pass_s
     report.facts["bulk_latencies_s"] = results.bulk_latencies
     report.facts["others_cpu_percent"] = meter.others_percent()
     report.facts["wall_s"] = round(time.perf_counter() - began, 1)
