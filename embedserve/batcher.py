@@ -57,10 +57,12 @@ RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 RATE_WEIGHT = 0.2
 SWITCH_INTERVAL = 0.0005  # seconds: see Batcher.__init__
 STOP_WAIT = 30.0  # seconds a stopping model thread may take to finish its pass
-# Seconds a CPU model thread waits for work before it ends (the next request starts
-# another): see Batcher.__init__.
+# Seconds a CPU model thread waits for work before it ends, while another model's thread
+# lives (the next request starts another): see Batcher.__init__.
 IDLE_END = 2.0
 _IDLE: list[Any] = []  # _peek's answer to a model thread that is to end, idle
+_cpu_threads = [0]  # CPU model threads alive in this process, counted under _count_lock
+_count_lock = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -122,10 +124,12 @@ class Batcher:
         # (On two CPU cores the 1-text client beside a bulk load then took more of it.)
         if not model.device.startswith("cpu"):
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        # On a CPU an idle model thread ends: torch's OpenMP keeps a team of threads for
-        # each thread that runs ops while it lives, and with more teams than CPUs every op
-        # waits for its team to wake. Measured on two cores with a second model loaded and
-        # idle, the first one's passes took 20-30% longer while the idle one's thread lived.
+        # On a CPU, beside another model's thread, an idle model thread ends: torch's OpenMP
+        # keeps a team of threads for each thread that runs ops while it lives, and with
+        # more teams than CPUs every op waits for its team to wake. Measured on two cores
+        # with a second model loaded and idle, the first one's passes took 20-30% longer
+        # while the idle one's thread lived. A lone model keeps its thread: a new one's
+        # first pass took 22 ms against 14 (a 1-text pass after 2.5 s idle).
         self._idle_end = IDLE_END if model.device.startswith("cpu") else None
         self._thread: threading.Thread | None = None  # started by the first request
         self._rested = True  # no thread has served since the last one ended idle
@@ -219,6 +223,17 @@ class Batcher:
 
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
+        if self._idle_end is not None:
+            with _count_lock:
+                _cpu_threads[0] += 1
+        try:
+            self._serve()
+        finally:
+            if self._idle_end is not None:
+                with _count_lock:
+                    _cpu_threads[0] -= 1
+
+    def _serve(self) -> None:
         while True:
             pool = self._peek()
             if pool is None:  # stopped
@@ -250,13 +265,15 @@ class Batcher:
         """A few batches' worth of waiting texts, taken from the waiting requests in turn
         (the first text of each, then the second...), least served first. They stay
         queued, so that the length admission checks stays true while they are planned.
-        None once stopped; _IDLE when this thread is to end, having waited IDLE_END."""
+        None once stopped; _IDLE when this thread is to end, having waited IDLE_END beside
+        another model's thread."""
         with self._ready:
             idle, self._rested = self._rested or not self._jobs, False
             while not self._jobs:
                 if self._closed is not None:
                     return None
-                if not self._ready.wait(self._idle_end) and not self._jobs:
+                if not self._ready.wait(self._idle_end) and not self._jobs and \
+                        _cpu_threads[0] > 1:
                     self._thread = None  # under the lock: embed() sees it and starts one
                     self._rested = True
                     return _IDLE
