@@ -65,6 +65,16 @@ _cpu_threads = [0]  # CPU model threads alive in this process, counted under _co
 _count_lock = threading.Lock()
 
 
+def _leave_idle() -> bool:
+    """Whether an idle CPU model thread ends: while another lives. Decided and uncounted in
+    one step, so that two idling together never both end."""
+    with _count_lock:
+        if _cpu_threads[0] > 1:
+            _cpu_threads[0] -= 1
+            return True
+        return False
+
+
 @dataclass(eq=False)
 class _Job:
     normalize: bool
@@ -223,24 +233,34 @@ class Batcher:
 
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
-        if self._idle_end is not None:
+        counted = self._idle_end is not None
+        if counted:
             with _count_lock:
                 _cpu_threads[0] += 1
+        idled = False
         try:
-            self._serve()
+            idled = self._serve()
+        except BaseException as exc:
+            # Past the guarded planning and passes (the queue's own bookkeeping): answer
+            # what waits and let the next request start a thread, rather than leave every
+            # request waiting for a thread that is gone.
+            log.exception("the model thread failed")
+            self._fail_all(ApiError(500, f"the model thread failed: {type(exc).__name__}: "
+                                         f"{exc}"))
         finally:
-            if self._idle_end is not None:
+            if counted and not idled:  # an idle end was uncounted when it was decided
                 with _count_lock:
                     _cpu_threads[0] -= 1
 
-    def _serve(self) -> None:
+    def _serve(self) -> bool:
+        """Passes until stopped (False) or idle beside another model's thread (True)."""
         while True:
             pool = self._peek()
             if pool is None:  # stopped
                 self.model = None  # type: ignore[assignment]  # its memory can go now
-                return
+                return False
             if pool is _IDLE:  # the next request starts another thread
-                return
+                return True
             try:
                 batch = pick_batch(pool, self.overhead, self.max_batch_texts,
                                    self.pass_tokens)
@@ -273,7 +293,7 @@ class Batcher:
                 if self._closed is not None:
                     return None
                 if not self._ready.wait(self._idle_end) and not self._jobs and \
-                        _cpu_threads[0] > 1:
+                        self._closed is None and _leave_idle():
                     self._thread = None  # under the lock: embed() sees it and starts one
                     self._rested = True
                     return _IDLE
@@ -339,6 +359,19 @@ class Batcher:
             else []
         for i, item in enumerate(batch):
             self._finish(item, unit[i] if item.job.normalize else plain[i], None)
+
+    def _fail_all(self, error: ApiError) -> None:
+        """Answer every request waiting with `error` (this thread is gone), and clear the
+        way for the next request to start another."""
+        with self._ready:
+            jobs, self._jobs, self._queued = list(self._jobs), deque(), 0
+            if self._thread is threading.current_thread():
+                self._thread = None
+        for job in jobs + [item.job for item in self._in_pass]:
+            if job.error is None:
+                job.error = error
+            job.done.set()
+        self._in_pass = []
 
     def _fail(self, items: list[_Item], error: ApiError) -> None:
         for item in items:

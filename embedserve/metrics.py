@@ -50,7 +50,8 @@ RERANKED = Family("embedserve_documents_reranked_total", "counter",
 BATCH = Family("embedserve_batch_size", "histogram",
                "Texts (or a reranker's pairs) per forward pass (ML tiers).", BATCH_BUCKETS)
 PASS = Family("embedserve_batch_duration_seconds", "histogram",
-              "Time of one forward pass (ML tiers); the sum's rate is how busy the model is.",
+              "Time of one forward pass (ML tiers); the sum's rate is how busy the model is "
+              "(summed over workers: up to one per worker).",
               LATENCY_BUCKETS)
 IN_FLIGHT = Family("embedserve_requests_in_flight", "gauge",
                    "Embedding and tokenize requests being served now, over all workers "

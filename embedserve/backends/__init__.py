@@ -107,7 +107,7 @@ class Rows(Protocol):
 
 class BatchedModel(BackendInfo, Protocol):
     """Driven by the batcher. `prepare` may run in many request threads at once; `forward`
-    and `is_out_of_memory` run in the one model thread."""
+    and `is_out_of_memory` run in the model thread (one at a time: see batcher.py)."""
 
     capabilities: frozenset[str]
     # What one forward pass costs beyond its padded tokens, in tokens (measured at load).
@@ -264,7 +264,9 @@ def in_passing_thread(make: Callable[[], _T]) -> _T:
     loader being a worker's main thread), every pass was slower -- on two cores a one-text
     all-MiniLM-L6-v2 pass took 12-18 ms instead of 9-11, a bulk pass 20% longer: libgomp
     spins less between regions, and sleeps on a futex instead, once it manages more threads
-    than there are CPUs. Loaded in a thread that ends, the model thread's team is alone."""
+    than there are CPUs. Loaded in a thread that ends, the model thread's team is alone.
+    (A signal's exception in the caller -- Ctrl-C in a script loading a model -- leaves the
+    load to finish on its own, unused; a worker leaves with os._exit.)"""
     outcome: list[Any] = []
 
     def run() -> None:
@@ -278,7 +280,7 @@ def in_passing_thread(make: Callable[[], _T]) -> _T:
     thread = threading.Thread(target=run, name="load", daemon=True)
     thread.start()
     thread.join()
-    ok, value = outcome[0]
+    ok, value = outcome.pop()  # not kept: an exception's traceback holds the load's frames
     if not ok:
         raise value
     return value

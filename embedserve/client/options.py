@@ -47,17 +47,39 @@ def canonical_host(host: str) -> str:
     """`host` (lower case already, as urlsplit gives it) as a WHATWG URL parser -- the Node
     client's `new URL` -- writes it, so that both clients key a server alike in lastseen's
     shared file: an IPv6 address compressed ("0:0::1" is "::1"), an IPv4 address in any of
-    its inet_aton spellings dotted ("127.1" and "0x7f.0.0.1" are "127.0.0.1")."""
+    its inet_aton spellings dotted ("127.1" and "0x7f.0.0.1" are "127.0.0.1"). Names, and
+    what else inet_aton refuses, stay as given."""
     try:
-        return ipaddress.IPv6Address(host).compressed
+        address = ipaddress.IPv6Address(host)
     except ValueError:
         pass
+    else:
+        return _ipv6_text(address.packed) if address.scope_id is None else address.compressed
     if re.fullmatch(r"[0-9a-fx.]+", host):  # what a number-spelled IPv4 address can hold
         try:
-            return socket.inet_ntoa(socket.inet_aton(host))
+            return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
         except OSError:
             pass
     return host
+
+
+def _ipv6_text(packed: bytes) -> str:
+    """RFC 5952 text, as WHATWG writes it: eight hex pieces, the first longest run of two or
+    more zero pieces as "::", an IPv4-mapped address in hex too (Python 3.13's ipaddress
+    writes that one dotted)."""
+    pieces = [f"{packed[i] << 8 | packed[i + 1]:x}" for i in range(0, 16, 2)]
+    start, length = -1, 1
+    run = 0
+    for i, piece in enumerate(pieces + ["end"]):
+        if piece == "0":
+            run += 1
+        else:
+            if run > length:
+                start, length = i - run, run
+            run = 0
+    if start < 0:
+        return ":".join(pieces)
+    return ":".join(pieces[:start]) + "::" + ":".join(pieces[start + length:])
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Snapshot:
 
 
 def metric_sum(text: str, family: str) -> float:
-    match = re.search(rf"^{family}_sum(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.MULTILINE)
+    match = re.search(rf"^{family}_sum(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.MULTILINE)
     if match is None:
         raise RuntimeError(f"no {family}_sum in /metrics")
     return float(match.group(1))
