@@ -133,23 +133,13 @@ def test_concurrent_clients_get_their_own_vectors_in_order(ml_server: Server, re
 def test_metrics_count_each_forward_pass_and_the_time_it_took(ml_server: Server) -> None:
     """/metrics: one batch-size and one pass-duration observation per pass /info counts,
     the durations adding up to no more than the time the requests took."""
-    import http.client
     import time
 
-    parser = pytest.importorskip("prometheus_client.parser")
+    from test_metrics import scrape as samples  # skips this test without prometheus_client
 
     def scrape() -> dict[str, float]:
-        conn = http.client.HTTPConnection(ml_server.host, ml_server.port, timeout=30)
-        try:
-            conn.request("GET", "/metrics")
-            response = conn.getresponse()
-            assert response.status == 200
-            text = response.read().decode()
-        finally:
-            conn.close()
-        return {sample.name: sample.value
-                for family in parser.text_string_to_metric_families(text)
-                for sample in family.samples if not sample.name.endswith("_bucket")}
+        return {name: sum(by_labels.values()) for name, by_labels in samples(ml_server).items()
+                if not name.endswith("_bucket")}
 
     before, passes_before = scrape(), ml_server.request("GET", "/info")[2]["batches"]
     began = time.monotonic()
