@@ -203,8 +203,11 @@ def test_the_wait_for_company_is_paid_once_per_busy_spell(tiny: tuple[str, str])
 IDLE_THREADS = """
 import json, sys, threading, time
 from contextlib import nullcontext
+import embedserve.batcher
 from embedserve.backends.sentence_transformers import SentenceTransformersBackend
-from embedserve.batcher import IDLE_END, Batcher
+from embedserve.batcher import Batcher
+
+IDLE_END = embedserve.batcher.IDLE_END = 0.5  # the rule's wait, shortened for the test
 from embedserve.config import Config
 
 config = Config.from_args(["--backend", "sentence-transformers", "--model", sys.argv[1],
@@ -441,10 +444,15 @@ def test_loading_leaves_the_loading_thread_no_openmp_team(tmp_path) -> None:
 
     # Big enough for its matrix products to run in parallel; either tier loads the same way.
     folder = make_tiny_models(tmp_path, hidden_size=256, intermediate_size=1024)[1]
-    counts = {where: subprocess.run([sys.executable, "-c", LOAD_AND_COUNT_THREADS, where,
-                                     "sentence-transformers", folder], capture_output=True,
-                                    text=True, timeout=300, check=True).stdout.split()[-1]
-              for where in ("here", "in a thread that ends", "loading here, as before")}
+    runs = {where: subprocess.Popen([sys.executable, "-c", LOAD_AND_COUNT_THREADS, where,
+                                     "sentence-transformers", folder],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for where in ("here", "in a thread that ends", "loading here, as before")}
+    counts = {}
+    for where, run in runs.items():  # side by side: each counts its own process's threads
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        counts[where] = out.split()[-1]
     if counts["loading here, as before"] == counts["in a thread that ends"]:
         pytest.skip(f"loading opened no OpenMP region on this machine: nothing to see {counts}")
     assert counts["here"] == counts["in a thread that ends"], counts
