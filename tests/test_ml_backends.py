@@ -260,13 +260,15 @@ def test_a_stopped_batcher_that_never_started_a_thread_stops_at_once(
     import time
 
     before = {t for t in threading.enumerate() if t.name == "model"}
-    batcher = direct_batcher(tiny[1])[1]
+    from embedserve.errors import ApiError
+
+    backend, batcher = direct_batcher(tiny[1])
     assert {t for t in threading.enumerate() if t.name == "model"} == before
     began = time.monotonic()
     batcher.stop()
     assert time.monotonic() - began < 5
-    with pytest.raises(Exception, match="unloaded"):
-        batcher.embed(direct_batcher(tiny[1])[0].prepare(["a"]), normalize=True)
+    with pytest.raises(ApiError, match="unloaded"):
+        batcher.embed(backend.prepare(["a"]), normalize=True)
 
 
 def test_a_model_thread_that_fails_answers_what_waits_and_the_next_request_gets_another(
