@@ -267,10 +267,12 @@ def _models(as_json: bool) -> int:
     return 0
 
 
-def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str, str]:
-    """What the server at `url` serves, lower-cased, each with the URL; empty when no server
-    answers there (nothing is started to ask). A bad --url is a usage error, as elsewhere."""
-    from embedserve.client import Client, EmbedServeError
+def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str, str] | str:
+    """What the server at `url` serves (each model's id and names, lower-cased, with the
+    URL); empty when no server answers there (nothing is started to ask); the URL alone
+    when a server answers but is still loading, and so may be loading any model. A bad
+    --url is a usage error, as elsewhere."""
+    from embedserve.client import Client, EmbedServeError, ServerUnavailable
 
     try:
         client = Client(url, autostart=False, fallback="never", retries=0, timeout=5.0,
@@ -280,18 +282,26 @@ def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str
     with client:
         try:
             info = client.info()
+        except ServerUnavailable as exc:
+            return client.url if exc.status == 503 else {}
         except EmbedServeError:
             return {}
         where = client.url
     entries = info.get("models")
-    return {str(entry.get("model")).lower(): where
+    return {str(name).lower(): where
             for entry in (entries if isinstance(entries, list) else [info])
-            if isinstance(entry, dict)}
+            if isinstance(entry, dict)
+            for name in [entry.get("model"), *(entry.get("names") or [])] if name}
 
 
-def _remove(models: Sequence[str], served: dict[str, str]) -> int:
+def _remove(models: Sequence[str], served: dict[str, str] | str) -> int:
     failed = 0
     for model in models:
+        if isinstance(served, str):
+            print(f"embedserve rm: the server at {served} is still loading and may be loading "
+                  f"{model}; wait until it serves, or pass --force", file=sys.stderr)
+            failed += 1
+            continue
         if model.lower() in served:
             print(f"embedserve rm: the server at {served[model.lower()]} serves {model}: its "
                   "workers hold it in memory, but one it restarts (a crash, a SIGHUP) would "

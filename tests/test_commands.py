@@ -226,9 +226,10 @@ def test_embed_stops_when_the_model_changes_between_chunks_of_stdin() -> None:
     assert len(done.stdout.splitlines()) == STDIN_CHUNK
 
 
-def test_rm_does_not_wait_long_on_a_server_stuck_loading(tmp_path: Path) -> None:
+def test_rm_refuses_soon_beside_a_server_still_loading(tmp_path: Path) -> None:
     # A server answering 503 (loading) to everything: rm's question was retried for the
-    # client's 60 s retry_timeout before it went on.
+    # client's 60 s retry_timeout, and then went on as if no server were there -- while
+    # that server might be loading the very model. It refuses, soon; --force deletes.
     pytest.importorskip("huggingface_hub")
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -248,11 +249,16 @@ def test_rm_does_not_wait_long_on_a_server_stuck_loading(tmp_path: Path) -> None
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        done = subprocess.run([sys.executable, "-m", "embedserve", "rm", "org/absent", "--url",
-                               url], capture_output=True, text=True, timeout=30,
-                              env=server_env(HF_HOME=str(tmp_path)))
+        done, forced = (subprocess.run([sys.executable, "-m", "embedserve", "rm", "org/absent",
+                                        "--url", url, *force], capture_output=True, text=True,
+                                       timeout=30, env=server_env(HF_HOME=str(tmp_path)))
+                        for force in ([], ["--force"]))
     finally:
         server.shutdown()
         server.server_close()
-    assert done.returncode == 1 and "org/absent is not in the Hugging Face cache" in done.stderr
+    assert done.returncode == 1, done
+    assert f"the server at {url} is still loading and may be loading org/absent" in done.stderr
+    assert "--force" in done.stderr and "not in the Hugging Face cache" not in done.stderr
+    assert forced.returncode == 1 and "org/absent is not in the Hugging Face cache" in \
+        forced.stderr
 

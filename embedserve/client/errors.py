@@ -32,7 +32,7 @@ def _rebuild_error(cls: type[EmbedServeError], args: tuple[Any, ...],
 
 class ServerUnavailable(EmbedServeError, ConnectionError):
     """No server answered at `url` (or none could be started) within the client's bounds.
-    `status` is the last HTTP status when the server answered only 429/503-like errors."""
+    `status` is the last HTTP status it answered, if any (503 while a server is loading)."""
 
     def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
         super().__init__(message)

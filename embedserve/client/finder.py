@@ -217,14 +217,14 @@ class ServerFinder(DownMemory):
                                       else options.retries)
         while True:
             if not private:
-                state = self._connections.probe(self.configured_target(), deadline,
-                                                patience)
+                state, status = self._connections.probe(self.configured_target(), deadline,
+                                                        patience)
                 if state == "ok":
                     log.info("using the embedserve server at %s", url)
                     self._foreign_lost = False
                     return self._new_target(None)
                 if state != "refused":
-                    raise ServerUnavailable(f"{url} {state}", url=url)
+                    raise ServerUnavailable(f"{url} {state}", url=url, status=status)
                 if not (may_start and local):
                     delay = looks.next_delay()
                     if delay is not None:  # someone else may be starting it right now

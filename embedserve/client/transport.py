@@ -250,12 +250,15 @@ class Connections:
             if entry.connection is connection:
                 del held[address]
 
-    def probe(self, target: Target, deadline: float, patience: float) -> str:
+    def probe(self, target: Target, deadline: float, patience: float
+              ) -> tuple[str, int | None]:
         """GET /health at `target` until it answers 200 ('ok'), nothing listens ('refused')
-        or the deadline passes (a description of what it saw). Each look uses a connection
-        of its own: it must not be a kept-alive one to a server that was there before."""
+        or the deadline passes (a description of what it saw), with the last HTTP status it
+        answered (a server still loading: 503). Each look uses a connection of its own: it
+        must not be a kept-alive one to a server that was there before."""
         looks = self._probe_retry.start(deadline=deadline)
         seen = "did not answer"
+        status: int | None = None
         while True:
             wait: float | None = None
             connection = _new_connection(target, self._connect_timeout)
@@ -266,14 +269,15 @@ class Connections:
                 connection.request("GET", target.base_path + "/health", headers=headers)
                 response = connection.getresponse()
                 body = response.read()
-                if response.status == 200:
-                    return "ok"
-                seen = f"answers {response.status} to GET /health: {error_fields(body)[0]}"
-                if response.status not in RETRYABLE_STATUSES:
-                    return seen  # something answers, and it is not an embedserve server
+                status = response.status
+                if status == 200:
+                    return "ok", status
+                seen = f"answers {status} to GET /health: {error_fields(body)[0]}"
+                if status not in RETRYABLE_STATUSES:
+                    return seen, status  # something answers: not an embedserve server
                 wait = retry_after({k.lower(): v for k, v in response.getheaders()})
             except ConnectionRefusedError:
-                return "refused"
+                return "refused", None
             except TRANSPORT_ERRORS as exc:
                 seen = f"did not answer GET /health ({type(exc).__name__}: {exc})"
             finally:
@@ -281,7 +285,7 @@ class Connections:
             # A server that is starting (503 loading) or busy: wait for it, bounded.
             delay = looks.next_delay(wait)
             if delay is None:
-                return f"{seen} within {patience:g}s"
+                return f"{seen} within {patience:g}s", status
             time.sleep(delay)
 
 def _address(target: Target) -> tuple[str, str, int, str]:
