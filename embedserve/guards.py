@@ -92,8 +92,14 @@ def _host_name(host: str) -> str | None:
     return name if name and port.isdigit() else None
 
 
-@functools.lru_cache(maxsize=256)  # checked on every request, nearly always for one name
 def _is_ip(name: str) -> bool:
+    # No address is longer than this (an IPv6 one with a zone): a longer name is none, and
+    # is not cached (a Host header may be 64 KiB; 256 of them would pin 16 MiB).
+    return len(name) <= 64 and _is_short_ip(name)
+
+
+@functools.lru_cache(maxsize=256)  # checked on every request, nearly always for one name
+def _is_short_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

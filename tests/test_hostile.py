@@ -591,3 +591,18 @@ def test_error_messages_do_not_echo_unbounded_input(server: Server) -> None:
         assert status in (400, 404, 422) and len(json.dumps(reply)) < 1000, path
     status, _, reply = server.request("GET", "/" + "p" * 60_000)
     assert status == 404 and len(json.dumps(reply)) < 1000
+
+
+def test_long_host_names_are_not_kept_by_the_host_check() -> None:
+    """The Host check caches whether a name is an IP address (it runs on every request);
+    a client sending 256 distinct 64 KiB Host headers must not pin 16 MiB in that cache.
+    Still refused as before: a long name is no address, and not an allowed one."""
+    from embedserve.config import Config
+    from embedserve.guards import Guards, _is_short_ip
+
+    guards = Guards.from_config(Config())
+    before = _is_short_ip.cache_info().currsize
+    for i in range(20):
+        assert not guards.host_allowed(f"{i}" + "a" * 65_000 + ".example")
+    assert _is_short_ip.cache_info().currsize == before
+    assert guards.host_allowed("127.0.0.1:8765") and guards.host_allowed("[::1]:8765")
