@@ -38,7 +38,7 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 
 
 class Headers(Protocol):
-    """What is read of the request's headers (email.message.Message is one)."""
+    """What is read of the request's headers (httphead.HeaderList is one)."""
 
     def get(self, name: str, default: Any = None) -> Any: ...
 

@@ -232,13 +232,13 @@ class Registry:
 
             return Loaded(HashBackend(self.config.dimensions), None, {})
         loaded = self._loader(self.config.for_model(slot.spec))
-        if loaded.model is None and (len(self.slots) > 1 or
-                                     not (at_start or ml_absent(loaded.skipped))):
-            # `auto` fell back to the hash tier: beside other models, or after the start
-            # (this model's first use under --no-preload, or a reload after an unload, its
-            # files gone since), hash vectors would go out under this model's name. At the
-            # start of a one-model server, it is the tier's documented fallback; and with
-            # the ML packages absent altogether every load ends alike.
+        # `auto` falling back to the hash tier is the tier's documented fallback at the start
+        # of a one-model server, and with the ML packages absent altogether (every load ends
+        # alike). Beside other models, or after the start (this model's first use under
+        # --no-preload, a reload after an unload, its files gone since), hash vectors would
+        # go out under this model's name.
+        fallback_ok = len(self.slots) == 1 and (at_start or ml_absent(loaded.skipped))
+        if loaded.model is None and not fallback_ok:
             raise BackendError(f"no ML backend could load {slot.spec or 'the default model'}: "
                                + "; ".join(f"{k}: {v}" for k, v in loaded.skipped.items()))
         return loaded

@@ -54,32 +54,15 @@ def canonical_host(host: str) -> str:
     except ValueError:
         pass
     else:
-        return _ipv6_text(address.packed) if address.scope_id is None else address.compressed
+        mapped = address.ipv4_mapped  # Python 3.13 writes it dotted; WHATWG in hex
+        return f"::ffff:{int(mapped) >> 16:x}:{int(mapped) & 0xffff:x}" if mapped \
+            else address.compressed
     if re.fullmatch(r"[0-9a-fx.]+", host):  # what a number-spelled IPv4 address can hold
         try:
             return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
         except OSError:
             pass
     return host
-
-
-def _ipv6_text(packed: bytes) -> str:
-    """RFC 5952 text, as WHATWG writes it: eight hex pieces, the first longest run of two or
-    more zero pieces as "::", an IPv4-mapped address in hex too (Python 3.13's ipaddress
-    writes that one dotted)."""
-    pieces = [f"{packed[i] << 8 | packed[i + 1]:x}" for i in range(0, 16, 2)]
-    start, length = -1, 1
-    run = 0
-    for i, piece in enumerate(pieces + ["end"]):
-        if piece == "0":
-            run += 1
-        else:
-            if run > length:
-                start, length = i - run, run
-            run = 0
-    if start < 0:
-        return ":".join(pieces)
-    return ":".join(pieces[:start]) + "::" + ":".join(pieces[start + length:])
 
 
 @dataclass(frozen=True)
