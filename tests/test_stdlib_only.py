@@ -113,6 +113,22 @@ def test_a_model_asked_for_without_the_ml_packages_is_a_warning(bare_python: str
     assert "pip install 'embedserve[ml]'" in warnings[0]
 
 
+def test_without_the_ml_packages_a_model_first_used_later_is_served_by_hash_too(
+        bare_python: str) -> None:
+    """Under --no-preload a model loads on its first request, where falling back to the hash
+    tier is refused (hash vectors under the model's name). With the ML packages absent
+    altogether every load ends alike, so that is the tier's fallback, as it is at the
+    start; before, each request was a 500."""
+    srv = start_server("--model", "BAAI/bge-small-en-v1.5", "--no-preload", python=bare_python,
+                       env=server_env(EMBEDSERVE_BACKEND="auto"))
+    try:
+        status, _, body = srv.request("POST", "/v1/embeddings", {"input": "zero dependencies"})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 384, body
+        assert srv.request("GET", "/info")[2]["backend"] == "hash"
+    finally:
+        assert srv.stop() == 0
+
+
 def test_an_ml_backend_asked_for_without_the_ml_packages_is_a_boot_error(
         bare_python: str) -> None:
     done = subprocess.run([bare_python, "-m", "embedserve", "--port", "0", "--backend",
