@@ -182,10 +182,7 @@ class ConnectionServer(ThreadingHTTPServer):
                              (self._stalled, time.monotonic() - STALLED_GRACE)):
             oldest = next(iter(conns), None)  # oldest first: marked in time order
             if oldest is not None and conns[oldest] <= since:
-                # Out of both: one marked stalled may wait for its next request too (after
-                # a stray line end), and must not be closed, and counted, twice.
-                self._waiting.pop(oldest, None)
-                self._stalled.pop(oldest, None)
+                del conns[oldest]
                 return oldest
         return None
 

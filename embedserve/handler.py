@@ -190,6 +190,7 @@ class Handler(BaseHTTPRequestHandler):
             line: bytes = self.rfile.readline(MAX_LINE + 1)
             if line not in (b"\r\n", b"\n"):
                 return line
+            self.server.stalled(self.connection, False)  # idle now: closable as such
             if not self._next_request_arrives():
                 return b""
             self.reader.deadline = time.monotonic() + self.server.config.request_timeout
