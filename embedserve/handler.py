@@ -51,6 +51,7 @@ _LINGER_SECONDS = 2.0
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_AUTHORITY = re.compile(r"[^/?#]*")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -166,7 +167,8 @@ class Handler(BaseHTTPRequestHandler):
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if len(words) != 3:  # a target split at a NEL or no-break space, as the stdlib splits it
-            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
+            self.send_error(HTTPStatus.BAD_REQUEST,
+                            f"Bad request syntax ({quoted(self.requestline)})")
             return False
         command, path, version = words
         if version >= "HTTP/2.0":
@@ -203,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
         whole value with "close" only): "close" closes it; an HTTP/1.0 request keeps it
         only with "keep-alive", and its answer then says so (an HTTP/1.0 client otherwise
         waits for the close)."""
-        options = {option.strip().lower()
+        options = {option.strip(" \t").lower()
                    for value in self.headers.get_all("Connection") or ()
                    for option in value.split(",")}
         self.announce_keep_alive = False
@@ -268,10 +270,12 @@ class Handler(BaseHTTPRequestHandler):
         scheme, _, rest = self.path.partition("://")
         if not rest or scheme.lower() not in ("http", "https"):
             return
-        authority, slash, path = rest.partition("/")
+        # The authority ends at the path, the query or the fragment (RFC 3986 3.2).
+        end = _AUTHORITY.match(rest).end()  # type: ignore[union-attr]  # matches ""
+        authority, path = rest[:end], rest[end:]
         if not authority or "@" in authority:
             raise HeadError(400, "malformed request: an absolute target without a host")
-        self.path = slash + path if slash else "/"
+        self.path = path if path.startswith("/") else "/" + path
         self.headers.replace("Host", authority)
 
     def check_transport(self) -> None:
@@ -296,15 +300,16 @@ class Handler(BaseHTTPRequestHandler):
                 raise self._bad_framing("Transfer-Encoding in an HTTP/1.0 request")
             if lengths:
                 raise self._bad_framing("both Transfer-Encoding and Content-Length")
-            if len(encodings) > 1 or encodings[0].strip().lower() != "chunked":
+            # Values come without their spaces and tabs: any other blank (U+00A0, U+0085...)
+            # makes it a coding a proxy may read otherwise.
+            if len(encodings) > 1 or encodings[0].lower() != "chunked":
                 raise self._bad_framing(f"unsupported Transfer-Encoding "
                                         f"{quoted(', '.join(encodings))}; only chunked is")
             return
         if not lengths:
             self.body_length = 0
             return
-        # Spaces and tabs around a field value are not part of it (RFC 9110 5.5).
-        values = {value.strip(" \t").encode("latin-1", "replace") for value in lengths}
+        values = {value.encode("latin-1", "replace") for value in lengths}
         if len(values) > 1:
             raise self._bad_framing("conflicting Content-Length headers")
         value = values.pop()
@@ -370,7 +375,7 @@ class Handler(BaseHTTPRequestHandler):
                                     f"{limit}")
         if self.awaits_continue:  # the client waits for this before sending the body
             self.awaits_continue = False
-            send_within(self.connection, b"HTTP/1.1 100 Continue\r\n\r\n", self.write_timeout)
+            send_within(self.connection, self.write_timeout, b"HTTP/1.1 100 Continue\r\n\r\n")
         body = (self._read_chunked(limit) if self.body_length is None else
                 self._read_exactly(self.body_length))
         self.server.stalled(self.connection, False)
@@ -390,25 +395,35 @@ class Handler(BaseHTTPRequestHandler):
     def _read_chunked(self, limit: int) -> bytes:
         # One growing buffer: a list of parts would cost an object per 1-byte chunk.
         body = bytearray()
+        # Chunk extensions and trailer fields are read too, and ignored: they count against
+        # the limit (else 64 KiB of extensions a chunk was read for a 2-byte body).
+        read = 0
         for _ in range(_MAX_CHUNKS + 1):
             line = self._read_line()
-            size_text = line.split(b";", 1)[0]
+            size_text, _, extension = line.partition(b";")
             if not _HEX_DIGITS.fullmatch(size_text):
                 raise self._bad_framing("invalid chunk size "
                                         f"{quoted(size_text[:20].decode('latin-1'))}")
             size = int(size_text, 16)
+            read += len(extension) + size
+            self._check_body_limit(read, limit)
             if size == 0:
                 for _ in range(_MAX_TRAILERS):
-                    if not self._read_line():
+                    trailer = self._read_line()
+                    if not trailer:
                         return bytes(body)
+                    read += len(trailer)
+                    self._check_body_limit(read, limit)
                 raise self._bad_framing("too many trailer fields")
-            if len(body) + size > limit:
-                self.close_connection = self.linger = True
-                raise ApiError(413, f"request body is over the limit of {limit} bytes")
             body += self._read_exactly(size)
             if self._read_line():
                 raise self._bad_framing("chunk data longer than its size")
         raise self._bad_framing(f"a body of more than {_MAX_CHUNKS} chunks")
+
+    def _check_body_limit(self, read: int, limit: int) -> None:
+        if read > limit:
+            self.close_connection = self.linger = True
+            raise ApiError(413, f"request body is over the limit of {limit} bytes")
 
     def _read_line(self) -> bytes:
         """One CRLF-terminated line of chunked framing, without its CRLF."""
@@ -446,8 +461,8 @@ class Handler(BaseHTTPRequestHandler):
         # time gets request_timeout for the whole response too.
         self.server.stalled(self.connection, True)  # until the client has taken it
         try:
-            send_within(self.connection, head + body if self.command != "HEAD" else head,
-                        self.write_timeout)
+            send_within(self.connection, self.write_timeout, head,
+                        body if self.command != "HEAD" else b"")
         finally:
             self.server.stalled(self.connection, False)
         if self.server.config.access_log:

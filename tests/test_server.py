@@ -468,6 +468,33 @@ def test_a_request_line_cut_short_gets_a_whole_408(fresh_server: list[Server]) -
     assert not any("Traceback" in line for line in srv.log)
 
 
+def test_an_answer_in_parts_arrives_whole_and_in_order_through_a_slow_reader() -> None:
+    # send_within writes head and body as they are (no joined copy of a big answer): a
+    # send that takes part of a part must go on from the byte where it stopped.
+    from embedserve.connections import send_within
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    parts = [b"head" * 300, b"", bytes(range(256)) * 4000, b"tail"]
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while chunk := theirs.recv(7000):
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        send_within(ours, 30, *parts)
+    finally:
+        ours.close()
+        reader.join(30)
+        theirs.close()
+    assert bytes(received) == b"".join(parts)
+
+
 def test_a_connection_past_a_stray_line_end_is_idle_not_stalled() -> None:
     # After a stray line end (some clients send one after a body) the connection waits for
     # its next request: idle, closable at once at the limit. It was also left marked
