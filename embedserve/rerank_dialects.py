@@ -12,7 +12,7 @@ from typing import Any
 
 from embedserve.cohere import COHERE
 from embedserve.dialects import TEI, _json_type, _object, _optional
-from embedserve.errors import ApiError
+from embedserve.errors import ApiError, quoted
 from embedserve.requests import RerankRequest, RerankResult, SimilarityRequest
 
 
@@ -60,7 +60,7 @@ def _documents(value: Any, field: str, limit: int, objects: bool) -> list[str]:
 def _at_least(body: dict[str, Any], field: str, least: int = 1) -> int | None:
     value = _optional(body, field, int, "an integer")
     if value is not None and value < least:
-        raise ApiError(422, f"'{field}' must be at least {least}, got {value}", param=field)
+        raise ApiError(422, f"'{field}' must be at least {least}, got {quoted(value)}", param=field)
     return value
 
 

@@ -158,7 +158,7 @@ class EmbeddingService:
             dims = request.dimensions
             if dims is not None and not 1 <= dims <= backend.dimensions:
                 raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
-                                    f"for model {backend.model}, got {dims}",
+                                    f"for model {backend.model}, got {quoted(dims)}",
                                param="dimensions")
             ranges = _ranges_for(backend, request, dims or backend.dimensions)
             texts = self._prompted(backend, request)

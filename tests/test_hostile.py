@@ -652,6 +652,19 @@ def test_error_messages_do_not_echo_unbounded_input(server: Server) -> None:
                        ("/v1/embeddings", {"input": "x", "encoding_format": huge})):
         status, _, reply = server.request("POST", path, body)
         assert status in (400, 404, 422) and len(json.dumps(reply)) < 1000, path
+    big = int("9" * 4000)  # as many digits as Python reads
+    for path, body in (("/v1/embeddings", {"input": "x", "dimensions": big}),
+                       ("/v1/embeddings", {"input": "x", "dimensions": -big}),
+                       ("/v2/embed", {"texts": ["x"], "model": "hash", "input_type": "query",
+                                      "embedding_types": ["float"], "output_dimension": big}),
+                       ("/v2/rerank", {"query": "q", "documents": ["a"], "model": "hash",
+                                       "top_n": -big}),
+                       ("/v2/rerank", {"query": "q", "documents": ["a"], "model": "hash",
+                                       "max_tokens_per_doc": -big}),
+                       ("/api/embed", {"model": "hash", "input": "x", "dimensions": big}),
+                       ("/api/embed", {"model": "hash", "input": "x", "keep_alive": big})):
+        status, _, reply = server.request("POST", path, body)
+        assert 400 <= status < 500 and len(json.dumps(reply)) < 1000, (path, status)
     status, _, reply = server.request("GET", "/" + "p" * 60_000)
     assert status == 404 and len(json.dumps(reply)) < 1000
     status, _, reply = exchange(server, b"GET /" + b"p" * 60_000 + b"\xa0x HTTP/1.1\r\n"
