@@ -946,7 +946,7 @@ def test_two_models_in_one_server_each_by_name(tiny_model: str) -> None:
     srv = start_server("--model", "hash", "--model", tiny_model, "--served-model-name",
                        "hashy", "--served-model-name", "tiny,mini", timeout=120,
                        env=server_env(EMBEDSERVE_BACKEND="sentence-transformers"))
-    client = Client(srv.url, autostart=False)
+    client = Client(srv.url, autostart=False, retry_timeout=1.0)  # once gone: soon
     texts = [f"sentence number {i}" for i in range(5)]
     try:
         if len(client.info().get("models", [])) < 2:
