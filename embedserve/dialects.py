@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from embedserve.encoding import float32_base64_json, float_array_json
-from embedserve.errors import ApiError, quoted
+from embedserve.errors import ApiError, EmptyInput, quoted
 from embedserve.requests import EmbedRequest, EmbedResult
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def texts_from(value: Any, field: str, max_batch_size: int) -> list[str]:
     elif isinstance(value, list):
         texts = value
         if not texts:
-            raise ApiError(400, f"'{field}' must not be an empty list", param=field)
+            raise EmptyInput(f"'{field}' must not be an empty list", param=field)
         if len(texts) > max_batch_size:
             raise ApiError(413, f"'{field}' has {len(texts)} items; the limit is "
                                 f"{max_batch_size} per request", param=field)
@@ -75,7 +75,7 @@ def texts_from(value: Any, field: str, max_batch_size: int) -> list[str]:
     for i, text in enumerate(texts):
         if not text:
             where = field if len(texts) == 1 and isinstance(value, str) else f"{field}[{i}]"
-            raise ApiError(400, f"'{where}' is an empty string", param=field)
+            raise EmptyInput(f"'{where}' is an empty string", param=field)
     return texts
 
 
@@ -196,9 +196,8 @@ class TEI:
         return ("[" + ",".join(map(float_array_json, result.vectors)) + "]").encode()
 
     def error_body(self, error: ApiError) -> Any:
-        kind = _TEI_TYPES.get(error.status, "Validation" if error.status < 500 else "Backend")
-        if error.status == 400 and "empty" in error.message:
-            kind = "Empty"
+        kind = "Empty" if isinstance(error, EmptyInput) else _TEI_TYPES.get(
+            error.status, "Validation" if error.status < 500 else "Backend")
         return {"error": error.message, "error_type": kind}
 
     def parse_tokenize(self, payload: Any, max_batch_size: int, max_chars: int

@@ -13,6 +13,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class EmptyInput(ApiError):
+    """An input with nothing in it (an empty list or string): TEI tells it apart from
+    other 400s (its error_type "Empty")."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(400, message, param=param)
+
+
 class ClientGone(Exception):
     """The client hung up before its answer was ready: its work was dropped, and there is
     no one to answer."""

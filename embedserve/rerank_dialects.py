@@ -12,7 +12,7 @@ from typing import Any
 
 from embedserve.cohere import COHERE
 from embedserve.dialects import TEI, _json_type, _object, _optional
-from embedserve.errors import ApiError, quoted
+from embedserve.errors import ApiError, EmptyInput, quoted
 from embedserve.requests import RerankRequest, RerankResult, SimilarityRequest
 
 
@@ -23,7 +23,7 @@ def _text(value: Any, field: str) -> str:
         raise ApiError(400, f"'{field}' must be a string, got {_json_type(value)}",
                        param=field)
     if not value:
-        raise ApiError(400, f"'{field}' is an empty string", param=field)
+        raise EmptyInput(f"'{field}' is an empty string", param=field)
     return value
 
 
@@ -36,7 +36,7 @@ def _documents(value: Any, field: str, limit: int, objects: bool) -> list[str]:
         raise ApiError(400, f"'{field}' must be a list of strings, got {_json_type(value)}",
                        param=field)
     if not value:
-        raise ApiError(400, f"'{field}' must not be an empty list", param=field)
+        raise EmptyInput(f"'{field}' must not be an empty list", param=field)
     if len(value) > limit:
         raise ApiError(413, f"'{field}' has {len(value)} items; the limit is {limit} per "
                             "request (--max-rerank-documents)", param=field)
@@ -52,7 +52,7 @@ def _documents(value: Any, field: str, limit: int, objects: bool) -> list[str]:
             raise ApiError(400, f"'{field}[{i}]' must be {kinds}, got {_json_type(item)}",
                            param=field)
         if not item:
-            raise ApiError(400, f"'{field}[{i}]' is an empty string", param=field)
+            raise EmptyInput(f"'{field}[{i}]' is an empty string", param=field)
         texts.append(item)
     return texts
 

@@ -185,6 +185,8 @@ def test_openai_bad_input(server: Server, raw: bytes, status: int, fragment: str
 
 TEI_BAD = [
     (b'{"inputs": []}', 400, "Empty"),
+    (b'{"inputs": ["a", ""]}', 400, "Empty"),
+    (b'{"inputs": "x", "empty": 1, "empty": 2}', 400, "Validation"),  # not by its words
     (b'{"inputs": 3}', 400, "Validation"),
     (b'{"inputs": "x", "normalize": "yes"}', 400, "Validation"),
     (b'{"inputs": "x", "truncation_direction": "Up"}', 422, "Validation"),
