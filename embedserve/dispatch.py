@@ -103,6 +103,8 @@ class _Exchange:
 
     def read_json(self) -> Any:
         headers = self._incoming.headers
+        if len(headers.get_all("Content-Type") or ()) > 1:  # a proxy may have read another
+            raise ApiError(400, "malformed request: more than one Content-Type header")
         if not is_json_media_type(headers.get("Content-Type")):
             # Also what a web page cannot send cross-site without asking first (a CORS
             # preflight): text/plain and form posts are refused before they are read.
@@ -220,8 +222,9 @@ class Dispatcher:
         """Host (DNS rebinding) and Origin (other web pages) checks; see guards.py. The
         CORS headers an allowed Origin gets."""
         guards = self.guards
-        if len(headers.get_all("Host") or ()) > 1:  # which would the guard have read?
-            raise ApiError(400, "malformed request: more than one Host header")
+        for name in ("Host", "Origin"):
+            if len(headers.get_all(name) or ()) > 1:  # which would the guard have read?
+                raise ApiError(400, f"malformed request: more than one {name} header")
         host = headers.get("Host")
         if not guards.host_allowed(host):
             raise ApiError(403, f"Host {quoted(host)} is not one of this server's names; start it "
@@ -252,8 +255,10 @@ class Dispatcher:
         if len(credentials) > 1:  # which one counts is for no one to guess (a proxy's?)
             raise ApiError(400, "more than one Authorization header")
         scheme, _, token = credentials[0].partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 key.encode()):
+        # A header's bytes are read as Latin-1: back to those bytes, a key sent as UTF-8
+        # (what curl and browsers send) matches a non-ASCII --api-key.
+        sent = token.strip(" \t").encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
 

@@ -48,7 +48,7 @@ class Guards:
         """`host` is the Host header: a name or address, with an optional :port."""
         if not self.check_host or host is None:  # HTTP/1.0 clients may send none
             return True
-        name = _host_name(host.strip().lower())
+        name = _host_name(host.strip(" \t").lower())
         if name is None:
             return False
         if name == "localhost" or name.endswith(".localhost") or _is_ip(name):
@@ -79,17 +79,25 @@ class Guards:
 
 
 def _host_name(host: str) -> str | None:
-    """The name or address of a Host header without its port; None when malformed."""
-    if host.startswith("["):  # [v6]:port
+    """The name or address of a Host header without its port (and a name without the dot
+    that may end it: "localhost." is localhost); None when malformed."""
+    if host.startswith("["):  # [v6]:port, and only an IPv6 address between the brackets
         end = host.find("]")
         rest = host[end + 1:]
-        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+        if end < 0 or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
             return None
-        return host[1:end]
+        address = host[1:end]
+        return address if ":" in address and _is_ip(address) else None
     name, colon, port = host.rpartition(":")
     if not colon:
-        return host or None
-    return name if name and port.isdigit() else None
+        name = host
+    elif not _is_port(port):
+        return None
+    return name.removesuffix(".") if name not in ("", ".") else None
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone takes "¹" and "٣"
 
 
 def _is_ip(name: str) -> bool:

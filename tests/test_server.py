@@ -632,6 +632,18 @@ def test_api_key(fresh_server: list[Server]) -> None:
     assert answer.startswith(b"HTTP/1.1 400 ") and b"more than one Authorization" in answer
 
 
+def test_a_non_ascii_api_key_matches_its_utf_8_bytes(fresh_server: list[Server]) -> None:
+    # What curl and browsers send for it; the key was compared with the header re-encoded.
+    srv = start_server("--api-key", "ключ")
+    fresh_server.append(srv)
+    for key, status in (("ключ".encode(), b"200"), ("ключ".encode("cp1251"), b"401")):
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                         b"Authorization: Bearer " + key + b"\r\n\r\n")
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+
+
 # --- process behaviour ---------------------------------------------------------------------
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
