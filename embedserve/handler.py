@@ -395,9 +395,7 @@ class Handler(BaseHTTPRequestHandler):
     def _read_chunked(self, limit: int) -> bytes:
         # One growing buffer: a list of parts would cost an object per 1-byte chunk.
         body = bytearray()
-        # Chunk extensions and trailer fields are read too, and ignored: they count against
-        # the limit (else 64 KiB of extensions a chunk was read for a 2-byte body).
-        read = 0
+        read = 0  # with chunk extensions and trailers: ignored, but read (64 KiB a chunk)
         for _ in range(_MAX_CHUNKS + 1):
             line = self._read_line()
             size_text, _, extension = line.partition(b";")
