@@ -7,6 +7,7 @@ Judged by completion, /info counts, memory and what the tokenizer was given, nev
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -263,6 +264,20 @@ def test_a_short_call_is_tokenized_while_a_bulk_one_is(tiny: tuple[str, str]) ->
     assert given.count(len(bulk_text)) == len(bulk)
 
 
+def long_words_run(limit: int, more: int, first: bool = False) -> str:
+    """Some words, then 101-letter words joined by dots (`first`: the dotted words, then
+    the others), the first piece's end (16 characters a token of `limit`, from either side)
+    inside one of them, and `more` such words past it."""
+    rng = random.Random(1)
+    word = "".join(rng.choice("qxzjkvw") for _ in range(101)) + "."
+    for count in range(limit * 2 // 5, limit):  # the piece's end 60-98 letters into a word
+        plain = "hello " * count
+        if 60 < (16 * limit - len(plain)) % len(word) < 99:
+            break
+    run = word * ((16 * limit - len(plain)) // len(word) + 1 + more)
+    return "." + run[:-1] + " " + plain[:-1] if first else plain + run
+
+
 @pytest.mark.parametrize("family", ["tiny", "all-MiniLM-L6-v2", "byte-level BPE",
                                     "metaspace unigram"])
 def test_a_cut_text_gets_the_ids_of_the_whole_text(family: str, tiny: tuple[str, str]) -> None:
@@ -290,6 +305,13 @@ def test_a_cut_text_gets_the_ids_of_the_whole_text(family: str, tiny: tuple[str,
         "newline runs": ("\n" * 60 + "a b c ") * (span // 66),
         "a space-free run": "abc" * (span // 3) + " " + words(span),
         "few words in spaces": " " * span + "the end",
+        # Words of over 100 letters (one [UNK] each for WordPiece) joined by dots, past the
+        # first piece's end: the cut broke one into wordpieces (175 tokens read as 266).
+        "long words joined by dots": long_words_run(limit, 0),
+        "long words past the limit": long_words_run(limit, span // 102),
+        "long words, then words": long_words_run(limit, 0, first=True),
+        "hex digests after prose": words(4 * limit) + " " + ",".join(
+            hashlib.sha512(str(i).encode()).hexdigest() for i in range(span // 129)),
     }
     uniform = ("words", "bangs", "cjk", "tabbed words")
     dense_texts = set()

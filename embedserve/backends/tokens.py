@@ -24,15 +24,20 @@ and reported by its 422) is the piece's, a lower bound; it is over the limit whe
 whole text's is, since a cut piece holds more tokens than the limit. Usage counts the tokens
 the model reads, as before.
 
-Where the cut can change the result: when no space follows a word in the far half of a piece
-(a run of over half of `CHARS_PER_TOKEN` x limit characters without one: one very long
-"word", or a script written without spaces), the cut falls inside the run. A tokenizer that
-splits the run further (WordPiece at each punctuation mark and CJK character) gives the same
-first tokens; one that reads the run as one unit (byte-level BPE on a run of letters, a
-sentencepiece model that does not split at spaces) may tokenize the run's end differently,
-which matters only if the kept tokens reached the cut, far past the limit. (Were a
-tokenizer's counts not to add up across windows, a grown piece still short of the limit is
-replaced by the whole text.)
+When no space follows a word in the far half of a piece (a run of over half of
+`CHARS_PER_TOKEN` x limit characters without one: words joined by punctuation, a script
+written without spaces, one very long "word"), the cut would fall inside the run, and the
+word it broke could tokenize otherwise than whole: WordPiece makes one [UNK] of a word over
+100 characters but wordpieces of a part of it, so a 175-token text of such words joined by
+dots was read as 266 tokens, wrong ids and a wrong 422. So the piece then ends before the
+run's last word as the tokenizer itself splits words (its pre-tokenizer: WordPiece at each
+punctuation mark and CJK character, byte-level BPE between letters, digits and symbols).
+Only a run that is one word throughout the window is still cut inside: WordPiece gives the
+same [UNK] for any part of it over 100 characters; a tokenizer reading such a run as one
+unit (byte-level BPE on letters, a sentencepiece model that does not split at spaces) may
+tokenize its end differently, which matters only if the kept tokens reached the cut, far past
+the limit. (Were a tokenizer's counts not to add up across windows, a grown piece still short
+of the limit is replaced by the whole text.)
 """
 
 from __future__ import annotations
@@ -209,8 +214,8 @@ class RequestTokenizer:
         if reach is None or len(text) <= reach:
             return text
         if left:
-            return text[_tail_start(text, len(text), reach):]
-        return text[:_head_end(text, 0, reach)]
+            return text[self._tail_start(text, len(text)):]
+        return text[:self._head_end(text, 0)]
 
     def _grown(self, text: str, piece: str, found: int, left: bool) -> str:
         """A piece of `text` that should hold more tokens than the limit (or the text
@@ -225,14 +230,50 @@ class RequestTokenizer:
         kept = len(piece)
         while not self._over_limit(found) and kept < len(text):
             if left:
-                start = _tail_start(text, len(text) - kept, reach)
+                start = self._tail_start(text, len(text) - kept)
                 found += self._count_content(text[start:len(text) - kept])
                 kept = len(text) - start
             else:
-                end = _head_end(text, kept, reach)
+                end = self._head_end(text, kept)
                 found += self._count_content(text[kept:end])
                 kept = end
         return text[len(text) - kept:] if left else text[:kept]
+
+    def _head_end(self, text: str, start: int) -> int:
+        """Where a window of `text` that begins at `start` ends (see _window_end); cut inside
+        a run, before the run's last word as this tokenizer splits words (see _run_cut)."""
+        assert self._reach is not None
+        end, whole = _window_end(text, start, self._reach)
+        cut = None if whole else self._run_cut(text[start:end], last=True)
+        return end if cut is None else start + cut
+
+    def _tail_start(self, text: str, stop: int) -> int:
+        """Where a window of `text` that ends at `stop` begins (see _window_start); cut inside
+        a run, after the run's first word as this tokenizer splits words."""
+        assert self._reach is not None
+        start, whole = _window_start(text, stop, self._reach)
+        cut = None if whole else self._run_cut(text[start:stop], last=False)
+        return start if cut is None else start + cut
+
+    def _run_cut(self, window: str, last: bool) -> int | None:
+        """Where `window`, cut from its text inside a run of characters without a space,
+        should end instead (`last`: before its last word; else begin, after its first), the
+        words being the tokenizer's own (WordPiece splits at punctuation, byte-level BPE
+        between letters, digits and symbols), so that no word the cut broke is tokenized:
+        WordPiece makes one [UNK] of a word over 100 characters but wordpieces of a part of
+        it, and so 34 such words joined by dots were read as 266 tokens, not 175. None where
+        the window is one word (or no tokenizer of ours can tell)."""
+        if self._counter is None or window.isspace():
+            return None
+        encoded = self._counter.encode(window, add_special_tokens=False)
+        words = encoded.word_ids
+        if not words or words[0] == words[-1]:
+            return None
+        if last:
+            first_of_last = words.index(words[-1])
+            return len(window[:encoded.offsets[first_of_last][0]].rstrip())
+        last_of_first = len(words) - 1 - words[::-1].index(words[0])
+        return encoded.offsets[last_of_first][1]
 
     def _over_limit(self, tokens: int) -> bool:
         """Whether a piece with `tokens` (special tokens included) holds more than the model
@@ -308,24 +349,25 @@ class RequestTokenizer:
         return result
 
 
-def _head_end(text: str, start: int, reach: int) -> int:
+def _window_end(text: str, start: int, reach: int) -> tuple[int, bool]:
     """Where a window of `text` that begins at `start` ends: the text's end if it is within
     `reach`, else after the last word followed by a space in the window's second half, else
-    at `reach` (no such space: the cut falls inside a run, see the module's notes)."""
+    at `reach` (no such space: the cut falls inside a run, see the module's notes); and
+    whether that end leaves every word whole (False: inside a run)."""
     if len(text) - start <= reach:
-        return len(text)
+        return len(text), True
     low, high = start + reach // 2, start + reach
     found = _LAST_WORD_END.match(text, low - 1, high + 1)
-    return found.end() if found else high
+    return (found.end(), True) if found else (high, False)
 
 
-def _tail_start(text: str, stop: int, reach: int) -> int:
+def _window_start(text: str, stop: int, reach: int) -> tuple[int, bool]:
     """Where a window of `text` that ends at `stop` begins: the text's start if it is within
     `reach`, else at the space after the first word in the window's first half, so the window
     begins with the whitespace before its first whole word (byte-level BPE tokenizers join a
-    space to the word after it), else at `stop - reach`."""
+    space to the word after it), else at `stop - reach`; and whether every word is whole."""
     if stop <= reach:
-        return 0
+        return 0, True
     low, high = stop - reach, stop - reach // 2
     found = _FIRST_WORD_END.search(text, low - 1, high + 1)
-    return found.end() if found else low
+    return (found.end(), True) if found else (low, False)
