@@ -27,6 +27,9 @@ class EmbedRequest:
     # Compact forms wanted beside the floats (quantize.py: int8, uint8, binary, ubinary):
     # the service computes them from the final vectors.
     quantized: tuple[str, ...] = ()
+    # False: the texts as they are, with no prompt (not even --default-prompt-name):
+    # rerank by embeddings compares query and documents embedded alike.
+    prompts: bool = True
 
 
 @dataclass(frozen=True)

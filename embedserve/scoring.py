@@ -108,7 +108,8 @@ def _rerank_by_embeddings(service: EmbeddingService, slot: Slot, request: Rerank
             _check_well_formed(request)
         texts = first_tokens(slot.backend, texts, request.max_tokens_per_doc)
     result = service.embed(EmbedRequest(texts=[request.query] + texts,
-                                        model=slot.names.primary, truncate=request.truncate),
+                                        model=slot.names.primary, truncate=request.truncate,
+                                        prompts=False),
                            client_gone)
     query, *documents = result.vectors
     scores = [cosine(query, document) for document in documents]

@@ -273,6 +273,8 @@ class EmbeddingService:
 
     @staticmethod
     def _prompted(backend: BackendInfo, request: EmbedRequest) -> list[str]:
+        if not request.prompts:
+            return request.texts
         # An empty prompt_name is a name asked for (and none has it), not no name.
         name = request.prompt_name if request.prompt_name is not None else \
             _input_type_prompt(backend, request.input_type) or backend.default_prompt_name

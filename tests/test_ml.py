@@ -231,6 +231,16 @@ def test_default_prompt_name_flag(tiny: tuple[str, str], reference) -> None:
         [got] = embed(srv, ["cat"])
         want = reference.encode(["cat"], prompt_name="passage", normalize_embeddings=True)[0]
         assert cosine(got, want.tolist()) >= 0.9999
+        # Rerank by embeddings embeds query and documents as they are (as documented): the
+        # default prompt went on both, a query's instruction on the documents too.
+        status, _, body = srv.request("POST", "/v2/rerank",
+                                      {"query": "cat", "documents": ["the cat sat", "hello"]})
+        query, *documents = reference.encode(["cat", "the cat sat", "hello"],
+                                             normalize_embeddings=True)
+        scores = sorted((r["index"], r["relevance_score"]) for r in body["results"])
+        assert status == 200 and len(scores) == 2
+        for (_, score), document in zip(scores, documents):
+            assert abs(score - cosine(query.tolist(), document.tolist())) < 1e-4
     finally:
         assert srv.stop() == 0
 
