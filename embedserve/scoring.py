@@ -53,7 +53,8 @@ def rerank(service: EmbeddingService, request: RerankRequest,
         column = 0 if request.raw_scores else 1
         scores = [row[column] for row in rows]
         tokens = sum(e.tokens for e in encodings)
-    service.metrics.observe_rerank(slot.names.primary, CROSS_ENCODER, len(scores), tokens)
+    # Labelled as every family labels a model: by its id (observe_embedding, passes).
+    service.metrics.observe_rerank(model.model, CROSS_ENCODER, len(scores), tokens)
     return RerankResult(_best(scores, request.top_n), slot.names.primary, CROSS_ENCODER,
                         tokens)
 
@@ -107,13 +108,14 @@ def _rerank_by_embeddings(service: EmbeddingService, slot: Slot, request: Rerank
         if slot.model is not None:  # as service.embed, naming query and documents
             _check_well_formed(request)
         texts = first_tokens(slot.backend, texts, request.max_tokens_per_doc)
+        model_id = slot.backend.model
     result = service.embed(EmbedRequest(texts=[request.query] + texts,
                                         model=slot.names.primary, truncate=request.truncate,
                                         prompts=False),
                            client_gone)
     query, *documents = result.vectors
     scores = [cosine(query, document) for document in documents]
-    service.metrics.observe_rerank(result.model, EMBEDDINGS, len(scores), result.prompt_tokens)
+    service.metrics.observe_rerank(model_id, EMBEDDINGS, len(scores), result.prompt_tokens)
     return RerankResult(_best(scores, request.top_n), result.model, EMBEDDINGS,
                         result.prompt_tokens)
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from embedserve import __version__
-from embedserve.backends import (EMBED, BackendError, BackendInfo, BatchedModel, Encoder,
-                                 Encoding, Loaded, Token, load_backend)
+from embedserve.backends import (EMBED, RERANKER, BackendError, BackendInfo, BatchedModel,
+                                 Encoder, Encoding, Loaded, Token, load_backend)
 from embedserve.config import Config
 from embedserve.errors import ApiError, ClientGone, quoted
 from embedserve.metrics import Metrics
@@ -155,6 +155,11 @@ class EmbeddingService:
         with registry.use(slot, request.keep_alive):
             backend = slot.backend
             assert backend is not None  # use() loads it
+            model = slot.model
+            if model is not None and EMBED not in model.capabilities:  # before its options
+                raise ApiError(400, f"model {model.model} does not embed text (it can: "
+                                    f"{', '.join(sorted(model.capabilities)) or 'nothing'})",
+                               param="model")
             dims = request.dimensions
             if dims is not None and not 1 <= dims <= backend.dimensions:
                 raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
@@ -204,9 +209,6 @@ class EmbeddingService:
                        ) -> tuple[list[list[float]], int]:
         model, batcher = slot.model, slot.batcher
         assert model is not None and batcher is not None  # loaded, and not an encoder
-        if EMBED not in model.capabilities:
-            raise ApiError(400, f"model {model.model} does not embed text (it can: "
-                                f"{', '.join(sorted(model.capabilities)) or 'nothing'})")
         check_well_formed(texts)
         batcher.check_room(len(texts))  # before tokenizing: a refusal should cost nothing
         # Tokenized once, here in the request thread: the counts checked and reported are
@@ -337,7 +339,8 @@ class EmbeddingService:
             "loaded": backend is not None,
             "backend": backend.name if backend else None,
             "model": backend.model if backend else slot.names.primary,
-            "dimensions": backend.dimensions if backend else None,
+            # A reranker's rows are scores, not vectors of a size a client could use.
+            "dimensions": backend.dimensions if backend and slot.kind != RERANKER else None,
             "device": backend.device if backend else None,
             "max_input_tokens": backend.max_input_tokens if backend else None,
             "prompts": sorted(backend.prompts) if backend else [],

@@ -91,6 +91,10 @@ def test_the_reranker_is_known_as_one(ml_server: Server) -> None:
     kinds = {m["names"][0]: m["kind"] for m in info["models"]}
     assert kinds == {"reranker": "reranker", "embedder": "embedding"}
     assert info["kind"] == "reranker"
+    # Its rows (two scores) are no vectors a client could use: no size is given.
+    sizes = {m["names"][0]: m["dimensions"] for m in info["models"]}
+    assert sizes["reranker"] is None and isinstance(sizes["embedder"], int)
+    assert info["dimensions"] is None
 
 
 def test_every_rerank_route_equals_cross_encoder_predict(ml_server: Server,
@@ -225,10 +229,25 @@ def test_a_reranker_embeds_nothing_and_metrics_count_its_documents(ml_server: Se
     status, _, body = ml_server.request("POST", "/v1/embeddings", {"input": "x",
                                                                    "model": "reranker"})
     assert status == 400 and "does not embed" in body["error"]["message"]
+    assert body["error"]["param"] == "model"
+    # Said before any option is checked against its two-score rows.
+    for path, request in (("/v1/embeddings", {"input": "x", "model": "reranker",
+                                              "dimensions": 5}),
+                          ("/v2/embed", {"texts": ["x"], "model": "reranker",
+                                         "input_type": "search_query",
+                                         "embedding_types": ["int8"]})):
+        status, _, body = ml_server.request("POST", path, request)
+        assert status == 400 and "does not embed" in str(body), (path, body)
     tei_rerank(ml_server, QUERY, DOCUMENTS[:2])
     text = _metrics_text(ml_server)
     assert 'method="cross-encoder"' in text and 'route="/rerank"' in text
     assert 'kind="reranker"' in text
+    # Its tokens under the label its passes have (the model's id), not its served name.
+    passes = {line.split("{")[1].split("}")[0] for line in text.splitlines()
+              if line.startswith("embedserve_batch_duration_seconds_count{")}
+    tokens = {line.split("{")[1].split("}")[0] for line in text.splitlines()
+              if line.startswith("embedserve_tokens_embedded_total{")}
+    assert tokens <= passes, (tokens, passes)
 
 
 def _metrics_text(srv: Server) -> str:
