@@ -164,6 +164,7 @@ def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict
             "query": text, "texts": texts, "truncate": {"type": "boolean"},
             "truncation_direction": {"type": "string", "enum": ["Right"]},
             "raw_scores": {"type": "boolean"}, "return_text": {"type": "boolean"},
+            "model": model,
         }, required=["query", "texts"]),
         "TEIRerankResponse": {"type": "array", "items": _object(
             {"index": index, "score": score, "text": {"type": "string"}},
@@ -176,6 +177,7 @@ def _rerank_schemas(service: EmbeddingService, text: dict[str, Any], model: dict
                 "truncation_direction": {"type": "string", "enum": ["Left", "Right"]},
                 **({"prompt_name": {"type": "string", "enum": prompts}} if prompts else {}),
             }, required=[]),
+            "model": model,
         }, required=["inputs"]),
         "TEISimilarityResponse": {"type": "array", "items": score},
         "CohereRerankRequest": _object({

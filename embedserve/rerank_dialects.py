@@ -82,6 +82,8 @@ class TEIRerank(TEI):
             documents=_documents(body.get("texts"), "texts", max_documents, objects=False),
             truncate=True if truncate is None else truncate,
             raw_scores=bool(_optional(body, "raw_scores", bool, "a boolean")),
+            # Not TEI's (one model a server): which of several, as on /embed.
+            model=_optional(body, "model", str, "a string"),
         )
 
     def render_rerank(self, payload: Any, request: RerankRequest, result: RerankResult
@@ -118,6 +120,7 @@ class TEIRerank(TEI):
             truncate=True if truncate is None else truncate,
             truncate_left=direction in ("Left", "left"),
             prompt_name=_optional(parameters, "prompt_name", str, "a string"),
+            model=_optional(body, "model", str, "a string"),
         )
 
 

@@ -110,6 +110,19 @@ def test_every_rerank_route_equals_cross_encoder_predict(ml_server: Server,
             path[2]
 
 
+def test_tei_routes_take_the_model_asked_for(ml_server: Server) -> None:
+    # A model named on TEI's /rerank and /similarity was ignored: another model answered.
+    similarity = {"inputs": {"source_sentence": "a", "sentences": ["b"]}}
+    for path, body in (("/rerank", {"query": QUERY, "texts": DOCUMENTS[:2]}),
+                       ("/similarity", similarity)):
+        assert ml_server.request("POST", path, {**body, "model": "nowhere"})[0] == 404, path
+        assert ml_server.request("POST", path, {**body, "model": 5})[0] == 400, path
+        assert ml_server.request("POST", path, {**body, "model": "embedder"})[0] == 200, path
+    status, _, body = ml_server.request("POST", "/similarity", {**similarity,
+                                                                "model": "reranker"})
+    assert status == 400, body  # a reranker embeds nothing to compare
+
+
 def test_raw_scores_are_the_logits_and_default_scores_their_sigmoid(
         ml_server: Server, reference: Any) -> None:
     raw = predict(reference, QUERY, DOCUMENTS, raw=True)
