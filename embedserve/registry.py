@@ -39,6 +39,19 @@ _LATEST = ":latest"  # Ollama's tag for the one version of a model a server has
 SWEEP_EVERY = 1.0  # seconds between looks for idle models (at most)
 
 
+@dataclass(frozen=True)
+class Known:
+    """What a loaded model said of itself, kept when it is unloaded: /info says the same
+    of it loaded or not (TEI clients read its id and input limit there)."""
+
+    name: str  # its backend tier
+    model: str
+    dimensions: int
+    max_input_tokens: int | None
+    prompts: tuple[str, ...]
+    default_prompt_name: str | None
+
+
 @dataclass(eq=False)
 class Slot:
     """One served model, loaded or not."""
@@ -52,6 +65,7 @@ class Slot:
     last_used: float = field(default_factory=time.monotonic)
     keep_until: float | None = None  # set by a request's keep_alive; else the idle timeout
     kind: str | None = None  # embedding or reranker, once loaded (kept when unloaded)
+    known: Known | None = None  # what it said of itself, once loaded (kept when unloaded)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -220,6 +234,9 @@ class Registry:
             with self._lock:
                 slot.loaded = loaded
                 slot.kind = backend.kind
+                slot.known = Known(backend.name, backend.model, backend.dimensions,
+                                   backend.max_input_tokens, tuple(backend.prompts),
+                                   backend.default_prompt_name)
                 slot.last_used = time.monotonic()
                 slot.keep_until = None
             settle_memory()

@@ -333,20 +333,21 @@ class EmbeddingService:
 
     def _model_info(self, registry: Registry, slot: Slot) -> dict[str, object]:
         backend, batcher = slot.backend, slot.batcher
+        known = backend or slot.known  # unloaded: what it said when it was loaded
         return {
             "names": list(slot.names.listed),
             "kind": slot.kind,  # "embedding" or "reranker" (None: not loaded yet)
             "loaded": backend is not None,
-            "backend": backend.name if backend else None,
-            "model": backend.model if backend else slot.names.primary,
+            "backend": known.name if known else None,
+            "model": known.model if known else slot.names.primary,
             # A reranker's rows are scores, not vectors of a size a client could use.
-            "dimensions": backend.dimensions if backend and slot.kind != RERANKER else None,
+            "dimensions": known.dimensions if known and slot.kind != RERANKER else None,
             "device": backend.device if backend else None,
-            "max_input_tokens": backend.max_input_tokens if backend else None,
-            "prompts": sorted(backend.prompts) if backend else [],
+            "max_input_tokens": known.max_input_tokens if known else None,
+            "prompts": sorted(known.prompts) if known else [],
             # What int8 / uint8 codes are computed against (see quantize.py), once known.
             "quantization_ranges": ranges.describe() if (ranges := _ranges(backend)) else None,
-            "default_prompt_name": backend.default_prompt_name if backend else None,
+            "default_prompt_name": known.default_prompt_name if known else None,
             # Weights x dtype: what loading it costs in memory (each worker its own copy).
             "memory_bytes": _memory(backend),
             "skipped_backends": slot.skipped,

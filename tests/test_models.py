@@ -267,9 +267,14 @@ def test_ollama_keep_alive_0_unloads_after_the_request(small: str) -> None:
                        "--served-model-name", "small", timeout=60)
     try:
         assert loaded(srv) == ["small"]
+        facts = ("model", "model_id", "dimensions", "max_input_length", "backend", "prompts")
+        before = {key: srv.request("GET", "/info")[2][key] for key in facts}
         status, _, _ = srv.request("POST", "/api/embed", {"model": "small", "input": "x",
                                                           "keep_alive": 0})
         assert status == 200 and loaded(srv) == []
+        # Unloaded by any client, the default model is still what /info says it is (its
+        # id, size and input limit went to its served name and nulls).
+        assert {key: srv.request("GET", "/info")[2][key] for key in facts} == before
         # No input: Ollama's way to load a model ahead of use, and with keep_alive 0 to
         # unload it (a 400 before).
         status, _, body = srv.request("POST", "/api/embed", {"model": "small"})
