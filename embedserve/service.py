@@ -166,15 +166,15 @@ class EmbeddingService:
                                     f"for model {backend.model}, got {quoted(dims)}",
                                param="dimensions")
             ranges = _ranges_for(backend, request, dims or backend.dimensions)
-            texts = self._prompted(backend, request)
+            texts, prompt = request.texts, self._prompt(backend, request)
             vectors: Sequence[Sequence[float]]
             if not texts:  # Ollama's request to load a model (keep_alive 0: to unload it)
                 vectors, tokens = [], 0
             elif slot.encoder is not None:
-                vectors, tokens = self._encode(slot.encoder, texts, request.normalize, dims,
-                                               client_gone)
+                vectors, tokens = self._encode(slot.encoder, [prompt + t for t in texts],
+                                               request.normalize, dims, client_gone)
             else:
-                rows, tokens = self._embed_batched(slot, texts, request, client_gone)
+                rows, tokens = self._embed_batched(slot, texts, prompt, request, client_gone)
                 if dims is not None and dims < backend.dimensions:
                     rows = [shorten(v, dims, request.normalize) for v in rows]
                 vectors = rows
@@ -204,7 +204,7 @@ class EmbeddingService:
         return vectors, tokens
 
     @staticmethod
-    def _embed_batched(slot: Slot, texts: list[str], request: EmbedRequest,
+    def _embed_batched(slot: Slot, texts: list[str], prompt: str, request: EmbedRequest,
                        client_gone: Callable[[], bool] | None
                        ) -> tuple[list[list[float]], int]:
         model, batcher = slot.model, slot.batcher
@@ -213,7 +213,7 @@ class EmbeddingService:
         batcher.check_room(len(texts))  # before tokenizing: a refusal should cost nothing
         # Tokenized once, here in the request thread: the counts checked and reported are
         # those of the very ids the model thread pads.
-        encodings = model.prepare(texts, truncate_left=request.truncate_left)
+        encodings = model.prepare(texts, truncate_left=request.truncate_left, prompt=prompt)
         _check_lengths(model, encodings, request.truncate)
         vectors = batcher.embed(encodings, request.normalize, client_gone)
         return vectors, sum(e.tokens for e in encodings)
@@ -274,20 +274,22 @@ class EmbeddingService:
             return backend.tokenize(texts, add_special_tokens=add_special_tokens)
 
     @staticmethod
-    def _prompted(backend: BackendInfo, request: EmbedRequest) -> list[str]:
+    def _prompt(backend: BackendInfo, request: EmbedRequest) -> str:
+        """What goes before each text: the prompt named, else the input type's, else the
+        model's default ("" for none)."""
         if not request.prompts:
-            return request.texts
+            return ""
         # An empty prompt_name is a name asked for (and none has it), not no name.
         name = request.prompt_name if request.prompt_name is not None else \
             _input_type_prompt(backend, request.input_type) or backend.default_prompt_name
         if name is None:
-            return request.texts
+            return ""
         prompt = backend.prompts.get(name)
         if prompt is None:
             known = ", ".join(sorted(backend.prompts)) or "none"
             raise ApiError(422, f"model {backend.model} has no prompt {quoted(name)} "
                                 f"(its prompts: {known})", param="prompt_name")
-        return [prompt + text for text in request.texts]
+        return prompt
 
     def registry(self) -> Registry:
         """The served models (503 while loading): for the answers built on embed."""

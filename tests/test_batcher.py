@@ -217,10 +217,10 @@ class WordModel:
     pass_overhead_tokens = 0.0  # then the plan is the least padding
     batches = []
 
-    def prepare(self, texts, *, truncate_left=False):
+    def prepare(self, texts, *, truncate_left=False, prompt=""):
         out = []
         for text in texts:
-            words = text.split()
+            words = (prompt + text).split()
             kept = words[-6:] if truncate_left else words[:6]
             out.append(Encoding(len(kept), len(words), kept))
         return out

@@ -275,6 +275,24 @@ def test_input_type_picks_the_prompt_sentence_transformers_would(ml_server: Serv
     assert cosine(query, plain) < 0.9999  # the prompt changed it
 
 
+def test_truncate_start_keeps_the_input_types_prompt(ml_server: Server, reference: Any) -> None:
+    """Cut from the start, a long text lost its prompt first: a search_query's vector was
+    that of no input type at all. Now the text loses its first tokens after the prompt."""
+    model = model_of(ml_server)
+    words = ("the quick brown fox jumps over the lazy dog " * 20).split()
+    text = " ".join(words)
+    got, plain = (embed(ml_server, [text], model, truncate="START", embedding_types=["float"],
+                        **extra).embeddings.float_[0]
+                  for extra in ({"input_type": "search_query"}, {"input_type": "clustering"}))
+    tokenizer, prompt = reference.tokenizer, reference.prompts["query"]
+    room = reference.max_seq_length - 2 - len(tokenizer(prompt, add_special_tokens=False)
+                                              ["input_ids"])
+    tail = " ".join(words[-room:])  # a token a word: the tiny vocabulary's own words
+    assert len(tokenizer(tail, add_special_tokens=False)["input_ids"]) == room
+    want = reference.encode([prompt + tail], normalize_embeddings=True)[0]
+    assert cosine(got, want) >= 0.9999 and cosine(got, plain) < 0.9999
+
+
 NOMIC_STYLE = {name: f"{name}: " for name in ("search_query", "search_document",
                                               "classification", "clustering")}
 

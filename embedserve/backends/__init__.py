@@ -113,7 +113,9 @@ class BatchedModel(BackendInfo, Protocol):
     # What one forward pass costs beyond its padded tokens, in tokens (measured at load).
     pass_overhead_tokens: float
 
-    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False
+    # `prompt` goes before each text; cut from the left, a text loses its first tokens
+    # after the prompt, which stays whole where the model can (ids made in the request).
+    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False, prompt: str = ""
                 ) -> list[Encoding]: ...
 
     def prepare_pairs(self, query: str, documents: Sequence[str]) -> list[Encoding]:

@@ -121,7 +121,7 @@ class RerankBackend(TorchBackend):
         self._extra_features = {k: v for k, v in theirs.items() if k not in tensors}
         return None
 
-    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False
+    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False, prompt: str = ""
                 ) -> list[Encoding]:
         raise NotImplementedError(f"{self.model} is a reranker: it scores pairs")
 

@@ -123,12 +123,18 @@ class RequestTokenizer:
     def can_encode_ids(self) -> bool:
         return bool(self._cutters)
 
-    def encode_ids(self, texts: Sequence[str], truncate_left: bool) -> list[Encoding]:
-        """Each text's ids as `tokenizer(text, truncation=True, max_length=limit)` makes them
-        (cut from the side asked), from a piece of the text no longer than the model can use
-        (see the module's notes); a piece the tokenizer cut at the limit is counted again,
-        untruncated. For a text cut before tokenizing, that count is the piece's: a lower
-        bound, but over the limit, so truncate=false still refuses it."""
+    def encode_ids(self, texts: Sequence[str], truncate_left: bool, prompt: str = ""
+                   ) -> list[Encoding]:
+        """Each text's ids as `tokenizer(prompt + text, truncation=True, max_length=limit)`
+        makes them (cut from the side asked), from a piece of the text no longer than the
+        model can use (see the module's notes); a piece the tokenizer cut at the limit is
+        counted again, untruncated. For a text cut before tokenizing, that count is the
+        piece's: a lower bound, but over the limit, so truncate=false still refuses it. Cut
+        from the left, a text loses its first tokens after the prompt, which stays whole
+        (the library would cut the prompt first, a query's instruction gone)."""
+        if prompt and truncate_left:
+            return [self._prompt_kept(prompt, text) for text in texts]
+        texts = [prompt + text for text in texts] if prompt else texts
         cutter = self._cutters[truncate_left]
         pieces = [self._piece(text, truncate_left) for text in texts]
         encodings = []
@@ -143,6 +149,42 @@ class RequestTokenizer:
                     encoding = self._encoding(self._encode(cutter, [text])[0], text)  # _grown
             encodings.append(encoding)
         return encodings
+
+    def _prompt_kept(self, prompt: str, text: str) -> Encoding:
+        """`prompt + text` cut from the left with the prompt kept: the special tokens, the
+        prompt's tokens, as many of the text's last tokens as fit, the closing special
+        tokens. The text is first cut to its tail piece (as encode_ids cuts it), and the
+        whole tokenized once, untruncated, with offsets to tell the prompt's tokens (those
+        ending within it) from the text's."""
+        piece = self._piece(text, True)
+        if len(piece) < len(text):
+            [count] = self._counts([piece])
+            if not self._over_limit(count):  # sparse in tokens: as encode_ids grows it
+                piece = self._grown(text, piece, count, True)
+                if not self._over_limit(self._counts([piece])[0]):
+                    piece = text
+        encoded = self._counter.encode(prompt + piece)
+        ids, special, offsets = encoded.ids, encoded.special_tokens_mask, encoded.offsets
+        limit = self._limit
+        assert limit is not None  # cut from the left: there is a limit
+        content = [i for i in range(len(ids)) if not special[i]]
+        if len(ids) <= limit or not content:
+            return self._kept(encoded, range(len(ids)), len(ids))
+        # A token that takes the prompt's last space with the text's first word (byte-level
+        # BPE's "Ġthe") is the text's.
+        own = [i for i in content if offsets[i][1] <= len(prompt)]
+        rest = [i for i in content if offsets[i][1] > len(prompt)]
+        room = limit - (len(ids) - len(content)) - len(own)
+        if room <= 0:  # the prompt fills the model: as the library, from the left
+            return self.encode_ids([prompt + text], True)[0]
+        kept = [*range(content[0]), *own, *rest[len(rest) - room:],
+                *range(content[-1] + 1, len(ids))]
+        return self._kept(encoded, kept, len(ids))
+
+    def _kept(self, encoded: Any, kept: Sequence[int], untruncated: int) -> Encoding:
+        type_ids = [encoded.type_ids[i] for i in kept] if self._type_ids else None
+        return Encoding(len(kept), untruncated, TokenIds([encoded.ids[i] for i in kept],
+                                                         type_ids))
 
     def encode_pair_ids(self, query: str, documents: Sequence[str]) -> list[Encoding]:
         """Each (query, document) pair's ids as `tokenizer(query, document, truncation=True,

@@ -258,12 +258,14 @@ class TorchBackend:
         self._extra_features = {k: v for k, v in theirs.items() if k not in tensors}
         return None
 
-    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False
+    def prepare(self, texts: Sequence[str], *, truncate_left: bool = False, prompt: str = ""
                 ) -> list[Encoding]:
-        """Tokenize each text once, in the calling (request) thread; many may call at once."""
+        """Tokenize each text once, in the calling (request) thread; many may call at once.
+        (Where the library tokenizes in the model thread, a prompt is cut as it cuts it.)"""
         if self._pads_ids:
-            return self._request_tokenizer.encode_ids(texts, truncate_left)
-        return self._request_tokenizer.encode_for_library(texts, truncate_left)
+            return self._request_tokenizer.encode_ids(texts, truncate_left, prompt)
+        return self._request_tokenizer.encode_for_library(
+            [prompt + text for text in texts] if prompt else texts, truncate_left)
 
     def prepare_pairs(self, query: str, documents: Sequence[str]) -> list[Encoding]:
         raise NotImplementedError(f"{self.model} is not a reranker")
