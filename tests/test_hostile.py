@@ -636,7 +636,7 @@ def metric_lines(srv: Server, prefix: str) -> list[str]:
 def test_requests_whose_clients_hung_up_are_not_hashed(fresh_server: list[Server]) -> None:
     # The hash tier embeds one request at a time. Requests queued behind a long one whose
     # clients had hung up were each computed in full, for no one; now they are dropped
-    # (499), and a request split into parts stops between them.
+    # (499) when their turn comes.
     srv = start_server()
     fresh_server.append(srv)
     words = " ".join(f"w{j}" for j in range(1000))  # ~5 KB a text

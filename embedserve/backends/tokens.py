@@ -31,7 +31,8 @@ word it broke could tokenize otherwise than whole: WordPiece makes one [UNK] of 
 100 characters but wordpieces of a part of it, so a 175-token text of such words joined by
 dots was read as 266 tokens, wrong ids and a wrong 422. So the piece then ends before the
 run's last word as the tokenizer itself splits words (its pre-tokenizer: WordPiece at each
-punctuation mark and CJK character, byte-level BPE between letters, digits and symbols).
+punctuation mark and CJK character, byte-level BPE between letters, digits and symbols;
+a slow tokenizer, which gives no words, is still cut inside the run).
 Only a run that is one word throughout the window is still cut inside: WordPiece gives the
 same [UNK] for any part of it over 100 characters; a tokenizer reading such a run as one
 unit (byte-level BPE on letters, a sentencepiece model that does not split at spaces) may
@@ -158,6 +159,9 @@ class RequestTokenizer:
         ending within it) from the text's."""
         piece = self._piece(text, True)
         if len(piece) < len(text):
+            # Its first tokens are cut anyway; the blank it begins with would be one more
+            # token of the prompt's (byte-level BPE's "Ġ") than with a text not cut.
+            piece = piece.lstrip() if prompt[-1:].isspace() else piece
             [count] = self._counts([piece])
             if not self._over_limit(count):  # sparse in tokens: as encode_ids grows it
                 piece = self._grown(text, piece, count, True)
@@ -311,9 +315,9 @@ class RequestTokenizer:
         words = encoded.word_ids
         if not words or words[0] == words[-1]:
             return None
-        if last:
+        if last:  # (0, all blank before the last word: no cut that leaves a word)
             first_of_last = words.index(words[-1])
-            return len(window[:encoded.offsets[first_of_last][0]].rstrip())
+            return len(window[:encoded.offsets[first_of_last][0]].rstrip()) or None
         last_of_first = len(words) - 1 - words[::-1].index(words[0])
         return encoded.offsets[last_of_first][1]
 
