@@ -159,14 +159,11 @@ class RequestTokenizer:
         ending within it) from the text's."""
         piece = self._piece(text, True)
         if len(piece) < len(text):
+            piece, _ = self._enough(text, piece, self._counts([piece])[0], True)
+        if len(piece) < len(text) and prompt[-1:].isspace():
             # Its first tokens are cut anyway; the blank it begins with would be one more
             # token of the prompt's (byte-level BPE's "Ġ") than with a text not cut.
-            piece = piece.lstrip() if prompt[-1:].isspace() else piece
-            [count] = self._counts([piece])
-            if not self._over_limit(count):  # sparse in tokens: as encode_ids grows it
-                piece = self._grown(text, piece, count, True)
-                if not self._over_limit(self._counts([piece])[0]):
-                    piece = text
+            piece = piece.lstrip()
         encoded = self._counter.encode(prompt + piece)
         ids, special, offsets = encoded.ids, encoded.special_tokens_mask, encoded.offsets
         limit = self._limit
@@ -234,11 +231,7 @@ class RequestTokenizer:
         pieces = [self._piece(text, truncate_left) for text in texts]
         encodings = []
         for text, piece, count in zip(texts, pieces, self._counts(pieces)):
-            if len(piece) < len(text) and not self._over_limit(count):
-                piece = self._grown(text, piece, count, truncate_left)
-                [count] = self._counts([piece])
-                if len(piece) < len(text) and not self._over_limit(count):
-                    piece, [count] = text, self._counts([text])  # see _grown
+            piece, count = self._enough(text, piece, count, truncate_left)
             encodings.append(Encoding(min(count, limit), count,
                                       LibraryText(piece, truncate_left)))
         return encodings
@@ -262,6 +255,17 @@ class RequestTokenizer:
         if left:
             return text[self._tail_start(text, len(text)):]
         return text[:self._head_end(text, 0)]
+
+    def _enough(self, text: str, piece: str, count: int, left: bool) -> tuple[str, int]:
+        """`piece` of `text`, with its `count` of tokens, if it holds more than the limit
+        (or is the text); else grown until it does (sparse in tokens), else the text."""
+        if len(piece) == len(text) or self._over_limit(count):
+            return piece, count
+        piece = self._grown(text, piece, count, left)
+        [count] = self._counts([piece])
+        if len(piece) < len(text) and not self._over_limit(count):
+            piece, [count] = text, self._counts([text])  # see _grown
+        return piece, count
 
     def _grown(self, text: str, piece: str, found: int, left: bool) -> str:
         """A piece of `text` that should hold more tokens than the limit (or the text
