@@ -179,6 +179,9 @@ def test_an_idle_model_is_unloaded_and_its_memory_given_back(big: str) -> None:
         else:
             pytest.fail("the model was unloaded before its memory could be measured")
         wait_for(lambda: loaded(srv) == [], "the idle model to be unloaded")
+        # /info says unloaded as the slot lets go; the memory is given back just after,
+        # and the log says so last (read at once, the RSS was once still the same).
+        wait_for(lambda: any("unloaded" in line for line in srv.log), "its memory given back")
         after = worker_rss(srv)
         assert before - after >= weights / 2, (before, after, weights)
         assert embed(srv, "hash-v1-384", TEXTS[:1])  # the hash tier stays
