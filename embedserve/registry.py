@@ -45,6 +45,7 @@ class Known:
     of it loaded or not (TEI clients read its id and input limit there)."""
 
     name: str  # its backend tier
+    kind: str  # embedding or reranker
     model: str
     dimensions: int
     max_input_tokens: int | None
@@ -64,9 +65,13 @@ class Slot:
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
     keep_until: float | None = None  # set by a request's keep_alive; else the idle timeout
-    kind: str | None = None  # embedding or reranker, once loaded (kept when unloaded)
     known: Known | None = None  # what it said of itself, once loaded (kept when unloaded)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def kind(self) -> str | None:
+        """embedding or reranker, once loaded (None: never loaded yet)."""
+        return self.known.kind if self.known is not None else None
 
     @property
     def backend(self) -> BackendInfo | None:
@@ -233,8 +238,7 @@ class Registry:
                 self._check_unique_names()
             with self._lock:
                 slot.loaded = loaded
-                slot.kind = backend.kind
-                slot.known = Known(backend.name, backend.model, backend.dimensions,
+                slot.known = Known(backend.name, backend.kind, backend.model, backend.dimensions,
                                    backend.max_input_tokens, tuple(backend.prompts),
                                    backend.default_prompt_name)
                 slot.last_used = time.monotonic()

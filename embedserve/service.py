@@ -334,8 +334,7 @@ class EmbeddingService:
         }
 
     def _model_info(self, registry: Registry, slot: Slot) -> dict[str, object]:
-        backend, batcher = slot.backend, slot.batcher
-        known = backend or slot.known  # unloaded: what it said when it was loaded
+        backend, batcher, known = slot.backend, slot.batcher, slot.known  # known: loaded once
         return {
             "names": list(slot.names.listed),
             "kind": slot.kind,  # "embedding" or "reranker" (None: not loaded yet)
