@@ -20,6 +20,7 @@ from embedserve.hashing import HashEmbedder
 from embedserve.httphead import read_header_lines
 
 from conftest import Server, request, start_server
+from test_metrics import requests_of, scrape_until
 
 EMBEDDER = HashEmbedder(384)
 JSON = b"Content-Type: application/json\r\n"
@@ -623,16 +624,6 @@ def test_queued_big_requests_do_not_get_the_worker_killed(fresh_server: list[Ser
     assert info["pid"] == pid and info["restarts"] == 0
 
 
-def metric_lines(srv: Server, prefix: str) -> list[str]:
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        return [line for line in conn.getresponse().read().decode().splitlines()
-                if line.startswith(prefix)]
-    finally:
-        conn.close()
-
-
 def test_requests_whose_clients_hung_up_are_not_hashed(fresh_server: list[Server]) -> None:
     # The hash tier embeds one request at a time. Requests queued behind a long one whose
     # clients had hung up were each computed in full, for no one; now they are dropped
@@ -649,14 +640,10 @@ def test_requests_whose_clients_hung_up_are_not_hashed(fresh_server: list[Server
             sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
                          b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
     live.join(120)
-    dropped = 'embedserve_requests_total{route="/embed",method="POST",status="499"} 3'
-    for _ in range(200):
-        if dropped in metric_lines(srv, "embedserve_requests_total"):
-            break
-        time.sleep(0.05)
-    assert dropped in metric_lines(srv, "embedserve_requests_total")
-    texts = metric_lines(srv, "embedserve_texts_embedded_total{")
-    assert len(texts) == 1 and texts[0].endswith(" 300"), texts  # the live request's only
+    samples = scrape_until(srv, lambda s: requests_of(s, "/embed", "POST", "499") == 3)
+    assert requests_of(samples, "/embed", "POST", "499") == 3
+    texts = samples["embedserve_texts_embedded_total"]
+    assert list(texts.values()) == [300], texts  # the live request's only
     assert_serving(srv)
 
 
