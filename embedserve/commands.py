@@ -207,7 +207,8 @@ def _run_model_command(args: argparse.Namespace, parser: argparse.ArgumentParser
             return _pull(args)
         if args.command == "models":
             return _models(args.json)
-        return _remove(args.models, {} if args.force else _served_models(args.url, parser))
+        return _remove(args.models, ("", frozenset()) if args.force
+                       else _served_models(args.url, parser))
     except modelcache.HubError as exc:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -267,12 +268,14 @@ def _models(as_json: bool) -> int:
     return 0
 
 
-def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str, str] | str:
-    """What the server at `url` serves (each model's id and names, lower-cased, with the
-    URL); empty when no server answers there (nothing is started to ask); the URL alone
-    when a server answers but is still loading, and so may be loading any model. A bad
-    --url is a usage error, as elsewhere."""
+def _served_models(url: str | None, parser: argparse.ArgumentParser
+                   ) -> tuple[str, frozenset[str] | None]:
+    """The URL of the server `url` finds and what it serves (each model's id and names,
+    lower-cased): none when no server answers there (nothing is started to ask); None when
+    one answers but not yet (loading, busy), and so may be loading any model. A bad --url
+    is a usage error, as elsewhere."""
     from embedserve.client import Client, EmbedServeError, ServerUnavailable
+    from embedserve.client.transport import RETRYABLE_STATUSES
 
     try:
         client = Client(url, autostart=False, fallback="never", retries=0, timeout=5.0,
@@ -283,29 +286,28 @@ def _served_models(url: str | None, parser: argparse.ArgumentParser) -> dict[str
         try:
             info = client.info()
         except ServerUnavailable as exc:
-            return client.url if exc.status == 503 else {}
+            busy = exc.status is not None and exc.status in RETRYABLE_STATUSES
+            return client.url, None if busy else frozenset()
         except EmbedServeError:
-            return {}
-        where = client.url
+            return client.url, frozenset()
     entries = info.get("models")
-    return {str(name).lower(): where
-            for entry in (entries if isinstance(entries, list) else [info])
-            if isinstance(entry, dict)
-            for name in [entry.get("model"), *(entry.get("names") or [])] if name}
+    return client.url, frozenset(
+        str(name).lower()
+        for entry in (entries if isinstance(entries, list) else [info])
+        if isinstance(entry, dict)
+        for name in [entry.get("model"), *(entry.get("names") or [])] if name)
 
 
-def _remove(models: Sequence[str], served: dict[str, str] | str) -> int:
+def _remove(models: Sequence[str], served: tuple[str, frozenset[str] | None]) -> int:
+    where, names = served
     failed = 0
     for model in models:
-        if isinstance(served, str):
-            print(f"embedserve rm: the server at {served} is still loading and may be loading "
-                  f"{model}; wait until it serves, or pass --force", file=sys.stderr)
-            failed += 1
-            continue
-        if model.lower() in served:
-            print(f"embedserve rm: the server at {served[model.lower()]} serves {model}: its "
-                  "workers hold it in memory, but one it restarts (a crash, a SIGHUP) would "
-                  "not find it; stop that server first, or pass --force", file=sys.stderr)
+        if names is None or model.lower() in names:
+            doing = ("answers but does not serve yet (loading or busy) and may be loading"
+                     if names is None else "serves")
+            print(f"embedserve rm: the server at {where} {doing} {model}: its workers hold it "
+                  "in memory, and one it restarts (a crash, a SIGHUP) would not find it; "
+                  "stop that server first, or pass --force", file=sys.stderr)
             failed += 1
             continue
         try:

@@ -340,7 +340,8 @@ class EmbeddingService:
             "kind": slot.kind,  # "embedding" or "reranker" (None: not loaded yet)
             "loaded": backend is not None,
             "backend": known.name if known else None,
-            "model": known.model if known else slot.names.primary,
+            # Never loaded: the model it will load, as --model named it (rm reads this).
+            "model": known.model if known else slot.spec or slot.names.primary,
             # A reranker's rows are scores, not vectors of a size a client could use.
             "dimensions": known.dimensions if known and slot.kind != RERANKER else None,
             "device": backend.device if backend else None,

@@ -226,7 +226,8 @@ def test_embed_stops_when_the_model_changes_between_chunks_of_stdin() -> None:
     assert len(done.stdout.splitlines()) == STDIN_CHUNK
 
 
-def test_rm_refuses_soon_beside_a_server_still_loading(tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", [503, 429])
+def test_rm_refuses_soon_beside_a_server_still_loading(tmp_path: Path, status: int) -> None:
     # A server answering 503 (loading) to everything: rm's question was retried for the
     # client's 60 s retry_timeout, and then went on as if no server were there -- while
     # that server might be loading the very model. It refuses, soon; --force deletes.
@@ -236,7 +237,7 @@ def test_rm_refuses_soon_beside_a_server_still_loading(tmp_path: Path) -> None:
     class Loading(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = b'{"error": "loading"}'
-            self.send_response(503)
+            self.send_response(status)  # loading; or busy (was taken for no server)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -257,7 +258,8 @@ def test_rm_refuses_soon_beside_a_server_still_loading(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert done.returncode == 1, done
-    assert f"the server at {url} is still loading and may be loading org/absent" in done.stderr
+    assert f"the server at {url} answers but does not serve yet (loading or busy) and may be " \
+           "loading org/absent" in done.stderr
     assert "--force" in done.stderr and "not in the Hugging Face cache" not in done.stderr
     assert forced.returncode == 1 and "org/absent is not in the Hugging Face cache" in \
         forced.stderr

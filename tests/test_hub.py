@@ -350,6 +350,15 @@ def test_rm_keeps_a_model_a_running_server_serves_unless_forced(
     assert done.returncode == 1
     assert f"the server at {url} serves org/tiny" in done.stderr and "--force" in done.stderr
     assert (copy / "hub" / "models--org--tiny").exists()
+    # Not loaded yet (--no-preload) and served under another name: /info named only that
+    # name, and rm deleted the model the server loads on its first request.
+    lazy = start_server("--model", "org/tiny", "--no-preload", "--served-model-name", "mine",
+                        env=env, timeout=120)
+    fresh_server.append(lazy)
+    lazy_url = f"http://127.0.0.1:{lazy.port}"
+    done = embedserve("rm", "org/tiny", "--url", lazy_url, env=env)
+    assert done.returncode == 1 and f"the server at {lazy_url} serves org/tiny" in done.stderr
+    assert (copy / "hub" / "models--org--tiny").exists()
     # The same server found by EMBEDSERVE_URL; --force deletes, and the server serves on.
     done = embedserve("rm", "ORG/tiny", "--force", env={**env, "EMBEDSERVE_URL": url})
     assert done.returncode == 0, done.stderr
