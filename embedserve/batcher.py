@@ -61,16 +61,16 @@ STOP_WAIT = 30.0  # seconds a stopping model thread may take to finish its pass
 # lives (the next request starts another): see Batcher.__init__.
 IDLE_END = 2.0
 _IDLE: list[Any] = []  # _peek's answer to a model thread that is to end, idle
-_cpu_threads = [0]  # CPU model threads alive in this process, counted under _count_lock
+_cpu_threads: set[threading.Thread] = set()  # CPU model threads alive, under _count_lock
 _count_lock = threading.Lock()
 
 
 def _leave_idle() -> bool:
-    """Whether an idle CPU model thread ends: while another lives. Decided and uncounted in
-    one step, so that two idling together never both end."""
+    """Whether an idle CPU model thread ends: while another lives. Decided and left in one
+    step, so that two idling together never both end."""
     with _count_lock:
-        if _cpu_threads[0] > 1:
-            _cpu_threads[0] -= 1
+        if len(_cpu_threads) > 1:
+            _cpu_threads.discard(threading.current_thread())
             return True
         return False
 
@@ -142,7 +142,6 @@ class Batcher:
         # first pass took 22 ms against 14 (a 1-text pass after 2.5 s idle).
         self._idle_end = IDLE_END if model.device.startswith("cpu") else None
         self._thread: threading.Thread | None = None  # started by the first request
-        self._rested = True  # no thread has served since the last one ended idle
 
     def check_room(self, texts: int) -> None:
         """429 unless `texts` more fit in the queue: asked before a request is tokenized,
@@ -212,11 +211,8 @@ class Batcher:
         and refuse new ones with it. A pass in progress finishes, unread."""
         with self._ready:
             self._closed = error
-            jobs, self._jobs, self._queued = list(self._jobs), deque(), 0
-        jobs += [item.job for item in self._in_pass]
-        for job in jobs:
-            job.error = error
-            job.done.set()
+            jobs = self._take_jobs()
+        _answer(jobs, error)
 
     def stop(self) -> None:
         """For an unloaded model: refuse what waits, and let the model thread end (it holds
@@ -233,13 +229,11 @@ class Batcher:
 
     # -- the model thread ------------------------------------------------------------------
     def _run(self) -> None:
-        counted = self._idle_end is not None
-        if counted:
+        if self._idle_end is not None:
             with _count_lock:
-                _cpu_threads[0] += 1
-        idled = False
+                _cpu_threads.add(threading.current_thread())
         try:
-            idled = self._serve()
+            self._serve()
         except BaseException as exc:
             # Past the guarded planning and passes (the queue's own bookkeeping): answer
             # what waits and let the next request start a thread, rather than leave every
@@ -248,19 +242,19 @@ class Batcher:
             self._fail_all(ApiError(500, f"the model thread failed: {type(exc).__name__}: "
                                          f"{exc}"))
         finally:
-            if counted and not idled:  # an idle end was uncounted when it was decided
-                with _count_lock:
-                    _cpu_threads[0] -= 1
+            with _count_lock:
+                _cpu_threads.discard(threading.current_thread())
 
-    def _serve(self) -> bool:
-        """Passes until stopped (False) or idle beside another model's thread (True)."""
+    def _serve(self) -> None:
+        """Passes until stopped or idle beside another model's thread."""
+        first = True  # a new thread: its first pass may wait for company (see _peek)
         while True:
-            pool = self._peek()
+            pool, first = self._peek(first), False
             if pool is None:  # stopped
                 self.model = None  # type: ignore[assignment]  # its memory can go now
-                return False
+                return
             if pool is _IDLE:  # the next request starts another thread
-                return True
+                return
             try:
                 batch = pick_batch(pool, self.overhead, self.max_batch_texts,
                                    self.pass_tokens)
@@ -281,21 +275,20 @@ class Batcher:
                                                 f"{exc}"))
             self._in_pass = []
 
-    def _peek(self) -> list[_Item] | None:
+    def _peek(self, first: bool) -> list[_Item] | None:
         """A few batches' worth of waiting texts, taken from the waiting requests in turn
         (the first text of each, then the second...), least served first. They stay
         queued, so that the length admission checks stays true while they are planned.
         None once stopped; _IDLE when this thread is to end, having waited IDLE_END beside
         another model's thread."""
         with self._ready:
-            idle, self._rested = self._rested or not self._jobs, False
+            idle = first or not self._jobs
             while not self._jobs:
                 if self._closed is not None:
                     return None
                 if not self._ready.wait(self._idle_end) and not self._jobs and \
                         self._closed is None and _leave_idle():
                     self._thread = None  # under the lock: embed() sees it and starts one
-                    self._rested = True
                     return _IDLE
             if idle and self.wait:
                 # An optional short wait for company, once per busy spell: more texts per
@@ -364,14 +357,16 @@ class Batcher:
         """Answer every request waiting with `error` (this thread is gone), and clear the
         way for the next request to start another."""
         with self._ready:
-            jobs, self._jobs, self._queued = list(self._jobs), deque(), 0
-            if self._thread is threading.current_thread():
-                self._thread = None
-        for job in jobs + [item.job for item in self._in_pass]:
-            if job.error is None:
-                job.error = error
-            job.done.set()
+            jobs = self._take_jobs()
+            self._thread = None  # this one: only it clears the field, when it ends idle
+        _answer(jobs, error)
         self._in_pass = []
+
+    def _take_jobs(self) -> list[_Job]:
+        """Every request waiting, in the queue or in the pass in progress; the queue
+        emptied (the lock held)."""
+        jobs, self._jobs, self._queued = list(self._jobs), deque(), 0
+        return jobs + [item.job for item in self._in_pass]
 
     def _fail(self, items: list[_Item], error: ApiError) -> None:
         for item in items:
@@ -460,3 +455,11 @@ def plan_batches(pool: list[_Item], overhead: float, max_texts: int, max_tokens:
         batches.append(items[start[end]:end])
         end = start[end]
     return batches[::-1]
+
+
+def _answer(jobs: list[_Job], error: ApiError) -> None:
+    """End each job's wait with `error` (one that already failed keeps its own)."""
+    for job in jobs:
+        if job.error is None:
+            job.error = error
+        job.done.set()
