@@ -151,8 +151,8 @@ def first_tokens(backend: BackendInfo, documents: list[str], limit: int | None) 
 
 
 def _check_well_formed(request: RerankRequest) -> None:
-    check_well_formed([request.query], lambda _: "the query")
-    check_well_formed(request.documents, "document {}".format)
+    check_well_formed([request.query], lambda _: "the query", "query")
+    check_well_formed(request.documents, "document {}".format, "documents")
 
 
 def _best(scores: list[float], top_n: int | None) -> list[Ranked]:

@@ -430,15 +430,16 @@ def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: boo
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def check_well_formed(texts: list[str], name: Callable[[int], str] = "input {}".format
-                      ) -> None:
+def check_well_formed(texts: list[str], name: Callable[[int], str] = "input {}".format,
+                      param: str = "input") -> None:
     """JSON can carry a lone surrogate ("\\ud800"), which is not text a tokenizer can take:
-    a 400 naming the input (`name` of its index), not a 500 for the whole batch. (The hash
-    tier's spec gives them a meaning; the ML tiers have none to give.)"""
+    a 400 naming the input (`name` of its index) and its field (`param`, in the core's
+    words), not a 500 for the whole batch. (The hash tier's spec gives them a meaning; the
+    ML tiers have none to give.)"""
     for i, text in enumerate(texts):
         if _SURROGATE.search(text):
             raise ApiError(400, f"{name(i)} contains a lone surrogate (U+D800 to U+DFFF), "
-                                "which is not valid Unicode text")
+                                "which is not valid Unicode text", param=param)
 
 
 def _parts(texts: list[str], chars: int) -> Iterator[list[str]]:

@@ -75,6 +75,9 @@ def test_lone_surrogates_are_a_400_naming_the_input(ml_server: Server) -> None:
     assert status == 400 and "input 1" in body["error"] and "surrogate" in body["error"]
     status, _, body = ml_server.request("POST", "/tokenize", raw=b'{"inputs": "\\ud800 cat"}')
     assert status == 400 and "input 0" in body["error"]
+    status, _, body = ml_server.request("POST", "/v1/embeddings",
+                                        raw=b'{"input": ["\\ud800"]}')
+    assert status == 400 and body["error"]["param"] == "input"  # OpenAI's error names it
     assert embed(ml_server, ["\U0001F642 a proper pair"])  # a real astral character is fine
 
 
