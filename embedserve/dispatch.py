@@ -7,6 +7,12 @@ route, dialect, auth rule and error behaves the same whichever carries the reque
 A transport hands over an `Incoming`: the request line and headers, and the body to read
 on demand (so a 429 or a 401 is answered before a large body is read), plus its own checks
 of framing. `handle()` is the same for a transport that already holds the whole body.
+
+A request's work takes a slot (service.admit) once its body is in: a client sending its
+body slowly, or not at all, holds no slot the others need. A body over SMALL_BODY_BYTES (or
+chunked, of unknown size) first takes one of as many places for large bodies, held until
+it is answered: a flood of them is refused before it is buffered, and memory stays bounded
+by the places, not by the connections.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import hmac
 import json
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +43,10 @@ CLIENT_GONE = 499
 # Methods worth their own metrics label; any other is counted as "other" (labels must not
 # grow with what clients invent).
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# A body up to this size is read before its request takes a slot: max_connections of them
+# stalled halfway hold 32 MiB at the default limits, and only connections, which the
+# connection limit closes (the longest stalled first) when it needs their places.
+SMALL_BODY_BYTES = 64 * 1024
 
 
 class Headers(Protocol):
@@ -66,6 +78,11 @@ class Incoming(Protocol):
         """time.monotonic() when the request began to arrive."""
         ...
 
+    @property
+    def body_length(self) -> int | None:
+        """The body's size as announced (Content-Length); None: known once read (chunked)."""
+        ...
+
     def check_transport(self) -> None:
         """The transport's own checks (framing), first; raises ApiError."""
         ...
@@ -94,14 +111,40 @@ class _Exchange:
     """routing.Exchange for one request: what a route's answer may use of it."""
 
     def __init__(self, incoming: Incoming, service: EmbeddingService, dialect: Dialect,
-                 draining: bool) -> None:
+                 draining: bool, large_bodies: threading.Semaphore) -> None:
         self._incoming = incoming
         self.service = service
         self.dialect = dialect
         self.draining = draining
         self.started = incoming.started
+        self._large_bodies = large_bodies
+        self._body: bytes | None = None
 
-    def read_json(self) -> Any:
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """The request's JSON body received, then a slot for its work (see the module's
+        docstring for the order)."""
+        service = self.service
+        self._check_content_type()
+        length = self._incoming.body_length
+        if length is not None and length <= SMALL_BODY_BYTES:
+            self._body = self._incoming.read_body()
+            with service.admit(), service.in_flight():
+                yield
+            return
+        if not self._large_bodies.acquire(blocking=False):
+            raise ApiError(429, "server is receiving its limit of "
+                                f"{service.config.max_concurrent_requests} large request "
+                                "bodies; retry shortly", headers={"Retry-After": "1"})
+        try:
+            with service.in_flight():  # an upload under way is work a scaler should see
+                self._body = self._incoming.read_body()
+                with service.admit():
+                    yield
+        finally:
+            self._large_bodies.release()
+
+    def _check_content_type(self) -> None:
         headers = self._incoming.headers
         if len(headers.get_all("Content-Type") or ()) > 1:  # a proxy may have read another
             raise ApiError(400, "malformed request: more than one Content-Type header")
@@ -111,7 +154,12 @@ class _Exchange:
             got = headers.get("Content-Type")
             raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'"
                                 + (f" (got {quoted(got)})" if got else ""))
-        body = self._incoming.read_body()
+
+    def read_json(self) -> Any:
+        if self._body is None:  # a route that takes no slot
+            self._check_content_type()
+            self._body = self._incoming.read_body()
+        body = self._body
         try:
             # A byte order mark is ignored, as RFC 8259 allows (Windows tools send one).
             text = body.decode("utf-8").removeprefix("\ufeff")
@@ -140,6 +188,7 @@ class Dispatcher:
         self.service = service
         self.config = service.config
         self.guards = guards if guards is not None else Guards.from_config(service.config)
+        self._large_bodies = threading.Semaphore(service.config.max_concurrent_requests)
 
     def answer(self, incoming: Incoming, *, draining: bool = False) -> Outgoing:
         """The answer to one request. A transport's TimeoutError or ConnectionError (the
@@ -177,7 +226,8 @@ class Dispatcher:
                     except ApiError:
                         route_label = "(unauthenticated)"  # nothing of the request is kept
                         raise
-                    reply = method.answer(_Exchange(incoming, self.service, dialect, draining))
+                    reply = method.answer(_Exchange(incoming, self.service, dialect, draining,
+                                                    self._large_bodies))
             except (TimeoutError, ConnectionError) as lost:
                 # The connection is unusable: the transport closes it, after a 408 for a
                 # request not received in time. Counted as what the client got (a 500 once,
@@ -283,6 +333,10 @@ class Buffered:
     started: float
     gone: Callable[[], bool] | None = None
     max_body_bytes: int = 0
+
+    @property
+    def body_length(self) -> int:
+        return len(self.body)
 
     def check_transport(self) -> None:
         pass

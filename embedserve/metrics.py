@@ -54,8 +54,9 @@ PASS = Family("embedserve_batch_duration_seconds", "histogram",
               "(summed over workers: up to one per worker).",
               LATENCY_BUCKETS)
 IN_FLIGHT = Family("embedserve_requests_in_flight", "gauge",
-                   "Embedding and tokenize requests being served now, over all workers "
-                   "(at most --max-concurrent-requests per worker).")
+                   "Embedding and tokenize requests being served now, and large bodies "
+                   "being received, over all workers (at most twice "
+                   "--max-concurrent-requests per worker).")
 QUEUE = Family("embedserve_queue_depth", "gauge",
                "Texts waiting for the model, over all workers (sampled each second).")
 RESTARTS = Family("embedserve_worker_restarts_total", "counter",

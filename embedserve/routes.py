@@ -64,7 +64,7 @@ def ollama_running(exchange: Exchange) -> Reply:
 
 def tei_tokenize(exchange: Exchange) -> Reply:
     service = exchange.service
-    with service.admit():
+    with exchange.admit():
         request = TEI_DIALECT.parse_tokenize(exchange.read_json(), service.config.max_batch_size,
                                              MAX_TOKENIZE_CHARS)
         tokens = service.tokenize(request.texts, request.add_special_tokens, request.model)
@@ -74,7 +74,7 @@ def tei_tokenize(exchange: Exchange) -> Reply:
 def embed(exchange: Exchange) -> Reply:
     """Every dialect's embedding route: the route's dialect parses and renders."""
     service, dialect = exchange.service, exchange.dialect
-    with service.admit():
+    with exchange.admit():
         request = dialect.parse(exchange.read_json(), service.config.max_batch_size)
         computing = time.monotonic()
         result = service.embed(request, exchange.client_gone)
@@ -91,7 +91,7 @@ def embed(exchange: Exchange) -> Reply:
 
 def tei_rerank(exchange: Exchange) -> Reply:
     service = exchange.service
-    with service.admit():
+    with exchange.admit():
         payload = exchange.read_json()
         request = TEI_RERANK.parse_rerank(payload, service.config.max_rerank_documents)
         TEI_RERANK.check_return_text(payload)
@@ -103,7 +103,7 @@ def cohere_rerank(exchange: Exchange) -> Reply:
     """Cohere's /v1/rerank and /v2/rerank (the route's dialect holds the version)."""
     service, dialect = exchange.service, exchange.dialect
     assert isinstance(dialect, Cohere)
-    with service.admit():
+    with exchange.admit():
         payload = exchange.read_json()
         request = dialect.parse_rerank(payload, service.config.max_rerank_documents)
         result = scoring.rerank(service, request, exchange.client_gone)
@@ -112,7 +112,7 @@ def cohere_rerank(exchange: Exchange) -> Reply:
 
 def tei_similarity(exchange: Exchange) -> Reply:
     service = exchange.service
-    with service.admit():
+    with exchange.admit():
         request = TEI_RERANK.parse_similarity(exchange.read_json(),
                                               service.config.max_rerank_documents)
         return Reply(scoring.similarity(service, request, exchange.client_gone))

@@ -7,6 +7,7 @@ on them and openapi.py describes them, so the three can never disagree.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ class Reply:
 
 
 class Exchange(Protocol):
-    """What an answer may use of the request it answers (handler.Handler is one): the
+    """What an answer may use of the request it answers (dispatch._Exchange is one): the
     route's service and dialect, the body as JSON, and no more of HTTP than that."""
 
     @property
@@ -43,8 +44,13 @@ class Exchange(Protocol):
         """time.monotonic() when the request line arrived."""
         ...
 
+    def admit(self) -> AbstractContextManager[None]:
+        """Receive the body, then hold a slot among max_concurrent_requests for the work
+        (service.admit: 429 when none is free)."""
+        ...
+
     def read_json(self) -> Any:
-        """The request body as JSON; call it holding a slot from service.admit()."""
+        """The request body as JSON; call it inside admit()."""
         ...
 
     def client_gone(self) -> bool:

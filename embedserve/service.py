@@ -114,18 +114,25 @@ class EmbeddingService:
 
     @contextmanager
     def admit(self) -> Iterator[None]:
-        """A slot among max_concurrent_requests for one request's work, taken before its
-        body is read: a flood of large bodies is refused before it is buffered."""
+        """A slot among max_concurrent_requests for one request's work, taken once its
+        body is in (dispatch.py: the transport's side of it)."""
         if not self._slots.acquire(blocking=False):
             raise ApiError(429, "server is at its limit of "
                                 f"{self.config.max_concurrent_requests} concurrent requests; "
                                 "retry shortly", headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Counted in /metrics as a request being served (the transport says from when)."""
         self.metrics.request_started()
         try:
             yield
         finally:
             self.metrics.request_finished()
-            self._slots.release()
 
     @contextmanager
     def backend_call(self) -> Iterator[None]:

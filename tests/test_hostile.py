@@ -397,12 +397,13 @@ def test_body_on_get_is_never_parsed_as_the_next_request(server: Server) -> None
 
 # -- slots before bodies ------------------------------------------------------------------------
 
-def test_a_full_server_refuses_before_reading_the_body(fresh_server: list[Server]) -> None:
+def test_a_full_server_refuses_a_large_body_before_reading_it(fresh_server: list[Server]
+                                                              ) -> None:
     srv = start_server("--max-concurrent-requests", "1", "--request-timeout", "20")
     fresh_server.append(srv)
-    body = json.dumps({"inputs": "held"}).encode()
+    body = json.dumps({"inputs": "held " * 20_000}).encode()  # over 64 KiB
     with connect(srv) as holder, connect(srv) as flood:
-        # The holder's request is admitted and its body still on its way: it holds the slot.
+        # The holder's body is still on its way: it holds the one place for a large body.
         holder.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
                        b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
         time.sleep(0.3)
@@ -410,11 +411,33 @@ def test_a_full_server_refuses_before_reading_the_body(fresh_server: list[Server
         # (before: the server waited for all of it, then timed out with 408).
         flood.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
                       b"Content-Length: 8000000\r\n\r\n")
-        status, headers, _ = read_response(flood)
+        status, headers, reply = read_response(flood)
         assert status == 429 and headers.get("connection") == "close"
+        assert b"large request bodies" in reply
+        # A small request is served beside it: the holder takes no slot until its body is in.
+        assert srv.request("POST", "/embed", {"inputs": "small"})[0] == 200
         holder.sendall(body[5:])
         status, _, reply = read_response(holder)
-        assert status == 200 and json.loads(reply) == [EMBEDDER.embed_one("held")]
+        assert status == 200 and json.loads(reply) == [EMBEDDER.embed_one("held " * 20_000)]
+
+
+def test_clients_stalling_their_bodies_hold_no_slot(fresh_server: list[Server]) -> None:
+    # Before, each held one of --max-concurrent-requests until --request-timeout: a few
+    # sockets that never finish a body answered every other request 429.
+    srv = start_server("--max-concurrent-requests", "2", "--request-timeout", "20")
+    fresh_server.append(srv)
+    stallers = [connect(srv) for _ in range(2)]
+    try:
+        for sock, framing in zip(stallers, (b"Content-Length: 100\r\n\r\n{",
+                                            b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")):
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON + framing)
+        time.sleep(0.3)
+        for _ in range(3):
+            status, _, reply = srv.request("POST", "/embed", {"inputs": "served"})
+            assert status == 200 and reply == [EMBEDDER.embed_one("served")]
+    finally:
+        for sock in stallers:
+            sock.close()
 
 
 def test_tokenize_takes_a_slot_and_has_an_input_limit(fresh_server: list[Server]) -> None:
@@ -424,12 +447,16 @@ def test_tokenize_takes_a_slot_and_has_an_input_limit(fresh_server: list[Server]
     assert status == 413 and "/tokenize" in body["error"]
     status, _, body = srv.request("POST", "/tokenize", {"inputs": "two words"})
     assert status == 200 and [t["text"] for t in body[0]] == ["two", "words"]
-    with connect(srv) as holder:
-        holder.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n" + JSON +
-                       b"Content-Length: 100\r\n\r\n{")
-        time.sleep(0.3)
-        status, _, _ = srv.request("POST", "/tokenize", {"inputs": "two words"})
-        assert status == 429
+    # While a long embedding request holds the one slot, /tokenize is refused.
+    big = {"inputs": [("lorem ipsum dolor %d " % i) * 150 for i in range(1500)]}
+    done: list[int] = []
+    thread = threading.Thread(target=lambda: done.append(srv.request("POST", "/embed", big)[0]))
+    thread.start()
+    statuses = set()
+    while thread.is_alive() and 429 not in statuses:
+        statuses.add(srv.request("POST", "/tokenize", {"inputs": "two words"})[0])
+    thread.join(60)
+    assert done == [200] and 429 in statuses, "the long request never overlapped a tokenize"
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -149,11 +149,11 @@ def test_counts_survive_a_rolling_restart(servers: list[Server]) -> None:
 def test_requests_in_flight_are_summed_over_workers(servers: list[Server]) -> None:
     srv = start_server("--workers", "2")
     servers.append(srv)
-    body = json.dumps({"inputs": ["held open"]}).encode()
+    body = json.dumps({"inputs": ["held open " * 10_000]}).encode()
     held = []
     try:
         for _ in range(6):
-            # Headers and part of the body: the request holds its slot while it sends.
+            # Headers and part of a large body: the request is under way while it sends.
             sock = socket.create_connection((srv.host, srv.port), timeout=20)
             sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
