@@ -143,8 +143,11 @@ class OpenAI:
     def error_body(self, error: ApiError) -> Any:
         kind = _OPENAI_TYPES.get(error.status,
                                  "server_error" if error.status >= 500 else "invalid_request_error")
+        # OpenAI's own code for a model it does not serve, which SDK users branch on.
+        code = ("model_not_found" if error.status == 404 and error.param == "model"
+                else _OPENAI_CODES.get(error.status))
         return {"error": {"message": error.message, "type": kind, "param": error.param,
-                          "code": _OPENAI_CODES.get(error.status)}}
+                          "code": code}}
 
     def render_models(self, names: Sequence[str], created: float) -> dict[str, Any]:
         """GET /v1/models: the served model's names, as OpenAI's SDKs list models."""

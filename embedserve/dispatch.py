@@ -146,6 +146,13 @@ class _Exchange:
 
     def _check_content_type(self) -> None:
         headers = self._incoming.headers
+        codings = [coding.strip(" \t").lower() for value in headers.get_all("Content-Encoding") or ()
+                   for coding in value.split(",")]
+        if any(coding not in ("", "identity") for coding in codings):
+            # RFC 9110 15.5.16 (read as it comes, a gzip body was "not valid UTF-8").
+            raise ApiError(415, "request bodies are taken without a Content-Encoding (got "
+                                f"{quoted(', '.join(codings))}); send the JSON as it is",
+                           headers={"Accept-Encoding": "identity"})
         if len(headers.get_all("Content-Type") or ()) > 1:  # a proxy may have read another
             raise ApiError(400, "malformed request: more than one Content-Type header")
         if not is_json_media_type(headers.get("Content-Type")):

@@ -4,6 +4,7 @@ the fix it pins."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import io
 import json
@@ -596,6 +597,19 @@ def test_posts_must_declare_json(server: Server, content_type: str | None) -> No
     finally:
         conn.close()
     assert response.status == 415 and "application/json" in reply["error"]
+
+
+def test_a_compressed_body_is_a_415_naming_the_coding(server: Server) -> None:
+    # It was read as it came: "400 request body is not valid UTF-8".
+    body = gzip.compress(b'{"inputs": "x"}')
+    for coding in ("gzip", "identity, br"):
+        status, headers, reply = server.request("POST", "/embed", raw=body, headers={
+            "Content-Encoding": coding})
+        assert status == 415 and coding in reply["error"], reply
+        assert headers["accept-encoding"] == "identity"
+    status, _, reply = server.request("POST", "/embed", {"inputs": "x"},
+                                      headers={"Content-Encoding": "identity"})
+    assert status == 200 and reply == [EMBEDDER.embed_one("x")]
 
 
 def test_cors_origins_allows_a_page_with_preflight(fresh_server: list[Server]) -> None:

@@ -229,6 +229,10 @@ def test_unknown_route_is_404_json(server: Server) -> None:
     assert status == 404 and body["error_type"] == "NotFound"
     status, _, body = server.request("POST", "/v1/nope", {"input": "x"})
     assert status == 404 and body["error"]["code"] == "not_found"
+    # A model not served is OpenAI's model_not_found, not a missing route.
+    status, _, body = server.request("POST", "/v1/embeddings", {"input": "x", "model": "gpt"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert body["error"]["param"] == "model"
     assert_alive(server)
 
 
