@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embedserve import __version__
-from embedserve.contracts import ENV_PREFIX, env_name
+from embedserve.contracts import env_name
 
 BACKENDS = ("auto", "sentence-transformers", "transformers", "hash")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"

@@ -4,7 +4,7 @@ service answers them. Nothing here imports another embedserve module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -30,6 +30,8 @@ class EmbedRequest:
     # False: the texts as they are, with no prompt (not even --default-prompt-name):
     # rerank by embeddings compares query and documents embedded alike.
     prompts: bool = True
+    # What an error calls text i ("the query", "document 0" where a rerank is embedded).
+    input_name: Callable[[int], str] = "input {}".format
 
 
 @dataclass(frozen=True)

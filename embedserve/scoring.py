@@ -42,12 +42,13 @@ def rerank(service: EmbeddingService, request: RerankRequest,
         model, batcher = slot.model, slot.batcher
         assert model is not None and batcher is not None  # a reranker is a batched model
         if SCORE not in model.capabilities:  # a kind and its capabilities go together
-            raise ApiError(400, f"model {model.model} does not score pairs")
+            raise ApiError(400, f"model {slot.names.primary} does not score pairs")
         _check_well_formed(request)
         batcher.check_room(len(request.documents))  # before tokenizing, as for embed
         documents = first_tokens(model, request.documents, request.max_tokens_per_doc)
         encodings = model.prepare_pairs(request.query, documents)
-        _check_pair_lengths(model.model, model.max_input_tokens, encodings, request.truncate)
+        _check_pair_lengths(slot.names.primary, model.max_input_tokens, encodings,
+                            request.truncate)
         # Rows are [raw score, activated score]: never normalised.
         rows = batcher.embed(encodings, False, client_gone)
         column = 0 if request.raw_scores else 1
@@ -73,7 +74,8 @@ def similarity(service: EmbeddingService, request: SimilarityRequest,
         name = slot.names.primary
     result = service.embed(EmbedRequest(
         texts=[request.source] + request.sentences, model=name, truncate=request.truncate,
-        truncate_left=request.truncate_left, prompt_name=request.prompt_name), client_gone)
+        truncate_left=request.truncate_left, prompt_name=request.prompt_name,
+        input_name=_source_or_sentence), client_gone)
     source, *others = result.vectors
     return [cosine(source, vector) for vector in others]
 
@@ -111,7 +113,7 @@ def _rerank_by_embeddings(service: EmbeddingService, slot: Slot, request: Rerank
         model_id = slot.backend.model
     result = service.embed(EmbedRequest(texts=[request.query] + texts,
                                         model=slot.names.primary, truncate=request.truncate,
-                                        prompts=False),
+                                        prompts=False, input_name=_query_or_document),
                            client_gone)
     query, *documents = result.vectors
     scores = [cosine(query, document) for document in documents]
@@ -148,6 +150,14 @@ def first_tokens(backend: BackendInfo, documents: list[str], limit: int | None) 
             reach *= 2
         cut.append(document)
     return cut
+
+
+def _source_or_sentence(i: int) -> str:
+    return "the source sentence" if i == 0 else f"sentence {i - 1}"
+
+
+def _query_or_document(i: int) -> str:
+    return "the query" if i == 0 else f"document {i - 1}"
 
 
 def _check_well_formed(request: RerankRequest) -> None:

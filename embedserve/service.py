@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from embedserve import __version__
-from embedserve.backends import (EMBED, RERANKER, BackendError, BackendInfo, BatchedModel,
+from embedserve.backends import (EMBED, RERANKER, BackendError, BackendInfo,
                                  Encoder, Encoding, Loaded, Token, load_backend)
 from embedserve.config import Config
 from embedserve.errors import ApiError, ClientGone, quoted
@@ -163,17 +163,18 @@ class EmbeddingService:
             backend = slot.backend
             assert backend is not None  # use() loads it
             model = slot.model
+            served = slot.names.primary  # errors name a model as its clients do, not a path
             if model is not None and EMBED not in model.capabilities:  # before its options
-                raise ApiError(400, f"model {model.model} does not embed text (it can: "
+                raise ApiError(400, f"model {served} does not embed text (it can: "
                                     f"{', '.join(sorted(model.capabilities)) or 'nothing'})",
                                param="model")
             dims = request.dimensions
             if dims is not None and not 1 <= dims <= backend.dimensions:
                 raise ApiError(422, f"'dimensions' must be between 1 and {backend.dimensions} "
-                                    f"for model {backend.model}, got {quoted(dims)}",
+                                    f"for model {served}, got {quoted(dims)}",
                                param="dimensions")
-            ranges = _ranges_for(backend, request, dims or backend.dimensions)
-            texts, prompt = request.texts, self._prompt(backend, request)
+            ranges = _ranges_for(backend, served, request, dims or backend.dimensions)
+            texts, prompt = request.texts, self._prompt(backend, served, request)
             vectors: Sequence[Sequence[float]]
             if not texts:  # Ollama's request to load a model (keep_alive 0: to unload it)
                 vectors, tokens = [], 0
@@ -216,12 +217,12 @@ class EmbeddingService:
                        ) -> tuple[list[list[float]], int]:
         model, batcher = slot.model, slot.batcher
         assert model is not None and batcher is not None  # loaded, and not an encoder
-        check_well_formed(texts)
+        check_well_formed(texts, request.input_name)
         batcher.check_room(len(texts))  # before tokenizing: a refusal should cost nothing
         # Tokenized once, here in the request thread: the counts checked and reported are
         # those of the very ids the model thread pads.
         encodings = model.prepare(texts, truncate_left=request.truncate_left, prompt=prompt)
-        _check_lengths(model, encodings, request.truncate)
+        _check_lengths(slot.names.primary, model.max_input_tokens, encodings, request)
         vectors = batcher.embed(encodings, request.normalize, client_gone)
         return vectors, sum(e.tokens for e in encodings)
 
@@ -281,7 +282,7 @@ class EmbeddingService:
             return backend.tokenize(texts, add_special_tokens=add_special_tokens)
 
     @staticmethod
-    def _prompt(backend: BackendInfo, request: EmbedRequest) -> str:
+    def _prompt(backend: BackendInfo, served: str, request: EmbedRequest) -> str:
         """What goes before each text: the prompt named, else the input type's, else the
         model's default ("" for none)."""
         if not request.prompts:
@@ -294,7 +295,7 @@ class EmbeddingService:
         prompt = backend.prompts.get(name)
         if prompt is None:
             known = ", ".join(sorted(backend.prompts)) or "none"
-            raise ApiError(422, f"model {backend.model} has no prompt {quoted(name)} "
+            raise ApiError(422, f"model {served} has no prompt {quoted(name)} "
                                 f"(its prompts: {known})", param="prompt_name")
         return prompt
 
@@ -384,7 +385,7 @@ def _ranges(backend: BackendInfo | None) -> Ranges | None:
     return ranges if isinstance(ranges, Ranges) else None
 
 
-def _ranges_for(backend: BackendInfo, request: EmbedRequest, dimensions: int
+def _ranges_for(backend: BackendInfo, served: str, request: EmbedRequest, dimensions: int
                 ) -> Ranges | None:
     """The ranges int8 / uint8 codes of this request need (None: it asks for neither);
     a 422, before any work, where the model has none for vectors of that size."""
@@ -396,7 +397,7 @@ def _ranges_for(backend: BackendInfo, request: EmbedRequest, dimensions: int
     if sized is None:
         why = (f"its ranges are calibrated for its full {backend.dimensions} dimensions; "
                "ask for those" if ranges is not None else "it has no calibrated ranges")
-        raise ApiError(422, f"{' and '.join(wanted)} embeddings of model {backend.model} "
+        raise ApiError(422, f"{' and '.join(wanted)} embeddings of model {served} "
                             f"cannot have {dimensions} dimensions: {why}",
                        param="embedding_types")
     return sized
@@ -422,16 +423,16 @@ def _memory(backend: BackendInfo | None) -> int:
     return int(getattr(backend, "memory_bytes", 0) or 0)
 
 
-def _check_lengths(model: BatchedModel, encodings: list[Encoding], truncate: bool) -> None:
-    limit = model.max_input_tokens
-    if truncate or not limit:
+def _check_lengths(served: str, limit: int | None, encodings: list[Encoding],
+                   request: EmbedRequest) -> None:
+    if request.truncate or not limit:
         return
     for i, encoding in enumerate(encodings):
         if encoding.untruncated > limit:
             # A text cut before tokenizing counts its kept piece only: "at least".
-            raise ApiError(422, f"input {i} has at least {encoding.untruncated} tokens; model "
-                                f"{model.model} takes at most {limit}. Shorten it, or "
-                                "allow truncation (truncate=true)", param="truncate")
+            raise ApiError(422, f"{request.input_name(i)} has at least {encoding.untruncated} "
+                                f"tokens; model {served} takes at most {limit}. Shorten it, "
+                                "or allow truncation (truncate=true)", param="truncate")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -8,7 +8,6 @@ import math
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -218,6 +217,34 @@ def test_a_lone_surrogate_is_a_400_naming_the_query_or_the_document(ml_server: S
         status, _, body = ml_server.request(
             "POST", "/rerank", raw=b'{"model": "%s", %s}' % (model.encode(), raw))
         assert status == 400 and body["error"].startswith(named + " contains a lone surrogate")
+
+
+def test_errors_name_models_as_clients_do_and_texts_as_sent(ml_server: Server,
+                                                            folders: dict[str, str]) -> None:
+    # Before: the model's folder (a path on the server) in every such message, and a rerank
+    # or /similarity embedded by a model named document 0 "input 1", the query "input 0".
+    long = " ".join(["cat dog"] * 60)
+    for path, body, named in (
+            ("/v1/embeddings", {"input": "x", "model": "embedder", "dimensions": 999},
+             "for model embedder"),
+            ("/v1/embeddings", {"input": "x", "model": "reranker"},
+             "model reranker does not embed"),
+            ("/embed", {"inputs": "x", "prompt_name": "nope", "model": "embedder"},
+             "model embedder has no prompt"),
+            ("/embed", {"inputs": ["x", long], "truncate": False, "model": "embedder"},
+             "input 1 has at least"),
+            ("/rerank", {"query": "q", "texts": ["a", long], "truncate": False,
+                         "model": "embedder"}, "document 1 has at least"),
+            ("/rerank", {"query": long, "texts": ["a"], "truncate": False,
+                         "model": "embedder"}, "the query has at least"),
+            ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", long]},
+                             "parameters": {"truncate": False}}, "sentence 1 has at least"),
+            ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", "\ud800"]}},
+             "sentence 1 contains a lone surrogate")):
+        status, _, answer = ml_server.request("POST", path, body)
+        message = str(answer)
+        assert 400 <= status < 500 and named in message, (path, body, answer)
+        assert folders["embedding"] not in message and folders["cross_encoder"] not in message
 
 
 def test_an_embedding_model_named_reranks_by_cosine_similarity(ml_server: Server,
