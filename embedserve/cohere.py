@@ -1,6 +1,7 @@
-"""Cohere's embed API (POST /v2/embed), as the `cohere` SDK's ClientV2.embed sends it: texts
-(or text-only `inputs`), input_type, embedding_types, truncate, output_dimension; answered
-with every embedding type asked for, floats and compact codes alike. Like dialects.py, it
+"""Cohere's embed API (POST /v2/embed, and /v1/embed), as the `cohere` SDK's ClientV2.embed
+and Client.embed send it: texts (or text-only `inputs`), input_type, embedding_types,
+truncate, output_dimension; answered with every embedding type asked for, floats and compact
+codes alike (v1 without embedding_types: a plain list of float vectors, as Cohere's v1 API). Like dialects.py, it
 knows nothing of HTTP or backends: the core computes the codes (quantize.py), this gives
 them Cohere's shape.
 """
@@ -29,10 +30,14 @@ class CohereEmbedRequest(EmbedRequest):
     # Every type asked for, in the order asked: floats and base64 are the dialect's to
     # render; the compact ones (EmbedRequest.quantized) the core computes.
     embedding_types: tuple[str, ...] = (FLOAT,)
+    by_type: bool = True  # embeddings_by_type; False: v1's embeddings_floats
 
 
 class CohereEmbed:
     name = "cohere"
+
+    def __init__(self, version: str) -> None:
+        self.version = version
 
     def parse(self, payload: Any, max_batch_size: int) -> EmbedRequest:
         body = _object(payload)
@@ -64,6 +69,7 @@ class CohereEmbed:
             input_type=input_type,
             quantized=tuple(t for t in types if t not in (FLOAT, BASE64)),
             embedding_types=types,
+            by_type=self.version != "1" or body.get("embedding_types") is not None,
         )
 
     @staticmethod
@@ -118,13 +124,15 @@ class CohereEmbed:
             else:
                 arrays = map(codes_json, result.codes[kind])
             parts.append(f'"{kind}":[{",".join(arrays)}]')
+        by_type = not isinstance(request, CohereEmbedRequest) or request.by_type
         tail = json.dumps({
             "texts": request.texts,
-            "meta": {"api_version": {"version": "2"},
+            "meta": {"api_version": {"version": self.version},
                      "billed_units": {"input_tokens": result.prompt_tokens}},
-            "response_type": "embeddings_by_type"}, separators=(",", ":"))
-        return (f'{{"id":"{uuid.uuid4()}","embeddings":{{{",".join(parts)}}},'
-                f'{tail[1:]}').encode()
+            "response_type": "embeddings_by_type" if by_type else "embeddings_floats"},
+            separators=(",", ":"))
+        embeddings = f'{{{",".join(parts)}}}' if by_type else parts[0][len('"float":'):]
+        return f'{{"id":"{uuid.uuid4()}","embeddings":{embeddings},{tail[1:]}'.encode()
 
     def error_body(self, error: ApiError) -> Any:
         message = error.message
@@ -155,4 +163,5 @@ def _embedding_types(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-COHERE = CohereEmbed()
+COHERE = CohereEmbed("2")
+COHERE_V1_EMBED = CohereEmbed("1")

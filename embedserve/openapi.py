@@ -26,6 +26,13 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
     ollama_model = {"type": "string", "enum": names + [f"{n}:latest" for n in names]}
     prompts = sorted(info["prompts"])  # type: ignore[call-overload]
     vector = {"type": "array", "items": {"type": "number"}}
+    by_type = _object({  # Cohere's embeddings_by_type: each type asked for
+        "float": {"type": "array", "items": vector},
+        "base64": {"type": "array", "items": {"type": "string", "format": "byte"}},
+        **{kind: {"type": "array", "items": {"type": "array", "items": {
+            "type": "integer", "minimum": low, "maximum": low + 255}}}
+           for kind, low in (("int8", -128), ("uint8", 0), ("binary", -128), ("ubinary", 0))}},
+        required=[])
     keep_alive = {"oneOf": [  # seconds, or a Go duration
         {"type": "number"},
         {"type": "string", "pattern": r"^(-?[0-9]+(\.[0-9]+)?|-?([0-9]+(\.[0-9]+)?(ms|h|m|s))+)$"}]}
@@ -101,17 +108,20 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
             for field in ("texts", "inputs")]},
         "CohereEmbedResponse": _object({
             "id": {"type": "string"},
-            "embeddings": _object({
-                "float": {"type": "array", "items": vector},
-                "base64": {"type": "array", "items": {"type": "string", "format": "byte"}},
-                **{kind: {"type": "array", "items": {"type": "array", "items": {
-                    "type": "integer", "minimum": low, "maximum": low + 255}}}
-                   for kind, low in (("int8", -128), ("uint8", 0), ("binary", -128),
-                                     ("ubinary", 0))}}, required=[]),
+            "embeddings": by_type,
             "texts": {"type": "array", "items": {"type": "string"}},
             "meta": {"type": "object"},
             "response_type": {"type": "string", "enum": ["embeddings_by_type"]},
         }, required=["id", "embeddings", "texts", "meta"]),
+        # v1 without embedding_types: the float vectors themselves.
+        "CohereV1EmbedResponse": _object({
+            "id": {"type": "string"},
+            "embeddings": {"oneOf": [by_type, {"type": "array", "items": vector}]},
+            "texts": {"type": "array", "items": {"type": "string"}},
+            "meta": {"type": "object"},
+            "response_type": {"type": "string",
+                              "enum": ["embeddings_by_type", "embeddings_floats"]},
+        }, required=["id", "embeddings", "texts", "meta", "response_type"]),
         "Health": _object({"status": {"type": "string"}}, required=["status"]),
         "Info": _object({
             "backend": {"type": "string"}, "model": {"type": "string"},

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from embedserve import __version__, scoring
-from embedserve.cohere import COHERE
+from embedserve.cohere import COHERE, COHERE_V1_EMBED
 from embedserve.dialects import OLLAMA, OLLAMA_LEGACY, OPENAI, TEI_DIALECT
 from embedserve.errors import ApiError
 from embedserve.openapi import build_openapi
@@ -163,6 +163,9 @@ ROUTES = RouteTable.of([
     Route("/v2/embed", COHERE, {"POST": Method(
         embed, "Embed (Cohere v2): floats and int8, uint8, binary, ubinary, base64",
         "CohereEmbedRequest", "CohereEmbedResponse")}),
+    Route("/v1/embed", COHERE_V1_EMBED, {"POST": Method(
+        embed, "Embed (Cohere v1): as /v2/embed; without embedding_types, a list of floats",
+        "CohereEmbedRequest", "CohereV1EmbedResponse")}, claims_segment=False),
     Route("/api/tags", OLLAMA, {"GET": Method(ollama_tags, "Served models (Ollama)")}),
     Route("/api/ps", OLLAMA, {"GET": Method(ollama_ps, "Models loaded now (Ollama)")}),
     Route("/api/version", OLLAMA, {"GET": Method(ollama_version, "Version (Ollama)")}),

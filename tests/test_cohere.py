@@ -129,6 +129,24 @@ def test_inputs_of_text_parts_are_texts(hash_server: Server) -> None:
     assert body["embeddings"]["float"] == HashEmbedder().embed(["hello world", "json file parse"])
 
 
+def test_the_v1_client_embeds_unmodified(hash_server: Server) -> None:
+    # cohere.Client (v1) posts to /v1/embed: it was a 404, in OpenAI's error shape.
+    v1 = cohere.Client(base_url=hash_server.url, api_key="unused", max_retries=0, timeout=60)
+    plain = v1.embed(model=HASH_MODEL, texts=TEXTS, input_type="search_query")
+    assert plain.response_type == "embeddings_floats"  # v1's answer without embedding_types
+    assert plain.embeddings == HashEmbedder().embed(TEXTS) and plain.texts == TEXTS
+    assert plain.meta.api_version.version == "1"
+    typed = v1.embed(model=HASH_MODEL, texts=TEXTS, embedding_types=["float", "ubinary"])
+    assert typed.response_type == "embeddings_by_type"
+    assert typed.embeddings.float_ == plain.embeddings
+    assert typed.embeddings.ubinary == embed(hash_server, TEXTS, HASH_MODEL).embeddings.ubinary
+    with pytest.raises(cohere.core.api_error.ApiError) as info:
+        v1.embed(model="no-such-model", texts=TEXTS)
+    assert info.value.status_code == 404 and "no-such-model" in info.value.body["message"]
+    status, _, body = hash_server.request("POST", "/v1/nowhere", {"input": "x"})
+    assert status == 404 and body["error"]["code"] == "not_found"  # /v1 is still OpenAI's
+
+
 def sdk_error(srv: Server, **request: Any) -> Any:
     with pytest.raises(cohere.core.api_error.ApiError) as info:
         client(srv).embed(**{"model": HASH_MODEL, "input_type": "search_document",
