@@ -290,6 +290,37 @@ class Ollama:
     def render_version(self, version: str) -> dict[str, Any]:
         return {"version": version}
 
+    def parse_show(self, payload: Any) -> str:
+        """POST /api/show: the model asked about ("name" in older clients' requests)."""
+        body = _object(payload)
+        _optional(body, "verbose", bool, "a boolean")  # all there is to say, either way
+        _optional(body, "name", str, "a string")
+        if body.get("model") is None and body.get("name") is not None:
+            body = {**body, "model": body["name"]}
+        return _required_model(body)
+
+    def render_show(self, model: Mapping[str, Any], loaded_at: float) -> dict[str, Any]:
+        """POST /api/show: what Ollama says of a model that this server can say. Clients
+        read the vector size and input limit from model_info, as
+        "<general.architecture>.embedding_length" and ".context_length"."""
+        backend = model["backend"] or ""
+        architecture = backend or "embedserve"
+        info: dict[str, Any] = {"general.architecture": architecture}
+        if model["dimensions"] is not None:
+            info[f"{architecture}.embedding_length"] = model["dimensions"]
+        if model["max_input_tokens"] is not None:
+            info[f"{architecture}.context_length"] = model["max_input_tokens"]
+        return {
+            "modelfile": "", "parameters": "", "template": "", "license": "",
+            "details": {"parent_model": "", "format": backend, "family": backend,
+                        "families": [backend] if backend else [], "parameter_size": "",
+                        "quantization_level": ""},
+            "model_info": info,
+            # Ollama's word for what a model does; a reranker's is this server's own.
+            "capabilities": ["embedding"] if model["kind"] != "reranker" else ["rerank"],
+            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded_at)),
+        }
+
 
 class OllamaLegacy(Ollama):
     """POST /api/embeddings: one `prompt` in, one `embedding` out (Ollama's older API)."""

@@ -163,8 +163,12 @@ class _Exchange:
                                 + (f" (got {quoted(got)})" if got else ""))
 
     def read_json(self) -> Any:
-        if self._body is None:  # a route that takes no slot
+        if self._body is None:  # a route that takes no slot takes a small body only
             self._check_content_type()
+            length = self._incoming.body_length
+            if length is None or length > SMALL_BODY_BYTES:
+                raise ApiError(413, f"this route takes a body of at most {SMALL_BODY_BYTES} "
+                                    "bytes, with a Content-Length")
             self._body = self._incoming.read_body()
         body = self._body
         try:

@@ -90,6 +90,10 @@ def build_openapi(service: EmbeddingService, routes: Iterable[Route]) -> dict[st
             "options": {"type": "object"}}, required=["model"]),
         "OllamaEmbeddingsResponse": _object({"embedding": vector}, required=["embedding"]),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"]),
+        "OllamaShowRequest": _object({"model": ollama_model, "name": ollama_model,
+                                      "verbose": {"type": "boolean"}}, required=[]) | {
+            "anyOf": [{"required": [field], "properties": {field: {"type": "string"}}}
+                      for field in ("model", "name")]},  # "name": older clients
         **_rerank_schemas(service, text, model, prompts),
         "CohereEmbedRequest": _object({
             "model": model, "texts": {"type": "array", "items": text, "minItems": 1,

@@ -54,6 +54,12 @@ def ollama_ps(exchange: Exchange) -> Reply:
     return Reply(OLLAMA.render_ps(exchange.service.loaded_models()))
 
 
+def ollama_show(exchange: Exchange) -> Reply:
+    service = exchange.service
+    name = OLLAMA.parse_show(exchange.read_json())
+    return Reply(OLLAMA.render_show(service.model_info(name), service.started))
+
+
 def ollama_version(exchange: Exchange) -> Reply:
     return Reply(OLLAMA.render_version(__version__))
 
@@ -168,5 +174,8 @@ ROUTES = RouteTable.of([
         "CohereEmbedRequest", "CohereV1EmbedResponse")}, claims_segment=False),
     Route("/api/tags", OLLAMA, {"GET": Method(ollama_tags, "Served models (Ollama)")}),
     Route("/api/ps", OLLAMA, {"GET": Method(ollama_ps, "Models loaded now (Ollama)")}),
+    Route("/api/show", OLLAMA, {"POST": Method(
+        ollama_show, "What a served model is (Ollama): its size and input limit in model_info",
+        "OllamaShowRequest")}),
     Route("/api/version", OLLAMA, {"GET": Method(ollama_version, "Version (Ollama)")}),
 ], default_dialect=TEI_DIALECT)

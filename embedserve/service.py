@@ -341,6 +341,11 @@ class EmbeddingService:
             "models": models,
         }
 
+    def model_info(self, name: str) -> dict[str, object]:
+        """One served model's entry of info()["models"] (a 404 for a name not served)."""
+        registry = self._ready_registry()
+        return self._model_info(registry, registry.resolve(name))
+
     def _model_info(self, registry: Registry, slot: Slot) -> dict[str, object]:
         backend, batcher, known = slot.backend, slot.batcher, slot.known  # known: loaded once
         return {

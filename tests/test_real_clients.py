@@ -37,6 +37,17 @@ def test_ollama_client(server: Server) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         client.embed(model="nomic-embed-text", input="x")
     assert info.value.status_code == 404 and "hash-v1-384" in str(info.value)
+    # show(): a 404 before. Clients read the vector size as Ollama gives it.
+    shown = client.show("hash-v1-384:latest")
+    architecture = shown.modelinfo["general.architecture"]
+    assert shown.modelinfo[f"{architecture}.embedding_length"] == 384
+    assert shown.capabilities == ["embedding"] and shown.details.family == "hash"
+    with pytest.raises(ollama.ResponseError) as info:
+        client.show("nomic-embed-text")
+    assert info.value.status_code == 404
+    # A route that takes no slot takes no large body either (it holds only a connection).
+    status, _, body = server.request("POST", "/api/show", raw=b" " * 70_000 + b"{}")
+    assert status == 413 and "at most" in body["error"]
 
 
 def test_huggingface_hub_feature_extraction(server: Server) -> None:

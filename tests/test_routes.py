@@ -30,6 +30,7 @@ SAMPLE_BODIES: dict[str, Any] = {
     "TEITokenizeRequest": {"inputs": "a text"},
     "OllamaEmbedRequest": {"model": MODEL, "input": "a text"},
     "OllamaEmbeddingsRequest": {"model": MODEL, "prompt": "a text"},
+    "OllamaShowRequest": {"model": MODEL},
     "TEIRerankRequest": {"query": "a query", "texts": ["a text", "another"]},
     "TEISimilarityRequest": {"inputs": {"source_sentence": "a text", "sentences": ["a"]}},
     "CohereRerankRequest": {"model": MODEL, "query": "a query", "documents": ["a text"]},
