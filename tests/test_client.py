@@ -34,12 +34,14 @@ from embedserve.client import (
     Client,
     EmbedServeError,
     ModelNotFound,
+    ServerError,
     ServerStartError,
     ServerUnavailable,
     ValidationError,
 )
+from embedserve.client import transport
 from embedserve.client.transport import MIN_WAIT, RetryPolicy
-from embedserve.encoding import float32_base64
+from embedserve.encoding import decode_float32_base64, float32_base64
 from embedserve.hashing import HashEmbedder
 
 from conftest import ROOT, server_env, start_server
@@ -1114,9 +1116,18 @@ def _one_index(data: list[dict[str, Any]]) -> None:
         item["index"] = 0
 
 
+def _a_nan(data: list[dict[str, Any]]) -> None:
+    data[0]["embedding"] = float32_base64([math.nan] * 384)
+
+
+def _all_short(data: list[dict[str, Any]]) -> None:
+    for item in data:
+        item["embedding"] = float32_base64([0.5] * 383)
+
+
 @pytest.mark.parametrize("mangle,dimensions,message", [
     (_two_sizes, None, "vectors of \\[11, 384\\] values"), (_one_index, None, "indices"),
-    (None, 16, "vectors of \\[384\\] values, not 16"),
+    (None, 16, "vectors of \\[384\\] values, not 16"), (_a_nan, None, "NaN or infinite"),
 ])
 def test_vectors_that_cannot_be_the_answer_are_an_error(stubs: list[Stub], mangle: Any,
                                                         dimensions: int | None,
@@ -1128,6 +1139,144 @@ def test_vectors_that_cannot_be_the_answer_are_an_error(stubs: list[Stub], mangl
     client = Client(stub.url, autostart=False, fallback="never")
     with pytest.raises(EmbedServeError, match=message):
         client.embed(TEXTS, dimensions=dimensions)
+
+
+def test_vectors_of_another_size_than_info_describes_are_an_error(stubs: list[Stub]) -> None:
+    info = json.dumps({"backend": "hash", "model": "hash-v1-384", "dimensions": 384,
+                       "models": [{"names": ["hash-v1-384"], "dimensions": 384}]}).encode()
+    stub = Stub(info=info, mangle=_all_short)
+    stubs.append(stub)
+    with pytest.raises(EmbedServeError, match="vectors of \\[383\\] values, not 384"):
+        Client(stub.url, autostart=False, fallback="never").embed(TEXTS)
+
+
+@pytest.mark.parametrize("embedding,message", [
+    ([True] * 384, "bool"), (["0.5"] * 384, "str"), ([None] * 384, "NoneType"),
+    ([math.inf] + [0.0] * 383, "NaN or infinite")])
+def test_float_answers_of_anything_but_finite_numbers_are_an_error(
+        stubs: list[Stub], embedding: list[Any], message: str) -> None:
+    # Taken before: booleans as 1.0 and 0.0, "0.5" as 0.5, NaN and infinity as they came.
+    def mangle(data: list[dict[str, Any]]) -> None:  # the stand-in answers base64 only
+        for item in data:
+            item["embedding"] = decode_float32_base64(item["embedding"])
+        data[1]["embedding"] = embedding
+
+    stub = Stub(mangle=mangle)
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never", encoding_format="float")
+    with pytest.raises(EmbedServeError, match=message):
+        client.embed(TEXTS)
+
+
+def test_each_request_of_a_call_answers_for_its_own_texts(stubs: list[Stub]) -> None:
+    # One vector short in the first request, one over in the second: the call's count was
+    # right, and texts got their neighbours' vectors.
+    answers = []
+
+    def mangle(data: list[dict[str, Any]]) -> None:
+        if not answers:
+            data.pop()
+        else:
+            data.append({**data[-1], "index": len(data)})
+        answers.append(len(data))
+
+    stub = Stub(mangle=mangle)
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never", batch_size=2)
+    with pytest.raises(EmbedServeError, match="1 vectors for the 2 texts before texts\\[2:\\]"):
+        client.embed(TEXTS + ["a fourth"])
+    assert answers == [1, 3]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_a_retry_after_asking_for_no_wait_backs_off(stubs: list[Stub], value: str) -> None:
+    # Retried at once before: about 4,900 requests in 3 s against a server saying "0".
+    stub = Stub(script=[(503, {"Retry-After": value})] * 2)
+    stubs.append(stub)
+    client = Client(stub.url, autostart=False, fallback="never", retries=3, backoff=0.2)
+    started = time.monotonic()
+    assert client.embed(TEXTS) == expected(TEXTS) and stub.posts == 3
+    assert time.monotonic() - started >= 0.1 + 0.2  # backoff with equal jitter, twice
+
+
+def test_a_redirect_is_an_error_naming_where_not_followed(stubs: list[Stub]) -> None:
+    stub = Stub(script=[(307, {"Location": "http://elsewhere.example/v1/embeddings"})])
+    stubs.append(stub)
+    with pytest.raises(ServerError, match="redirects to 'http://elsewhere.example") as caught:
+        Client(stub.url, autostart=False, fallback="never").embed(TEXTS)
+    assert caught.value.status == 307 and stub.posts == 1
+
+
+def _dripping(first: bytes, then: bytes) -> Iterator[str]:
+    """A listener that answers each connection with `first`, then a byte of `then` every
+    0.1 s, forever (until the client hangs up); yields its URL."""
+    listener = socket.create_server((HOST, 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(first)
+                while not stop.wait(0.1):
+                    conn.sendall(then)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://{HOST}:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+
+
+@pytest.mark.parametrize("first,then", [
+    (b"HTTP/1.1 200 OK\r\n", b"X"),  # header lines that never end
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b" "),  # nor does the body
+])
+def test_an_answer_trickling_in_is_bounded_by_the_timeouts(first: bytes, then: bytes) -> None:
+    # Each read got the timeout, not the answer: a byte every 0.1 s held a call forever.
+    for url in _dripping(first, then):
+        client = Client(url, autostart=False, fallback="never", timeout=1, retry_timeout=1)
+        done: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.embed(TEXTS)
+            except BaseException as exc:
+                done.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(30)  # the bound is about 2 s; without it, never
+        assert done and isinstance(done[0], ServerUnavailable), done
+        client.close()
+
+
+def test_an_answer_over_the_size_limit_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "MAX_ANSWER_BYTES", 1 << 20)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9999999999\r\n\r\n"
+    for url in _dripping(head + b"[" * 65536, b"[" * 65536):
+        with pytest.raises(EmbedServeError, match="over 1048576 bytes"):
+            Client(url, autostart=False, fallback="never", timeout=30).info()
+
+
+def test_a_port_answering_something_not_http_is_refused_at_once() -> None:
+    # An SSH banner was "not answering" until start_timeout (60 s), then "did not answer".
+    for url in _dripping(b"SSH-2.0-OpenSSH_9.6\r\n", b""):
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="not HTTP"):
+            Client(url, fallback="never", start_timeout=20).embed(TEXTS)
+        assert time.monotonic() - started < 15  # at once, not at start_timeout
 
 
 def test_retries_are_bounded(stubs: list[Stub]) -> None:

@@ -376,6 +376,7 @@ class Client:
                     raise
                 chunk_model, chunk = wire.decode(response.body, encoding_format,
                                                  last_target.url)
+                wire.check_start(len(vectors), start)
                 if model is None:
                     model = chunk_model
                 elif chunk_model != model:
@@ -387,8 +388,8 @@ class Client:
                 if not self._finder.shares_info(info_target, last_target):
                     # restarted mid-call: describe the new one
                     info_target, info = self._server_info()
-                wire.check_answer(vectors, len(texts), dimensions)
                 model = model or str(info.get("model", ""))
+                wire.check_answer(vectors, len(texts), dimensions, info, model)
                 if asked is None:  # what the server's default (or the option's) model is
                     self._fallback.served_model = model
                 return Embeddings(vectors, model=model, backend=wire.backend_of(info, model),
@@ -468,7 +469,7 @@ class Client:
                     relocations += 1
                     continue
             else:
-                if response.status < 400:
+                if response.status < 300:
                     finder.served(target)
                     return response, target
                 if not retryable(response):

@@ -31,18 +31,22 @@ backoff, bounded by start_timeout).
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import math
 import random
+import socket
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from email.utils import parsedate_to_datetime
 
 from embedserve import __version__
 from embedserve.client.errors import (
     AuthenticationError,
+    EmbedServeError,
     ModelNotFound,
     ServerError,
     ValidationError,
@@ -50,6 +54,9 @@ from embedserve.client.errors import (
 from embedserve.client.options import url_of
 from embedserve.client.process import ServerProcess
 
+# The largest answer read (a runaway or hostile one fails instead of filling memory): a
+# chunk of --max-batch-size 2048 float vectors of 4,096 values is about 170 MB as JSON.
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
 VALIDATION_STATUSES = frozenset({400, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
@@ -94,19 +101,21 @@ class Response:
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server's Retry-After asks for (a number or an HTTP date), if any."""
+    """Seconds the server's Retry-After asks for (a number or an HTTP date), if any. One
+    that asks for no wait (0, negative, a date past) is no advice: the backoff decides, so
+    that a server answering "Retry-After: 0" is not hammered without a pause."""
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
         seconds = float(value)
-        # NaN would pass every bound the caller puts on it, and so retry at once, forever.
-        return max(0.0, seconds) if not math.isnan(seconds) else None
     except ValueError:
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
             return None
+    # NaN would pass every bound the caller puts on it, and so retry at once, forever.
+    return seconds if seconds > 0 and not math.isnan(seconds) else None
 
 
 def retryable(response: Response) -> bool:
@@ -145,6 +154,9 @@ def http_error(response: Response, url: str, first: int = 0) -> ServerError:
     """The typed error of an answer that is not retried; `first`: the index of the first
     text of the request, when it was not the call's first."""
     message, kind, code, param = error_fields(response.body)
+    if 300 <= response.status < 400:  # not followed: the answer would be another server's
+        message = (f"redirects to {response.headers.get('location', '')[:200]!r}; embedserve "
+                   "servers do not redirect: give the client the final URL")
     # A 404 about the request's `model` field: the server serves no model of that name
     # (any other 404 is a wrong URL, a plain ServerError).
     cls = (ModelNotFound if response.status == 404 and param == "model" else
@@ -162,7 +174,7 @@ class _Held:
     """A thread's connection to one server: for which target generation, and whether it
     served a request already (a reused one may have been closed by the server while idle)."""
 
-    connection: http.client.HTTPConnection
+    connection: _HTTPConnection
     target: Target
     used: bool = False
 
@@ -178,7 +190,7 @@ class Connections:
         # A server that is starting is looked at often: it is ready in about a second.
         self._probe_retry = RetryPolicy(PROBE_BACKOFF, PROBE_MAX_BACKOFF)
         self._local = threading.local()
-        self._connections: set[http.client.HTTPConnection] = set()
+        self._connections: set[_HTTPConnection] = set()
         self._lock = threading.Lock()
 
     def send(self, target: Target, method: str, path: str, body: bytes | None,
@@ -200,8 +212,13 @@ class Connections:
                     connection.connect()
                 connection.sock.settimeout(wait)  # type: ignore[attr-defined]
                 connection.request(method, target.base_path + path, body=body, headers=headers)
+                # The whole answer within `wait`, however slowly it trickles in.
+                connection.deadline = time.monotonic() + wait
                 response = connection.getresponse()
-                data = response.read()
+                data = response.read(MAX_ANSWER_BYTES + 1)
+                if len(data) > MAX_ANSWER_BYTES:
+                    raise _TooLarge(f"the answer from {target.url}{path} is over "
+                                    f"{MAX_ANSWER_BYTES} bytes")
             except BaseException as exc:
                 # Whatever happened (Ctrl-C included), the connection's state is unknown.
                 self._drop(connection)
@@ -228,7 +245,7 @@ class Connections:
             held = self._local.held = {}
         return held
 
-    def _connection(self, target: Target) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self, target: Target) -> tuple[_HTTPConnection, bool]:
         held = self._held()
         entry = held.get(_address(target))
         if entry is not None and entry.target is target:
@@ -241,7 +258,7 @@ class Connections:
             self._connections.add(connection)
         return connection, False
 
-    def _drop(self, connection: http.client.HTTPConnection) -> None:
+    def _drop(self, connection: _HTTPConnection) -> None:
         connection.close()
         with self._lock:
             self._connections.discard(connection)
@@ -264,11 +281,13 @@ class Connections:
             connection = _new_connection(target, self._connect_timeout)
             try:
                 connection.connect()
-                connection.sock.settimeout(looks.answer_wait(min(self._timeout, PROBE_TIMEOUT)))
+                patience_now = looks.answer_wait(min(self._timeout, PROBE_TIMEOUT))
+                connection.sock.settimeout(patience_now)  # type: ignore[attr-defined]
                 headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
                 connection.request("GET", target.base_path + "/health", headers=headers)
+                connection.deadline = time.monotonic() + patience_now
                 response = connection.getresponse()
-                body = response.read()
+                body = response.read(MAX_ANSWER_BYTES + 1)
                 status = response.status
                 if status == 200:
                     return "ok", status
@@ -278,6 +297,11 @@ class Connections:
                 wait = retry_after({k.lower(): v for k, v in response.getheaders()})
             except ConnectionRefusedError:
                 return "refused", None
+            except http.client.BadStatusLine as exc:
+                if not isinstance(exc, http.client.RemoteDisconnected):
+                    # Not HTTP at all (an SSH banner...): no embedserve server, at once.
+                    return f"answers something that is not HTTP ({exc!r:.80})", None
+                seen = f"did not answer GET /health ({type(exc).__name__}: {exc})"
             except TRANSPORT_ERRORS as exc:
                 seen = f"did not answer GET /health ({type(exc).__name__}: {exc})"
             finally:
@@ -292,10 +316,65 @@ def _address(target: Target) -> tuple[str, str, int, str]:
     return target.scheme, target.host, target.port, target.base_path
 
 
-def _new_connection(target: Target, connect_timeout: float) -> http.client.HTTPConnection:
-    cls = (http.client.HTTPSConnection if target.scheme == "https"
-           else http.client.HTTPConnection)
+def _new_connection(target: Target, connect_timeout: float) -> _HTTPConnection:
+    cls = _HTTPSConnection if target.scheme == "https" else _HTTPConnection
     return cls(target.host, target.port, timeout=connect_timeout)
+
+
+class _TooLarge(EmbedServeError):
+    """An answer over MAX_ANSWER_BYTES (not retried: it would come again)."""
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """An HTTPConnection whose answers are read by `deadline` (time.monotonic()): a socket
+    timeout bounds each read only, so a server sending a byte now and then could hold a
+    call forever."""
+
+    deadline = math.inf
+
+    # The stdlib makes each answer with self.response_class(sock, method=...): a method
+    # here, so that the answer knows this connection's deadline.
+    def response_class(self, sock: socket.socket, *args: Any,  # type: ignore[override]
+                       **kwargs: Any) -> http.client.HTTPResponse:
+        return _Response(sock, *args, deadline=self.deadline, **kwargs)
+
+
+class _HTTPSConnection(_HTTPConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _Response(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, **kwargs: Any
+                 ) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the stdlib's reader, made for the socket as it is
+        self.fp = io.BufferedReader(_Until(sock, deadline))
+
+
+class _Until(io.RawIOBase):
+    """Reads a socket until `deadline`: TimeoutError after it. Through the socket's own
+    reader, which keeps it open for the answer when the connection closes it (an answer
+    that ends the connection is read after HTTPConnection.close())."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the answer did not arrive in time")
+        if left != math.inf:
+            self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 

@@ -10,6 +10,7 @@ returned here (list creation dominates), so it is not imported.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
@@ -99,20 +100,48 @@ def decode(body: bytes, encoding_format: EncodingFormat, url: str
         if encoding_format == "base64":
             vectors = [decode_float32_base64(text) for text in raw]
         else:
-            vectors = [list(map(float, vector)) for vector in raw]
+            vectors = [_floats(vector) for vector in raw]
+        for i, vector in enumerate(vectors):
+            # NaN or infinity (JSON's NaN literal, or base64 bytes) is no embedding: a sum
+            # of finite values is finite, and a NaN or an infinity makes it NaN or infinite.
+            if not math.isfinite(sum(vector)):
+                raise ValueError(f"vector {i} holds a NaN or infinite value")
         return str(payload["model"]), vectors
     except (ValueError, KeyError, TypeError) as exc:
         raise EmbedServeError(f"unexpected response from {url}/v1/embeddings: "
                               f"{exc!r}") from exc
 
 
-def check_answer(vectors: list[list[float]], texts: int, dimensions: int | None) -> None:
+def _floats(vector: Any) -> list[float]:
+    """A JSON array of numbers as floats; ValueError for anything else (a string, null, or a
+    boolean, which float() would have taken as 1.0 or 0.0)."""
+    if not isinstance(vector, list):
+        raise ValueError(f"an embedding is {type(vector).__name__}, not an array")
+    kinds = set(map(type, vector))
+    if not kinds <= {float, int}:
+        raise ValueError(f"an embedding holds {', '.join(sorted(k.__name__ for k in kinds))} "
+                         "values, not numbers only")
+    return vector if int not in kinds else list(map(float, vector))
+
+
+def check_start(answered: int, start: int) -> None:
+    """EmbedServeError unless the requests before the one for texts[start:] answered one
+    vector for each of their texts (else texts would get their neighbours' vectors)."""
+    if answered != start:
+        raise EmbedServeError(f"server returned {answered} vectors for the {start} texts "
+                              f"before texts[{start}:]")
+
+
+def check_answer(vectors: list[list[float]], texts: int, dimensions: int | None,
+                 info: Mapping[str, Any], model: str) -> None:
     """EmbedServeError unless `vectors` (a call's, from all its chunks) can be the answer:
-    one for each text, all of one size (`dimensions`, when the call asked for it)."""
+    one for each text, all of one size (the call's `dimensions`, else the size the server's
+    /info gives `model`, if it does), and not empty."""
+    dimensions = dimensions or described_dimensions(info, model)
     if len(vectors) != texts:
         raise EmbedServeError(f"server returned {len(vectors)} vectors for {texts} texts")
     sizes = {len(vector) for vector in vectors}  # none for a call of no texts
-    if len(sizes) > 1 or (dimensions is not None and sizes - {dimensions}):
+    if len(sizes) > 1 or 0 in sizes or (dimensions is not None and sizes - {dimensions}):
         raise EmbedServeError(f"server returned vectors of {sorted(sizes)} values"
                               + (f", not {dimensions}" if dimensions is not None else ""))
 
@@ -143,6 +172,19 @@ def model_ids(body: bytes, url: str) -> list[str]:
 def backend_of(info: Mapping[str, Any], model: str) -> str:
     """The backend of the served model whose answers carry the name `model`: a server of
     several lists each one's names and backend in its /info "models"; else the server's."""
+    entry = _entry(info, model)
+    return str((entry if entry is not None else info).get("backend", ""))
+
+
+def described_dimensions(info: Mapping[str, Any], model: str) -> int | None:
+    """The vector size /info gives the served model named `model` (None: not described)."""
+    entry = _entry(info, model)
+    size = entry.get("dimensions") if entry is not None else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _entry(info: Mapping[str, Any], model: str) -> Mapping[str, Any] | None:
+    """The entry of /info "models" whose names (or model id) include `model`."""
     entries = info.get("models")
     wanted = model.lower()
     for entry in entries if isinstance(entries, list) else []:
@@ -151,8 +193,8 @@ def backend_of(info: Mapping[str, Any], model: str) -> str:
         names = entry.get("names")
         names = [*(names if isinstance(names, list) else []), entry.get("model")]
         if any(isinstance(name, str) and name.lower() == wanted for name in names):
-            return str(entry.get("backend", ""))
-    return str(info.get("backend", ""))
+            return entry
+    return None
 
 
 def checked_texts(texts: Sequence[str]) -> list[str]:
