@@ -3,11 +3,16 @@ scores bit for bit, under embed's same-model rule (never in place of a server's 
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from embedserve import Client, Ranking, ServerUnavailable, ValidationError
+from embedserve import Client, EmbedServeError, Ranking, ServerUnavailable, ValidationError
 
 from conftest import Server, start_server
 
@@ -108,4 +113,53 @@ def test_a_reranker_listed_without_names_is_known_by_its_model() -> None:
              "kind": "reranker", "dimensions": 2}]})
         assert client._fallback.served_reranker == "tiny-ce"
     finally:
+        client.close()
+
+
+def answering(results: list[Any]) -> Iterator[str]:
+    """A stand-in server whose /v2/rerank answers `results`; yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.reply({"status": "ok"} if self.path == "/health" else
+                       {"backend": "hash", "model": "hash-v1-384", "dimensions": 384})
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply({"id": "x", "results": results, "model": "hash-v1-384"})
+
+        def reply(self, payload: Any) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{HOST}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("results,message", [
+    # Index -1 was read as the last document; a repeated index gave one document two scores.
+    ([{"index": -1, "relevance_score": 0.9}, {"index": 0, "relevance_score": 0.1}], "indexes"),
+    ([{"index": 0, "relevance_score": 0.9}, {"index": 0, "relevance_score": 0.1}], "indexes"),
+    ([{"index": 0, "relevance_score": 0.9}], "indexes"),
+    ([{"index": 0, "relevance_score": None}, {"index": 1, "relevance_score": 0.1}], "score"),
+    ([{"index": 0, "relevance_score": True}, {"index": 1, "relevance_score": 0.1}], "score"),
+])
+def test_a_ranking_that_cannot_be_the_answer_is_an_error(results: list[Any], message: str
+                                                        ) -> None:
+    for url in answering(results):
+        client = Client(url, autostart=False, fallback="never")
+        with pytest.raises(EmbedServeError, match=message):
+            client.rerank(QUERY, DOCUMENTS[:2])
         client.close()

@@ -15,6 +15,7 @@ document's score depends on the query and that document alone, so the rankings m
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,25 +56,39 @@ def checked(query: str, documents: Sequence[str], top_n: int | None, model: str 
     return query, documents
 
 
-def bodies(query: str, documents: list[str], info: Mapping[str, Any], model: str | None
-           ) -> list[tuple[int, bytes]]:
-    """(index of the first document, request body) per request, within the server's
-    document limit."""
+def max_documents(info: Mapping[str, Any]) -> int:
+    """The server's document limit a request (its /info's, else its default)."""
     most = info.get("max_rerank_documents")
-    most = most if isinstance(most, int) and most > 0 else DEFAULT_MAX_DOCUMENTS
+    return most if isinstance(most, int) and most > 0 else DEFAULT_MAX_DOCUMENTS
+
+
+def bodies(query: str, documents: list[str], most: int, model: str | None
+           ) -> list[tuple[int, bytes]]:
+    """(index of the first document, request body) per request, `most` documents each."""
     named = {} if model is None else {"model": model}
     return [(first, json.dumps({"query": query, "documents": documents[first:first + most],
                                 **named}).encode())
             for first in range(0, len(documents), most)]
 
 
-def read(body: bytes, first: int, documents: list[str], url: str
+def read(body: bytes, first: int, most: int, documents: list[str], url: str
          ) -> tuple[str, list[Ranking]]:
-    """(model, rankings) of one answer, its indexes made the call's."""
+    """(model, rankings) of the answer for documents[first:first + most], its indexes
+    made the call's."""
     try:
         payload = json.loads(body)
-        rankings = [Ranking(first + int(r["index"]), float(r["relevance_score"]),
-                            documents[first + int(r["index"])]) for r in payload["results"]]
+        results = payload["results"]
+        sent = min(len(documents) - first, most)
+        indexes = [r["index"] for r in results]
+        # Each document of the request scored once (no top_n is sent): an index out of
+        # range, or twice, would give one document another's score.
+        if sorted(indexes) != list(range(sent)) or not all(type(i) is int for i in indexes):
+            raise ValueError(f"the indexes are not 0 to {sent - 1}, each once")
+        scores = [r["relevance_score"] for r in results]
+        if not all(type(x) in (float, int) and math.isfinite(x) for x in scores):
+            raise ValueError("a relevance_score is not a finite number")
+        rankings = [Ranking(first + i, float(score), documents[first + i])
+                    for i, score in zip(indexes, scores)]
         return str(payload["model"]), rankings
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise EmbedServeError(f"unexpected response from {url}/v2/rerank: {exc!r}") from exc
@@ -111,13 +126,14 @@ def remote(client: Any, query: str, documents: list[str], top_n: int | None,
     sent = None if asked is None else client._fallback.request_name(asked)
     rankings: list[Ranking] = []
     model = ""
-    for first, body in bodies(query, documents, info, sent):
+    most = max_documents(info)
+    for first, body in bodies(query, documents, most, sent):
         try:
             response, target = client._request("POST", "/v2/rerank", body, first=first)
         except ModelNotFound as exc:
             client._name_missing_model(exc, asked)
             raise
-        model, chunk = read(response.body, first, documents, target.url)
+        model, chunk = read(response.body, first, most, documents, target.url)
         rankings += chunk
     method = CROSS_ENCODER if kind_of(info, model) == "reranker" else EMBEDDINGS
     return ranked(rankings, top_n, model=model, backend=wire.backend_of(info, model),
