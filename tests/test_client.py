@@ -757,6 +757,33 @@ def test_fallback_never_mixes_models(clients: list[Client]) -> None:
     assert (result.source, result.model) == ("fallback", "hash-v1-384")
 
 
+@pytest.mark.parametrize("args", [["--backend", "sentence-transformers"],  # over the hash
+                                  ["--backend=auto", "--model=my-ml-model"],  # of the env
+                                  ["--backend", "auto", "--model", "my-ml-model"]])
+def test_server_args_naming_an_ml_model_count_as_model_does(args: list[str]) -> None:
+    # The hash tier answered in its place: only backend= and model= were read.
+    client = Client(port=0, server_args=[*args, "--max-body-bytes", "0"])
+    with pytest.raises(ServerUnavailable, match="fallback='always'"):
+        client.embed(TEXTS)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_env_can_turn_off_watching_stdin(clients: list[Client]) -> None:
+    # The client set EMBEDSERVE_WATCH_STDIN=1 after the caller's env, which could not say 0.
+    client = Client(port=0, env={"EMBEDSERVE_WATCH_STDIN": "0"}, fallback="never")
+    clients.append(client)
+    client.embed(TEXTS)
+    environ = Path(f"/proc/{client.server_pid}/environ").read_bytes().split(b"\0")
+    assert b"EMBEDSERVE_WATCH_STDIN=0" in environ
+
+
+def test_server_args_dimensions_size_the_fallback() -> None:
+    result = Client(port=0, dimensions=64,
+                    server_args=["--dimensions", "32", "--max-body-bytes", "0"]).embed(TEXTS)
+    assert (result.source, result.model, result) == ("fallback", "hash-v1-32",
+                                                     expected(TEXTS, 32))
+
+
 def stubbed_then_stopped(clients: list[Client], fallback: Any) -> Client:
     stub = Stub(model="all-MiniLM-L6-v2", backend="sentence-transformers")
     client = Client(stub.url, autostart=False, fallback=fallback, retries=0)

@@ -114,15 +114,20 @@ class Options:
 
     def configured_dimensions(self) -> int:
         """The size of the hash model a server started with these options would serve."""
+        given = _last_int(self.server_arg("--dimensions"))  # after the options: it wins
+        if given is not None:
+            return given
         if self.dimensions is not None:
             return self.dimensions
         return self.env_dimensions if self.env_dimensions is not None else Config.dimensions
 
     def requested_model(self, hash_model: str) -> str | None:
         """The model a started server would serve, where the options say (`hash_model` for
-        the hash backend); None if unknown."""
-        backend = self.backend or self.env_backend or "auto"
-        model = self.model or self.env_model
+        the hash backend); None if unknown. server_args count as the server reads them:
+        after the options (the last --backend wins; the first --model is the default)."""
+        backend = ([None] + self.server_arg("--backend"))[-1] or self.backend or \
+            self.env_backend or "auto"
+        model = self.model or ([*self.server_arg("--model"), None])[0] or self.env_model
         if backend == "hash" or (model or "").lower() == "hash":  # --model hash: the tier
             return hash_model
         if model and HASH_MODEL.fullmatch(model.lower()):
@@ -130,6 +135,26 @@ class Options:
         if backend in ML_BACKENDS or model:
             return f"{model or backend} ({backend})"
         return None
+
+
+    def server_arg(self, flag: str) -> list[str]:
+        """The values server_args give `flag` ("--flag value" or "--flag=value"), in order."""
+        args, values = self.server_args, []
+        for i, arg in enumerate(args):
+            if arg == flag and i + 1 < len(args):
+                values.append(args[i + 1])
+            elif arg.startswith(flag + "="):
+                values.append(arg[len(flag) + 1:])
+        return values
+
+
+def _last_int(values: list[str]) -> int | None:
+    """The last value as a size, if it is one (else the server refuses it at start)."""
+    try:
+        size = int(values[-1]) if values else None
+    except ValueError:
+        return None
+    return size if size is not None and size > 0 else None
 
 
 def resolve_options(url: str | Sequence[str] | None, *, autostart: bool, backend: str | None,

@@ -56,10 +56,11 @@ def spawn_server(options: Options, url: str) -> ServerProcess:
     if options.dimensions is not None:
         command += ["--dimensions", str(options.dimensions)]
     command += options.server_args
-    env = {**os.environ, **options.env, "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
            # Stop when this process is gone, however it went (read by servers that
-           # support it; an unknown EMBEDSERVE_* variable is ignored by older ones).
-           env_name("watch_stdin"): "1"}
+           # support it; an unknown EMBEDSERVE_* variable is ignored by older ones), unless
+           # the caller's env says otherwise (EMBEDSERVE_WATCH_STDIN=0, as in Node's).
+           env_name("watch_stdin"): "1", **options.env}
     if options.api_key:
         env[env_name("api_key")] = options.api_key  # not in argv, which `ps` shows
     pythonpath = child_pythonpath(env)
