@@ -268,13 +268,19 @@ def _models(as_json: bool) -> int:
     return 0
 
 
+# What rm says of a server that answers but will not say what it serves: it may serve any.
+_NOT_YET = "answers but does not serve yet (loading or busy) and may be loading"
+_KEYED = ("asks for an API key (set EMBEDSERVE_API_KEY) before it says what it serves, and "
+          "may be serving")
+
+
 def _served_models(url: str | None, parser: argparse.ArgumentParser
-                   ) -> tuple[str, frozenset[str] | None]:
+                   ) -> tuple[str, frozenset[str] | str]:
     """The URL of the server `url` finds and what it serves (each model's id and names,
-    lower-cased): none when no server answers there (nothing is started to ask); None when
-    one answers but not yet (loading, busy), and so may be loading any model. A bad --url
-    is a usage error, as elsewhere."""
-    from embedserve.client import Client, EmbedServeError, ServerUnavailable
+    lower-cased): none when no server answers there (nothing is started to ask); why not,
+    when one answers but will not say (loading, busy, or its API key not given), and so may
+    be serving any model. A bad --url is a usage error, as elsewhere."""
+    from embedserve.client import AuthenticationError, Client, EmbedServeError, ServerUnavailable
     from embedserve.client.transport import RETRYABLE_STATUSES
 
     try:
@@ -287,8 +293,10 @@ def _served_models(url: str | None, parser: argparse.ArgumentParser
             info = client.info()
         except ServerUnavailable as exc:
             busy = exc.status is not None and exc.status in RETRYABLE_STATUSES
-            return client.url, None if busy else frozenset()
-        except EmbedServeError:
+            return client.url, _NOT_YET if busy else frozenset()
+        except AuthenticationError:  # an embedserve server with --api-key, most likely
+            return client.url, _KEYED
+        except EmbedServeError:  # something answers, but not as embedserve does
             return client.url, frozenset()
     entries = info.get("models")
     return client.url, frozenset(
@@ -298,13 +306,12 @@ def _served_models(url: str | None, parser: argparse.ArgumentParser
         for name in [entry.get("model"), *(entry.get("names") or [])] if name)
 
 
-def _remove(models: Sequence[str], served: tuple[str, frozenset[str] | None]) -> int:
+def _remove(models: Sequence[str], served: tuple[str, frozenset[str] | str]) -> int:
     where, names = served
     failed = 0
     for model in models:
-        if names is None or model.lower() in names:
-            doing = ("answers but does not serve yet (loading or busy) and may be loading"
-                     if names is None else "serves")
+        if isinstance(names, str) or model.lower() in names:
+            doing = names if isinstance(names, str) else "serves"
             print(f"embedserve rm: the server at {where} {doing} {model}: its workers hold it "
                   "in memory, and one it restarts (a crash, a SIGHUP) would not find it; "
                   "stop that server first, or pass --force", file=sys.stderr)

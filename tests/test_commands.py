@@ -16,7 +16,7 @@ from embedserve.commands import COMMANDS, STDIN_CHUNK
 from embedserve.config import BACKENDS
 from embedserve.hashing import HashEmbedder
 
-from conftest import Server, server_env
+from conftest import Server, server_env, start_server
 
 
 def run(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -224,6 +224,27 @@ def test_embed_stops_when_the_model_changes_between_chunks_of_stdin() -> None:
     assert f"stopped after {STDIN_CHUNK} lines: the model changed from hash-v1-384 to " \
            "another-model" in done.stderr
     assert len(done.stdout.splitlines()) == STDIN_CHUNK
+
+
+def test_rm_refuses_beside_a_server_that_wants_its_api_key(tmp_path: Path) -> None:
+    # Its 401 to /info was taken for "no server here": rm deleted what it may serve.
+    pytest.importorskip("huggingface_hub")
+    srv = start_server("--api-key", "sesame")
+    try:
+        def rm(*extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "embedserve", "rm", "org/absent", "--url", srv.url,
+                 *extra], capture_output=True, text=True, timeout=60,
+                env=server_env(HF_HOME=str(tmp_path), **env))
+
+        refused, forced, keyed = rm(), rm("--force"), rm(EMBEDSERVE_API_KEY="sesame")
+    finally:
+        assert srv.stop() == 0
+    assert refused.returncode == 1 and "asks for an API key (set EMBEDSERVE_API_KEY)" in \
+        refused.stderr and "not in the Hugging Face cache" not in refused.stderr
+    for done in (forced, keyed):  # with the key, rm sees that it does not serve that model
+        assert done.returncode == 1 and "org/absent is not in the Hugging Face cache" in \
+            done.stderr, done
 
 
 @pytest.mark.parametrize("status", [503, 429])
