@@ -73,7 +73,8 @@ class Config:
         "its next forward pass", minimum=0.0)
     max_queue: int = _option(
         4096, "ML tiers: texts waiting for the model; more are answered 429", minimum=1)
-    dimensions: int = _option(384, "vector size of the hash backend", minimum=1)
+    dimensions: int = _option(384, "vector size of the hash backend", minimum=1,
+                              maximum=65536)
     api_key: str = _option("", "require this Bearer token on every route but /health")
     api_key_file: str = _option(
         "", "read --api-key from this file instead (a mounted secret, e.g. "
@@ -100,7 +101,8 @@ class Config:
         64, "embedding requests served at once; more are answered 429", minimum=1)
     max_connections: int = _option(512, "open client connections; more are answered 503",
                                    minimum=1)
-    backlog: int = _option(1024, "listen backlog: connections the kernel queues", minimum=1)
+    backlog: int = _option(1024, "listen backlog: connections the kernel queues", minimum=1,
+                           maximum=65535)
     workers: int = _option(1, "worker processes sharing the socket", minimum=1)
     worker_timeout: float = _option(
         30.0, "seconds without a heartbeat before a worker is killed and replaced",

@@ -210,8 +210,10 @@ class ConnectionServer(ThreadingHTTPServer):
 
     def wait_idle(self, timeout: float) -> bool:
         """While draining: wait until every connection is closed; False on timeout."""
+        # --graceful-timeout inf (or past what a lock can wait: OverflowError) waits for good.
+        limit = timeout if timeout < threading.TIMEOUT_MAX else None
         with self._idle:
-            return self._idle.wait_for(lambda: not self._connections, timeout)
+            return self._idle.wait_for(lambda: not self._connections, limit)
 
     def _refuse(self, request: socket.socket) -> None:
         # Before any request is read, so in no dialect's shape but TEI's, the server's own.

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 # Exit codes of `python -m embedserve`.
 EXIT_OK = 0
-EXIT_FAILURE = 1  # e.g. the address is taken, or workers were killed at the stop
+EXIT_FAILURE = 1  # e.g. the address is taken (a stop is 0, as gunicorn's, even when
+#                   it had to kill workers still draining: the signal asked for it)
 EXIT_USAGE = 2  # a bad flag or EMBEDSERVE_* value (argparse's own code)
 EXIT_CONFIG_ERROR = 3  # a worker failed to boot with a configuration error: not retried
 

@@ -37,6 +37,7 @@ log = logging.getLogger("embedserve.registry")
 HASH = "hash"  # --model hash: the hash tier, beside or instead of ML models
 _LATEST = ":latest"  # Ollama's tag for the one version of a model a server has
 SWEEP_EVERY = 1.0  # seconds between looks for idle models (at most)
+SWEEP_FLOOR = 0.05  # seconds between sweeps at the least
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,9 @@ class Registry:
         return slot.last_used + idle if idle else None
 
     def _sweep(self) -> None:
-        interval = min(SWEEP_EVERY, self.config.model_idle_timeout / 4 or SWEEP_EVERY)
+        # Floored: --model-idle-timeout 1e-300 made this loop spin a core.
+        interval = max(SWEEP_FLOOR, min(SWEEP_EVERY,
+                                        self.config.model_idle_timeout / 4 or SWEEP_EVERY))
         while True:
             time.sleep(interval)
             now = time.monotonic()

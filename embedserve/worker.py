@@ -28,8 +28,8 @@ from embedserve.service import EmbeddingService, SharedInt
 
 log = logging.getLogger("embedserve.worker")
 
-LOADING_GRACE = 0.3
-ANSWER_GRACE = 0.5  # seconds to write the 503s of a drain cut short  # seconds of loading before a lone worker answers 503 "loading"
+LOADING_GRACE = 0.3  # seconds of loading before a lone worker answers 503 "loading"
+ANSWER_GRACE = 0.5  # seconds to write the 503s of a drain cut short
 
 
 @dataclass(frozen=True)

@@ -662,6 +662,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     (["--worker-timeout", "nan"], "worker_timeout must be a number"),  # hang checks off
     (["--backend", "onnx"], "invalid choice"),
     (["--dimensions", "0"], "dimensions must be at least 1"),
+    # A worker crash at every start, restarted for ever; a traceback from listen().
+    (["--dimensions", "100000000000000000000"], "dimensions must be at most 65536"),
+    (["--backlog", "3000000000"], "backlog must be at most 65535"),
     (["--max-body-bytes", "lots"], "invalid int value"),
 ])
 def test_bad_flags_exit_2_with_a_message(args: list[str], fragment: str) -> None:

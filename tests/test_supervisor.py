@@ -171,8 +171,10 @@ def test_stopped_worker_is_detected_and_replaced(supervised: list[Server]) -> No
     assert info["pid"] != victim and info["restarts"] == 1
 
 
-def test_sigterm_during_a_slow_request_lets_it_finish(supervised: list[Server]) -> None:
-    srv = start_server("--graceful-timeout", "10")
+@pytest.mark.parametrize("graceful", ["10", "inf"])  # inf: an OverflowError lost it
+def test_sigterm_during_a_slow_request_lets_it_finish(supervised: list[Server],
+                                                      graceful: str) -> None:
+    srv = start_server("--graceful-timeout", graceful)
     supervised.append(srv)
     workers = worker_pids(srv)
     body = json.dumps({"inputs": ["slow but complete"]}).encode()
