@@ -14,7 +14,7 @@ import {
 import {
   RETRYABLE_STATUSES, RetryableStatus, TransportError, decodeFloat32Base64, errorFields, httpError,
   isRetryable,
-  parseJson, retryAfterMs,
+  parseJson, readBody, redirectError, retryAfterMs,
 } from './http.js';
 import { isLoopback, resolveOptions } from './options.js';
 import { ServerPool } from './pool.js';
@@ -240,8 +240,7 @@ export class EmbedServeClient extends EventEmitter {
     for (const [first, body] of rerankBodies(query, documents, info, sent)) {
       let answer;
       [answer, info] = await this.#post('/v2/rerank', body, first, asked, asked);
-      const chunk = readRankings(answer, first, documents);
-      if (!chunk) throw this.#badResponse('expected rerank results and a model name');
+      const chunk = readRankings(answer, first, body, documents, (what) => this.#badResponse(what));
       model = answer.model;
       rankings.push(...chunk);
     }
@@ -364,7 +363,7 @@ export class EmbedServeClient extends EventEmitter {
       if (wanted !== undefined) body.model = this.#fallback.requestName(wanted);
       let answer;
       [answer, info] = await this.#post('/v1/embeddings', body, first, asked, wanted);
-      const chunkVectors = this.#decode(answer, chunk.length);
+      const chunkVectors = this.#decode(answer, chunk.length, dimensions, info);
       if (model !== null && answer.model !== model) {
         this.emit('modelChange', { from: model, to: answer.model, source: 'server' });
         return null;
@@ -429,10 +428,20 @@ export class EmbedServeClient extends EventEmitter {
     yield [start, texts.slice(start)];
   }
 
-  #decode(answer, expected) {
+  /**
+   * The vectors of one answer (one request), checked: exactly one per text the request
+   * sent, each an array of finite numbers (or base64 of finite float32 values), all of one
+   * size, not empty, and of the size asked for (`dimensions`), else, when the answer's
+   * model is the one `info` (the answering server's /info) describes, of its size. A
+   * vector that breaks any of these is no embedding; bad_response rather than results.
+   */
+  #decode(answer, expected, dimensions, info) {
     const data = answer?.data;
-    if (!Array.isArray(data) || data.length !== expected || typeof answer.model !== 'string') {
+    if (!Array.isArray(data) || typeof answer.model !== 'string') {
       throw this.#badResponse(`expected ${expected} embeddings and a model name`);
+    }
+    if (data.length !== expected) {
+      throw this.#badResponse(`${data.length} embeddings for the ${expected} texts of one request`);
     }
     const vectors = new Array(expected);
     for (const item of data) {
@@ -441,9 +450,27 @@ export class EmbedServeClient extends EventEmitter {
         throw this.#badResponse(`bad or repeated index ${index}`);
       }
       const embedding = item.embedding;
-      if (typeof embedding === 'string') vectors[index] = decodeFloat32Base64(embedding, this.#baseUrl);
-      else if (Array.isArray(embedding)) vectors[index] = embedding;
-      else throw this.#badResponse(`embedding ${index} is neither base64 nor an array`);
+      if (typeof embedding === 'string') {
+        vectors[index] = decodeFloat32Base64(embedding, this.#baseUrl);
+      } else if (Array.isArray(embedding)) {
+        // typeof: JSON's strings, booleans and null are no values; isFinite: nor is the
+        // Infinity that JSON.parse makes of a number too large for a double (1e999).
+        if (!embedding.every((value) => typeof value === 'number' && Number.isFinite(value))) {
+          throw this.#badResponse(`embedding ${index} holds a value that is not a finite number`);
+        }
+        vectors[index] = embedding;
+      } else {
+        throw this.#badResponse(`embedding ${index} is neither base64 nor an array`);
+      }
+    }
+    const sizes = [...new Set(vectors.map((vector) => vector.length))].sort((a, b) => a - b);
+    if (sizes.length > 1) throw this.#badResponse(`vectors of ${sizes.join(', ')} values`);
+    const [size] = sizes;
+    if (size === 0) throw this.#badResponse('empty vectors');
+    if (dimensions !== undefined) {
+      if (size !== dimensions) throw this.#badResponse(`vectors of ${size} values, not ${dimensions}`);
+    } else if (answer.model === info?.model && positiveInteger(info.dimensions) && size !== info.dimensions) {
+      throw this.#badResponse(`vectors of ${size} values, not the ${info.dimensions} that /info gives ${info.model}`);
     }
     return vectors;
   }
@@ -605,7 +632,9 @@ export class EmbedServeClient extends EventEmitter {
 
   #delay(failures, retryAfter) {
     const { backoffMs, maxBackoffMs } = this.#options;
-    if (retryAfter !== undefined) {
+    // retryAfterMs() gives only positive waits; checked again here because a zero or
+    // negative one would mean no delay at all: requests as fast as the server answers.
+    if (retryAfter !== undefined && retryAfter > 0) {
       const base = Math.min(retryAfter, maxBackoffMs);
       return base + Math.random() * 0.1 * base;
     }
@@ -632,9 +661,13 @@ export class EmbedServeClient extends EventEmitter {
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: AbortSignal.timeout(timeoutMs),
+        // Not followed: a redirect would take the request (and the API key) elsewhere.
+        redirect: 'manual',
       });
-      text = await response.text();
+      if (response.status >= 300 && response.status < 400) throw redirectError(method, url, response);
+      text = await readBody(response, url);
     } catch (cause) {
+      if (cause instanceof EmbedServeError) throw cause; // a redirect, a body over the limit
       throw new TransportError(cause, url, timeoutMs);
     }
     const json = parseJson(text);
@@ -733,6 +766,7 @@ export class EmbedServeClient extends EventEmitter {
         return;
       }
       if (probe.state === 'foreign') {
+        if (probe.error?.code === 'http_error') throw probe.error; // a redirect: the URL is wrong
         throw new EmbedServeError(
           `something that is not an embedserve server answers at ${target.base}: ${probe.detail}`,
           { code: 'not_embedserve', url: target.base });
@@ -876,10 +910,19 @@ export class EmbedServeClient extends EventEmitter {
     let response;
     let body;
     try {
-      response = await fetch(url, { signal: AbortSignal.timeout(this.#options.healthTimeoutMs) });
-      body = await response.text();
+      response = await fetch(url, { signal: AbortSignal.timeout(this.#options.healthTimeoutMs), redirect: 'manual' });
+      if (response.status >= 300 && response.status < 400) throw redirectError('GET', url, response);
+      body = await readBody(response, url);
     } catch (cause) {
+      if (cause instanceof EmbedServeError) { // a redirect, a body over the limit
+        return { state: 'foreign', status: 'not_embedserve', detail: cause.message, error: cause };
+      }
       const error = new TransportError(cause, url, this.#options.healthTimeoutMs);
+      if (error.notHttp) {
+        // An answer that is not HTTP at all: another kind of server holds the port, and
+        // waiting (as for one still starting) would not change that.
+        return { state: 'foreign', status: 'not_embedserve', detail: error.message, error };
+      }
       const down = error.refused || !isLoopback(this.#target.hostname);
       return { state: down ? 'down' : 'busy', status: 'unreachable', detail: error.message, error };
     }

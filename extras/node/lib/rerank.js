@@ -41,14 +41,37 @@ export function rerankBodies(query, documents, info, model) {
   return bodies;
 }
 
-/** The rankings of one answer ({index, score, document}), its indexes made the call's. */
-export function readRankings(answer, first, documents) {
-  if (!Array.isArray(answer?.results) || typeof answer.model !== 'string') return null;
+/**
+ * The rankings of one answer ({index, score, document}), its indexes made the call's. The
+ * answer must rank the request's documents: each index an integer within the request's
+ * documents, none twice, and as many results as min(the request's top_n, if it sent one,
+ * its documents) -- every document exactly once when it sent none, as the client does
+ * (the best topN are picked from all the requests' results). Anything else throws
+ * `bad(what)`: a ranking with a made-up or missing document is no ranking.
+ * @param {{documents: string[], top_n?: number}} body the request
+ * @param {(what: string) => Error} bad
+ */
+export function readRankings(answer, first, body, documents, bad) {
+  if (!Array.isArray(answer?.results) || typeof answer.model !== 'string') {
+    throw bad('expected rerank results and a model name');
+  }
+  const count = body.documents.length;
+  const expected = body.top_n === undefined ? count : Math.min(body.top_n, count);
+  if (answer.results.length !== expected) {
+    throw bad(`${answer.results.length} rerank results for a request of ${count} documents` +
+      (body.top_n === undefined ? '' : ` and top_n ${body.top_n}`) + `, not ${expected}`);
+  }
+  const seen = new Set();
   const rankings = [];
   for (const result of answer.results) {
-    const index = first + result?.index;
-    if (!Number.isInteger(result?.index) || index >= documents.length || typeof result.relevance_score !== 'number') return null;
-    rankings.push({ index, score: result.relevance_score, document: documents[index] });
+    const index = result?.index;
+    if (!Number.isInteger(index) || index < 0 || index >= count) {
+      throw bad(`rerank result index ${JSON.stringify(index)} is not one of the request's ${count} documents`);
+    }
+    if (seen.has(index)) throw bad(`rerank result index ${index} appears twice`);
+    seen.add(index);
+    if (!Number.isFinite(result.relevance_score)) throw bad(`rerank result ${index} has no finite relevance_score`);
+    rankings.push({ index: first + index, score: result.relevance_score, document: documents[first + index] });
   }
   return rankings;
 }

@@ -22,6 +22,8 @@ const LOG_TAIL_SHOWN = 20;
 const PIPE_DRAIN_MS = 500;
 // A server that never became ready has nothing to finish: a short grace before SIGKILL.
 const STOP_GRACE_MS = 2000;
+// After SIGKILL, how long stop() waits for the exit before it gives up on the process.
+const KILL_WAIT_MS = 5000;
 const POSIX = process.platform !== 'win32';
 
 /**
@@ -88,6 +90,9 @@ function untrack(server) {
  * Events: 'log' (line, stream), 'exit' (code, signal).
  */
 export class ServerProcess extends EventEmitter {
+  /** stop() calls waiting for the exit: the child is ref'd while there is one. */
+  #stopping = 0;
+
   /**
    * @param {object} options
    * @param {string} options.python
@@ -248,11 +253,27 @@ export class ServerProcess extends EventEmitter {
     if (this.child === null) return;
     if (this.alive) {
       this.signal('SIGTERM');
-      const timer = setTimeout(() => this.#killGroup(), graceMs);
+      // The child and its pipes are unref'd (the server must not keep the program alive),
+      // and a pending promise does not keep it alive either: without a ref, a program
+      // awaiting close() (or a start that timed out) would end silently once the SIGKILL
+      // timer has fired, before the exit we wait for is reported. Ref it while we wait.
+      this.#stopping++;
+      this.child.ref();
+      let killTimer;
+      let giveUpTimer;
+      const killed = new Promise((resolve) => {
+        killTimer = setTimeout(() => {
+          this.#killGroup();
+          // Bounded: a process that SIGKILL does not end (stuck in the kernel) is left.
+          giveUpTimer = setTimeout(resolve, KILL_WAIT_MS);
+        }, graceMs);
+      });
       try {
-        await this._exited;
+        await Promise.race([this._exited, killed]);
       } finally {
-        clearTimeout(timer);
+        clearTimeout(killTimer);
+        clearTimeout(giveUpTimer);
+        if (--this.#stopping === 0) this.child.unref();
       }
     }
     this.#killGroup();

@@ -6,10 +6,12 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { EmbedServeClient, EmbedServeError } from '../index.js';
+import { MAX_RESPONSE_BYTES, retryAfterMs } from '../lib/http.js';
 import {
   PYTHON, REPO_ROOT, assertStopped, clientOptions, freePort, portIsFree, serverEnv, startServer, waitFor,
 } from '../test-support/helpers.js';
@@ -391,5 +393,184 @@ test('a port written in the URL is the one used, the scheme\'s own included (":8
     ['127.0.0.1:9000', 'http://127.0.0.1:9000']];
   for (const [given, used] of cases) {
     assert.equal(new EmbedServeClient({ url: given, autoStart: false }).url, used, given);
+  }
+});
+
+/** float32 values as the server's base64 encoding_format sends them. */
+function base64Of(values) {
+  return Buffer.from(new Float32Array(values).buffer).toString('base64');
+}
+
+test('vectors that cannot be embeddings are a bad_response error', { timeout: 20_000 }, async () => {
+  // Accepted before: strings, null, booleans, NaN and infinities as values, empty vectors,
+  // and vectors of another size than /info gives the model that answered.
+  let embedding;
+  let model = 'hash-v1-4';
+  const peer = await fakeEmbedServe((req, res, body) => json(res, 200, {
+    object: 'list', model, usage: { prompt_tokens: 1, total_tokens: 1 },
+    data: body.input.map((_, index) => ({ object: 'embedding', index, embedding: embedding(index) })),
+  }));
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, fallback: 'never', retries: 0 });
+    const bad = [
+      [() => ['0.5', 0, 0, 1], /embedding 0 holds a value that is not a finite number/],
+      [() => [null, 0, 0, 1], /not a finite number/],
+      [() => [true, false, true, true], /not a finite number/],
+      [() => base64Of([NaN, 0, 0, 1]), /base64 embedding holds a value that is not a finite number/],
+      [() => base64Of([0, Infinity, 0, 1]), /not a finite number/],
+      [() => base64Of([0, 0, 1]).slice(0, 8), /not a whole number of float32 values/], // 6 bytes
+      [() => [], /empty vectors/],
+      [() => base64Of([]), /empty vectors/],
+      [() => [0, 0, 1], /vectors of 3 values, not the 4 that \/info gives hash-v1-4/],
+    ];
+    for (const [make, message] of bad) {
+      embedding = make;
+      await assert.rejects(client.embed(['a', 'b']), (error) => {
+        assert.equal(error.code, 'bad_response');
+        assert.ok(error.message.includes(peer.url), error.message);
+        assert.match(error.message, message);
+        return true;
+      });
+    }
+    // /info's size binds only the model it describes; `dimensions` binds any.
+    embedding = () => [0, 0, 1];
+    model = 'another-model';
+    assert.deepEqual([...await client.embed(['a'])], [[0, 0, 1]]);
+    await assert.rejects(client.embed(['a'], { dimensions: 2 }), { code: 'bad_response', message: /vectors of 3 values, not 2$/ });
+  } finally {
+    await peer.close();
+  }
+});
+
+test('each request of a split call gets one vector per text it sent', { timeout: 10_000 }, async () => {
+  // One short and one over would add up to the call's count.
+  let calls = 0;
+  const peer = await fakeEmbedServe((req, res, body) => {
+    calls++;
+    answer(res, calls === 1 ? body.input.slice(1) : [...body.input, 'extra']);
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, fallback: 'never', batchSize: 2 });
+    await assert.rejects(client.embed(['a', 'b', 'c', 'd']),
+      { code: 'bad_response', message: /1 embeddings for the 2 texts of one request/ });
+  } finally {
+    await peer.close();
+  }
+});
+
+test('a Retry-After that is no positive wait is ignored: the normal backoff applies, never no delay', { timeout: 30_000 }, async () => {
+  for (const value of ['0', '-5', '', 'garbage', 'x-5', 'Wed, 21 Oct 2015 07:28:00 GMT', 'Infinity']) {
+    assert.equal(retryAfterMs(new Headers({ 'retry-after': value })), undefined, JSON.stringify(value));
+  }
+  assert.equal(retryAfterMs(new Headers({ 'retry-after': '1.5' })), 1500);
+  const future = new Date(Date.now() + 60_000).toUTCString(); // IMF-fixdate
+  assert.ok(retryAfterMs(new Headers({ 'retry-after': future })) > 50_000);
+
+  // A reviewer saw ~890 requests in 3 s with 'Retry-After: 0'. With backoff of at least
+  // 50 ms (100 ms halved by the jitter), 600 ms hold a dozen at most.
+  for (const value of ['0', '-5', '', 'Wed, 21 Oct 2015 07:28:00 GMT']) {
+    let calls = 0;
+    const peer = await fakeEmbedServe((req, res) => {
+      calls++;
+      json(res, 503, { error: { message: 'busy' } }, { 'retry-after': value });
+    });
+    try {
+      const client = new EmbedServeClient({
+        url: peer.url, autoStart: false, fallback: 'never', retryTimeoutMs: 600, backoffMs: 100, maxBackoffMs: 100,
+      });
+      await assert.rejects(client.embed(['a']), { code: 'unavailable' });
+      assert.ok(calls >= 2 && calls <= 14, `Retry-After ${JSON.stringify(value)}: ${calls} requests in 600 ms`);
+    } finally {
+      await peer.close();
+    }
+  }
+});
+
+test('an answer over 256 MiB is a bad_response naming the limit, not buffered whole', { timeout: 60_000 }, async () => {
+  // A valid answer padded with spaces past the limit: accepted before, however big.
+  const answerText = JSON.stringify({
+    object: 'list', model: 'hash-v1-4', data: [{ object: 'embedding', index: 0, embedding: [0, 0, 0, 1] }],
+  });
+  const pad = Buffer.alloc(1024 * 1024, ' ');
+  let aborted = false;
+  const peer = await fakeEmbedServe(async (req, res) => {
+    res.on('close', () => { aborted = !res.writableFinished; });
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.write(answerText.slice(0, 1));
+    // 32 MiB past the limit: more than the sockets' buffers hold, so the client must stop reading.
+    for (let sent = 0; sent < MAX_RESPONSE_BYTES + 32 * pad.length && !res.destroyed; sent += pad.length) {
+      if (!res.write(pad)) await new Promise((resolve) => { res.once('drain', resolve); res.once('close', resolve); });
+    }
+    res.end(answerText.slice(1));
+  });
+  try {
+    assert.equal(MAX_RESPONSE_BYTES, 256 * 1024 * 1024);
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, fallback: 'never', retries: 0 });
+    await assert.rejects(client.embed(['a']), (error) => {
+      assert.equal(error.code, 'bad_response');
+      assert.match(error.message, /its body is larger than 256 MiB, the most this client reads/);
+      assert.ok(error.message.includes(peer.url), error.message);
+      return true;
+    });
+    await waitFor(() => aborted, 'the client to drop the connection');
+  } finally {
+    await peer.close();
+  }
+});
+
+test('a redirect is an http_error naming its Location: not followed, not retried', { timeout: 10_000 }, async () => {
+  // fetch followed 302 and 307 to another origin, and returned its vectors.
+  let elsewhere = 0;
+  const other = await fakeEmbedServe((req, res, body) => {
+    elsewhere++;
+    answer(res, body.input);
+  });
+  for (const status of [301, 302, 307, 308]) {
+    let calls = 0;
+    const peer = await fakeEmbedServe((req, res) => {
+      calls++;
+      res.writeHead(status, { location: `${other.url}/v1/embeddings` });
+      res.end();
+    });
+    try {
+      const client = new EmbedServeClient({ url: peer.url, autoStart: false, fallback: 'always', retries: 3, apiKey: 'secret' });
+      await assert.rejects(client.embed(['a']), (error) => {
+        assert.equal(error.code, 'http_error');
+        assert.equal(error.status, status);
+        assert.equal(error.serverUnavailable, false); // no fallback hides it
+        assert.ok(error.message.includes(`Location: ${other.url}/v1/embeddings`), error.message);
+        assert.match(error.message, /embedserve servers do not redirect: give the client the final URL/);
+        return true;
+      });
+      assert.equal(calls, 1);
+    } finally {
+      await peer.close();
+    }
+  }
+  assert.equal(elsewhere, 0);
+  await other.close();
+});
+
+test('a program on the port that does not speak HTTP: not_embedserve at once, not start_timeout', { timeout: 30_000 }, async () => {
+  const sockets = new Set();
+  const banner = createNetServer((socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.write('SSH-2.0-OpenSSH_9.6\r\n'); // and then waits, as sshd does
+  });
+  await new Promise((resolve) => banner.listen(0, '127.0.0.1', resolve));
+  const url = `http://127.0.0.1:${banner.address().port}`;
+  try {
+    const client = new EmbedServeClient(clientOptions({ url, fallback: 'never', startTimeoutMs: 10_000 }));
+    const startedAt = Date.now();
+    await assert.rejects(client.embed(['x']), {
+      code: 'not_embedserve', message: /answered something that is not HTTP/,
+    });
+    assert.ok(Date.now() - startedAt < 3000, `${Date.now() - startedAt} ms`);
+    assert.equal(client.ownsServer, false);
+    assert.equal((await client.health()).status, 'not_embedserve');
+  } finally {
+    for (const socket of sockets) socket.destroy();
+    await new Promise((resolve) => banner.close(resolve));
   }
 });

@@ -3,11 +3,12 @@
 // started it) on close() and when the program exits, by any way.
 
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { get } from 'node:http';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { after, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EmbedServeClient } from '../index.js';
@@ -310,3 +311,79 @@ test('a program killed with SIGKILL (no exit hook runs) still takes its server w
       killLeftovers(app.report);
     }
   });
+
+/**
+ * Run `code` (an ES module) in a child Node process, with nothing else keeping its event
+ * loop alive: resolves to its exit code and output. Node ends a program whose event loop
+ * runs dry inside a top-level await with exit code 13 and no word.
+ */
+function runModule(code, timeoutMs = 30_000) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--input-type=module', '-e', code], {
+      cwd: REPO_ROOT, env: { ...process.env, ...serverEnv() }, stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => { stdout += chunk; });
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`the child program ran over ${timeoutMs} ms; stderr:\n${stderr}`));
+    }, timeoutMs);
+    child.once('exit', (exitCode) => {
+      clearTimeout(timer);
+      resolve({ exitCode, stdout, stderr });
+    });
+  });
+}
+
+const INDEX = JSON.stringify(fileURLToPath(new URL('../index.js', import.meta.url)));
+
+test('close() of a server that outlives stopTimeoutMs resolves: the program does not end inside it', { timeout: 60_000 }, async () => {
+  // After the SIGKILL timer fired, close() awaited the exit of an unref'd child: nothing
+  // kept the event loop alive, and the program ended (exit 13) with close() unsettled.
+  const port = await freePort();
+  const options = clientOptions({ url: `http://127.0.0.1:${port}`, stopTimeoutMs: 1 });
+  const { exitCode, stdout, stderr } = await runModule(`
+    import { EmbedServeClient } from ${INDEX};
+    const client = new EmbedServeClient(${JSON.stringify(options)});
+    await client.embed(['x']);
+    const pid = client.serverPid;
+    await client.close();
+    console.log(JSON.stringify({ closed: true, pid }));
+  `);
+  assert.equal(exitCode, 0, `exit code ${exitCode}; stderr:\n${stderr}`);
+  const report = JSON.parse(stdout.trim().split('\n').at(-1));
+  assert.equal(report.closed, true);
+  await assertStopped([report.pid], port);
+});
+
+test('a server that never gets ready and ignores SIGTERM: the start rejects with start_timeout, the program does not just end', { timeout: 60_000 }, async () => {
+  const scratch = mkdtempSync(join(tmpdir(), 'embedserve-node-'));
+  try {
+    const python = join(scratch, 'python-deaf');
+    const pidFile = join(scratch, 'deaf.pid');
+    writeFileSync(python, `#!/bin/sh\ntrap '' TERM\necho "loading..." >&2\necho $$ > ${pidFile}\n` +
+      'while :; do sleep 1; done\n', { mode: 0o755 });
+    const port = await freePort();
+    const options = { url: `http://127.0.0.1:${port}`, python, fallback: 'never', startTimeoutMs: 1000, stopTimeoutMs: 1000 };
+    const { exitCode, stdout, stderr } = await runModule(`
+      import { EmbedServeClient } from ${INDEX};
+      const client = new EmbedServeClient(${JSON.stringify(options)});
+      try {
+        await client.embed(['x']);
+        console.log(JSON.stringify({ code: 'none' }));
+      } catch (error) {
+        console.log(JSON.stringify({ code: error.code, message: error.message }));
+      }
+      await client.close();
+    `);
+    assert.equal(exitCode, 0, `exit code ${exitCode}; stderr:\n${stderr}`);
+    const report = JSON.parse(stdout.trim().split('\n').at(-1));
+    assert.equal(report.code, 'start_timeout', report.message);
+    assert.match(report.message, /loading\.\.\./);
+    await assertStopped([Number(readFileSync(pidFile, 'utf8'))], port);
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
+});

@@ -3,6 +3,7 @@
 // embed's same-model rule (never in place of a server's reranker).
 
 import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
 import { after, before, test } from 'node:test';
 import { EmbedServeClient } from '../index.js';
 import { Fallback } from '../lib/fallback.js';
@@ -82,4 +83,57 @@ test('the fallback never stands in for a server\'s reranker under same-model', (
   const always = new Fallback({ fallback: 'always', encodingFormat: 'base64' }, {});
   always.learn(info);
   assert.equal(always.rerankPlan(undefined).label, 'hash-v1-384');
+});
+
+test('a rerank answer that does not rank every document of its request exactly once is a bad_response', { timeout: 20_000 }, async () => {
+  // Accepted before: a negative index (no document), one document twice, another missing.
+  let results;
+  const peer = createServer((req, res) => {
+    const reply = (body) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(body));
+    };
+    if (req.url === '/health') return reply({ status: 'ok' });
+    if (req.url === '/info') {
+      return reply({ backend: 'hash', model: 'hash-v1-4', dimensions: 4, kind: 'embedding', max_rerank_documents: 3 });
+    }
+    let body = '';
+    req.on('data', (chunk) => { body += chunk; });
+    req.on('end', () => {
+      const { documents } = JSON.parse(body);
+      reply({ id: 'x', model: 'hash-v1-4', results: results(documents.length) });
+    });
+  });
+  await new Promise((resolve) => peer.listen(0, '127.0.0.1', resolve));
+  const url = `http://127.0.0.1:${peer.address().port}`;
+  const client = new EmbedServeClient({ url, autoStart: false, fallback: 'never' });
+  const docs = ['doc A', 'doc B', 'doc C', 'doc D']; // requests of 3 and 1 documents
+  const scored = (indexes) => indexes.map((index, i) => ({ index, relevance_score: 1 - i / 10 }));
+  try {
+    const bad = [
+      [() => scored([-1, 0, 0]), /index -1 is not one of the request's 3 documents/],
+      [() => scored([0, 0, 1]), /index 0 appears twice/],
+      [() => scored([2, 1]), /2 rerank results for a request of 3 documents, not 3/],
+      [() => scored([2, 1, 0, 0]), /4 rerank results/],
+      [(n) => scored(n === 3 ? [0, 1, 2] : [1]), /index 1 is not one of the request's 1 documents/],
+      [() => scored([0.5, 1, 2]), /index 0.5 is not one/],
+      [() => scored(['0', 1, 2]), /index "0" is not one/],
+    ];
+    for (const [make, message] of bad) {
+      results = make;
+      await assert.rejects(client.rerank('q', docs), (error) => {
+        assert.equal(error.code, 'bad_response');
+        assert.ok(error.message.includes(url), error.message);
+        assert.match(error.message, message);
+        return true;
+      });
+    }
+    results = (n) => scored(n === 3 ? [2, 0, 1] : [0]);
+    const ranking = await client.rerank('q', docs, { topN: 3 });
+    assert.deepEqual(ranking.map((r) => r.document), ['doc C', 'doc D', 'doc A']);
+  } finally {
+    await client.close();
+    peer.closeAllConnections();
+    await new Promise((resolve) => peer.close(resolve));
+  }
 });
