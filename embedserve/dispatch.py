@@ -5,14 +5,15 @@ other hosts (Ray Serve, embedserve/ray.py) both answer through `Dispatcher.answe
 route, dialect, auth rule and error behaves the same whichever carries the request.
 
 A transport hands over an `Incoming`: the request line and headers, and the body to read
-on demand (so a 429 or a 401 is answered before a large body is read), plus its own checks
-of framing. `handle()` is the same for a transport that already holds the whole body.
+on demand (so a 401, a 404 or a 413 is answered before the body is read), plus its own
+checks of framing. `handle()` is the same for a transport that already holds the whole body.
 
 A request's work takes a slot (service.admit) once its body is in: a client sending its
-body slowly, or not at all, holds no slot the others need. A body over SMALL_BODY_BYTES (or
-chunked, of unknown size) first takes one of as many places for large bodies, held until
-it is answered: a flood of them is refused before it is buffered, and memory stays bounded
-by the places, not by the connections.
+body slowly, or not at all, holds no slot the others need. A server with no slot free
+answers 429 before reading a body; one that fills up while a body arrives answers it once
+the body is in. A body over SMALL_BODY_BYTES (or chunked, of unknown size) first takes one
+of as many places for large bodies, held until it is answered: a flood of them is refused
+before it is buffered, and memory stays bounded by the places, not by the connections.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ CLIENT_GONE = 499
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # A body up to this size is read before its request takes a slot: max_connections of them
 # stalled halfway hold 32 MiB at the default limits, and only connections, which the
-# connection limit closes (the longest stalled first) when it needs their places.
+# connection limit closes (the longest stalled first) when it needs their places. (Also
+# what a transport reads away of a body it did not use, to keep the connection.)
 SMALL_BODY_BYTES = 64 * 1024
 
 
@@ -125,20 +127,21 @@ class _Exchange:
         """The request's JSON body received, then a slot for its work (see the module's
         docstring for the order)."""
         service = self.service
-        self._check_content_type()
+        service.check_room()  # a full server says so before the body is sent (100-continue)
         length = self._incoming.body_length
         if length is not None and length <= SMALL_BODY_BYTES:
-            self._body = self._incoming.read_body()
+            self._receive()
             with service.admit(), service.in_flight():
                 yield
             return
+        self._check_content_type()
         if not self._large_bodies.acquire(blocking=False):
             raise ApiError(429, "server is receiving its limit of "
                                 f"{service.config.max_concurrent_requests} large request "
                                 "bodies; retry shortly", headers={"Retry-After": "1"})
         try:
             with service.in_flight():  # an upload under way is work a scaler should see
-                self._body = self._incoming.read_body()
+                self._receive()
                 with service.admit():
                     yield
         finally:
@@ -146,7 +149,8 @@ class _Exchange:
 
     def _check_content_type(self) -> None:
         headers = self._incoming.headers
-        codings = [coding.strip(" \t").lower() for value in headers.get_all("Content-Encoding") or ()
+        codings = [coding.strip(" \t").lower()
+                   for value in headers.get_all("Content-Encoding") or ()
                    for coding in value.split(",")]
         if any(coding not in ("", "identity") for coding in codings):
             # RFC 9110 15.5.16 (read as it comes, a gzip body was "not valid UTF-8").
@@ -162,15 +166,18 @@ class _Exchange:
             raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'"
                                 + (f" (got {quoted(got)})" if got else ""))
 
+    def _receive(self) -> bytes:
+        self._check_content_type()
+        self._body = self._incoming.read_body()
+        return self._body
+
     def read_json(self) -> Any:
         if self._body is None:  # a route that takes no slot takes a small body only
-            self._check_content_type()
             length = self._incoming.body_length
             if length is None or length > SMALL_BODY_BYTES:
                 raise ApiError(413, f"this route takes a body of at most {SMALL_BODY_BYTES} "
                                     "bytes, with a Content-Length")
-            self._body = self._incoming.read_body()
-        body = self._body
+        body = self._body if self._body is not None else self._receive()
         try:
             # A byte order mark is ignored, as RFC 8259 allows (Windows tools send one).
             text = body.decode("utf-8").removeprefix("\ufeff")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from embedserve import __version__
 from embedserve.connections import DeadlineReader, send_within
 from embedserve.dialects import Dialect
-from embedserve.dispatch import json_body
+from embedserve.dispatch import SMALL_BODY_BYTES, json_body
 from embedserve.errors import ApiError, quoted
 from embedserve.httphead import (MAX_LINE, HeadError, HeaderList, check_request_line,
                                  read_header_lines)
@@ -42,10 +42,9 @@ _MAX_LEADING_EMPTY_LINES = 8
 # Chunks in one body: each costs a few Python calls, so 8 MB sent a byte a chunk would take
 # a core for some 17 s. Clients send chunks of kilobytes.
 _MAX_CHUNKS = 65536
-# An unread body up to this size is read away to keep the connection; a bigger one closes
-# it, after a short lingering drain so that the close does not reset the connection before
-# the client has read the answer (a client still sending gets an RST otherwise).
-_SKIP_BODY_BYTES = 64 * 1024
+# An unread body up to SMALL_BODY_BYTES is read away to keep the connection; a bigger one
+# closes it, after a short lingering drain so that the close does not reset the connection
+# before the client has read the answer (a client still sending gets an RST otherwise).
 _LINGER_SECONDS = 2.0
 # RFC 9112: Content-Length is 1*DIGIT, a chunk size 1*HEXDIG. int() would also take "+20",
 # " 20 ", "2_0" or "-1" (a negative chunk size once read a body without end).
@@ -260,7 +259,8 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         # The stdlib sends "100 Continue" as soon as the head is parsed. It is sent when the
         # body is first read instead (read_body): a request refused before that (401, 403,
-        # 404, 413, 429...) is answered before the client sends a body it may not need to.
+        # 404, 413, 415, a 429 of a full server...) is answered before the client sends a
+        # body it may not need to.
         self.awaits_continue = True
         return True
 
@@ -333,7 +333,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.body_read = True
         size = self.body_length
-        if size is None or size > _SKIP_BODY_BYTES or (size and self.awaits_continue):
+        if size is None or size > SMALL_BODY_BYTES or (size and self.awaits_continue):
             # (A client still waiting for "100 Continue" may never send its body: reading
             # it away could wait for nothing.)
             self.close_connection = self.linger = True

@@ -112,6 +112,11 @@ class EmbeddingService:
     def skipped(self) -> dict[str, str]:
         return self._registry.default.skipped if self._registry is not None else {}
 
+    def check_room(self) -> None:
+        """The 429 of admit(), now, without taking a slot (before a body is read)."""
+        with self.admit():
+            pass
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         """A slot among max_concurrent_requests for one request's work, taken once its

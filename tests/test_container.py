@@ -222,9 +222,10 @@ def test_sigterm_drains_and_stops_it_within_the_grace_period(
         container: tuple[str, int], podman_env: dict[str, str]) -> None:
     name, port = container
     wait_healthy(port, name, podman_env)
-    body = json.dumps({"inputs": ["in flight at SIGTERM"]}).encode()
+    body = json.dumps({"inputs": ["in flight at SIGTERM " * 4000]}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        # A request in flight: its headers and part of its body.
+        # A request in flight: its headers and part of its body (over 64 KiB: a large body
+        # counts as in flight while it arrives; a small one only once it is in).
         sock.sendall(b"POST /embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nAuthorization: Bearer " + KEY.encode() +
                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
