@@ -1,9 +1,9 @@
 """Cohere's embed API (POST /v2/embed, and /v1/embed), as the `cohere` SDK's ClientV2.embed
 and Client.embed send it: texts (or text-only `inputs`), input_type, embedding_types,
 truncate, output_dimension; answered with every embedding type asked for, floats and compact
-codes alike (v1 without embedding_types: a plain list of float vectors, as Cohere's v1 API). Like dialects.py, it
-knows nothing of HTTP or backends: the core computes the codes (quantize.py), this gives
-them Cohere's shape.
+codes alike (v1 without embedding_types: a plain list of float vectors, as Cohere's v1 API).
+Like dialects.py, it knows nothing of HTTP or backends: the core computes the codes
+(quantize.py), this gives them Cohere's shape.
 """
 
 from __future__ import annotations

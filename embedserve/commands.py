@@ -272,6 +272,8 @@ def _models(as_json: bool) -> int:
 _NOT_YET = "answers but does not serve yet (loading or busy) and may be loading"
 _KEYED = ("asks for an API key (set EMBEDSERVE_API_KEY) before it says what it serves, and "
           "may be serving")
+_FORBIDDEN = ("refuses this client (403: its --allowed-hosts or --cors-origins, or the API "
+              "key) before it says what it serves, and may be serving")
 
 
 def _served_models(url: str | None, parser: argparse.ArgumentParser
@@ -294,8 +296,8 @@ def _served_models(url: str | None, parser: argparse.ArgumentParser
         except ServerUnavailable as exc:
             busy = exc.status is not None and exc.status in RETRYABLE_STATUSES
             return client.url, _NOT_YET if busy else frozenset()
-        except AuthenticationError:  # an embedserve server with --api-key, most likely
-            return client.url, _KEYED
+        except AuthenticationError as exc:  # an embedserve server with --api-key, most likely
+            return client.url, _KEYED if exc.status == 401 else _FORBIDDEN
         except EmbedServeError:  # something answers, but not as embedserve does
             return client.url, frozenset()
     entries = info.get("models")

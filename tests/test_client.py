@@ -777,9 +777,10 @@ def test_env_can_turn_off_watching_stdin(clients: list[Client]) -> None:
     assert b"EMBEDSERVE_WATCH_STDIN=0" in environ
 
 
-def test_server_args_dimensions_size_the_fallback() -> None:
+@pytest.mark.parametrize("args", [["--dimensions", "32"], ["--dim=32"]])  # as argparse reads
+def test_server_args_dimensions_size_the_fallback(args: list[str]) -> None:
     result = Client(port=0, dimensions=64,
-                    server_args=["--dimensions", "32", "--max-body-bytes", "0"]).embed(TEXTS)
+                    server_args=[*args, "--max-body-bytes", "0"]).embed(TEXTS)
     assert (result.source, result.model, result) == ("fallback", "hash-v1-32",
                                                      expected(TEXTS, 32))
 
@@ -1179,7 +1180,7 @@ def test_vectors_of_another_size_than_info_describes_are_an_error(stubs: list[St
 
 @pytest.mark.parametrize("embedding,message", [
     ([True] * 384, "bool"), (["0.5"] * 384, "str"), ([None] * 384, "NoneType"),
-    ([math.inf] + [0.0] * 383, "NaN or infinite")])
+    ([math.inf] + [0.0] * 383, "NaN or infinite"), ([10 ** 400] * 384, "too large")])
 def test_float_answers_of_anything_but_finite_numbers_are_an_error(
         stubs: list[Stub], embedding: list[Any], message: str) -> None:
     # Taken before: booleans as 1.0 and 0.0, "0.5" as 0.5, NaN and infinity as they came.
@@ -1289,17 +1290,22 @@ def test_an_answer_trickling_in_is_bounded_by_the_timeouts(first: bytes, then: b
         client.close()
 
 
-def test_an_answer_over_the_size_limit_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("framing", [b"Content-Length: 9999999999",  # refused unread
+                                     b"Connection: close"])  # read up to the limit
+def test_an_answer_over_the_size_limit_is_an_error(monkeypatch: pytest.MonkeyPatch,
+                                                   framing: bytes) -> None:
     monkeypatch.setattr(transport, "MAX_ANSWER_BYTES", 1 << 20)
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9999999999\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n"
     for url in _dripping(head + b"[" * 65536, b"[" * 65536):
         with pytest.raises(EmbedServeError, match="over 1048576 bytes"):
             Client(url, autostart=False, fallback="never", timeout=30).info()
 
 
-def test_a_port_answering_something_not_http_is_refused_at_once() -> None:
-    # An SSH banner was "not answering" until start_timeout (60 s), then "did not answer".
-    for url in _dripping(b"SSH-2.0-OpenSSH_9.6\r\n", b""):
+@pytest.mark.parametrize("first", [b"SSH-2.0-OpenSSH_9.6\r\n", b"x" * 70_000],
+                         ids=["banner", "endless-line"])
+def test_a_port_answering_something_not_http_is_refused_at_once(first: bytes) -> None:
+    # An SSH banner (or a line of no end) was "not answering" until start_timeout (60 s).
+    for url in _dripping(first, b""):
         started = time.monotonic()
         with pytest.raises(ServerUnavailable, match="not HTTP"):
             Client(url, fallback="never", start_timeout=20).embed(TEXTS)

@@ -10,7 +10,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -138,14 +138,35 @@ class Options:
 
 
     def server_arg(self, flag: str) -> list[str]:
-        """The values server_args give `flag` ("--flag value" or "--flag=value"), in order."""
+        """The values server_args give `flag` ("--flag value" or "--flag=value", the flag
+        abbreviated as argparse lets the server read it: "--dim 32"), in order."""
         args, values = self.server_args, []
         for i, arg in enumerate(args):
-            if arg == flag and i + 1 < len(args):
+            name, equals, value = arg.partition("=")
+            if _server_flag(name) != flag:
+                continue
+            if equals:
+                values.append(value)
+            elif i + 1 < len(args):
                 values.append(args[i + 1])
-            elif arg.startswith(flag + "="):
-                values.append(arg[len(flag) + 1:])
         return values
+
+
+def _server_flag(name: str) -> str | None:
+    """The server's flag that `name` gives, whole or a prefix of one alone (argparse)."""
+    if not name.startswith("--"):
+        return None
+    flags = _SERVER_FLAGS
+    if name in flags:
+        return name
+    matches = [flag for flag in flags if flag.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+_SERVER_FLAGS = frozenset(
+    ["--help", "--version"]
+    + [f"--{prefix}{field.name.replace('_', '-')}" for field in fields(Config)
+       for prefix in (("", "no-") if field.type in (bool, "bool") else ("",))])
 
 
 def _last_int(values: list[str]) -> int | None:

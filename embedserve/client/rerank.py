@@ -90,7 +90,7 @@ def read(body: bytes, first: int, most: int, documents: list[str], url: str
         rankings = [Ranking(first + i, float(score), documents[first + i])
                     for i, score in zip(indexes, scores)]
         return str(payload["model"]), rankings
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
         raise EmbedServeError(f"unexpected response from {url}/v2/rerank: {exc!r}") from exc
 
 

@@ -40,8 +40,8 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from embedserve import __version__
 from embedserve.client.errors import (
@@ -215,6 +215,9 @@ class Connections:
                 # The whole answer within `wait`, however slowly it trickles in.
                 connection.deadline = time.monotonic() + wait
                 response = connection.getresponse()
+                if (response.length or 0) > MAX_ANSWER_BYTES:  # said at once: not read
+                    raise _TooLarge(f"the answer from {target.url}{path} is {response.length} "
+                                    f"bytes, over {MAX_ANSWER_BYTES} bytes")
                 data = response.read(MAX_ANSWER_BYTES + 1)
                 if len(data) > MAX_ANSWER_BYTES:
                     raise _TooLarge(f"the answer from {target.url}{path} is over "
@@ -297,7 +300,8 @@ class Connections:
                 wait = retry_after({k.lower(): v for k, v in response.getheaders()})
             except ConnectionRefusedError:
                 return "refused", None
-            except http.client.BadStatusLine as exc:
+            except (http.client.BadStatusLine, http.client.LineTooLong,
+                    http.client.UnknownProtocol) as exc:
                 if not isinstance(exc, http.client.RemoteDisconnected):
                     # Not HTTP at all (an SSH banner...): no embedserve server, at once.
                     return f"answers something that is not HTTP ({exc!r:.80})", None
@@ -311,6 +315,7 @@ class Connections:
             if delay is None:
                 return f"{seen} within {patience:g}s", status
             time.sleep(delay)
+
 
 def _address(target: Target) -> tuple[str, str, int, str]:
     return target.scheme, target.host, target.port, target.base_path
@@ -375,7 +380,6 @@ class _Until(io.RawIOBase):
     def close(self) -> None:
         self._raw.close()
         super().close()
-
 
 
 class RetryPolicy:

@@ -102,12 +102,13 @@ def decode(body: bytes, encoding_format: EncodingFormat, url: str
         else:
             vectors = [_floats(vector) for vector in raw]
         for i, vector in enumerate(vectors):
-            # NaN or infinity (JSON's NaN literal, or base64 bytes) is no embedding: a sum
-            # of finite values is finite, and a NaN or an infinity makes it NaN or infinite.
-            if not math.isfinite(sum(vector)):
+            # NaN or infinity (JSON's NaN literal, or base64 bytes) is no embedding. A NaN
+            # or an infinity makes the sum so: only then is each value looked at (a sum of
+            # huge finite values can overflow too).
+            if not math.isfinite(sum(vector)) and not all(map(math.isfinite, vector)):
                 raise ValueError(f"vector {i} holds a NaN or infinite value")
         return str(payload["model"]), vectors
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Overflow: 1e400 as int
         raise EmbedServeError(f"unexpected response from {url}/v1/embeddings: "
                               f"{exc!r}") from exc
 
