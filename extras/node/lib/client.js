@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EmbedServeError, validationError } from './errors.js';
 import { Fallback } from './fallback.js';
+import { modelEntry } from './info.js';
 import {
   CROSS_ENCODER, EMBEDDINGS, byCosine, checkRerankArguments, kindOf, ranked, readRankings,
   rerankBodies,
@@ -469,8 +470,11 @@ export class EmbedServeClient extends EventEmitter {
     if (size === 0) throw this.#badResponse('empty vectors');
     if (dimensions !== undefined) {
       if (size !== dimensions) throw this.#badResponse(`vectors of ${size} values, not ${dimensions}`);
-    } else if (answer.model === info?.model && positiveInteger(info.dimensions) && size !== info.dimensions) {
-      throw this.#badResponse(`vectors of ${size} values, not the ${info.dimensions} that /info gives ${info.model}`);
+    } else {
+      const described = modelEntry(info, answer.model)?.dimensions;
+      if (positiveInteger(described) && size !== described) {
+        throw this.#badResponse(`vectors of ${size} values, not the ${described} that /info gives ${answer.model}`);
+      }
     }
     return vectors;
   }
@@ -959,14 +963,7 @@ function tagged(value, model, backend, source) {
  * lists each one's names and backend in its /info `models`; else the server's.
  */
 function backendOf(info, model) {
-  const wanted = model.toLowerCase();
-  for (const entry of Array.isArray(info?.models) ? info.models : []) {
-    const names = [...(Array.isArray(entry?.names) ? entry.names : []), entry?.model];
-    if (names.some((name) => typeof name === 'string' && name.toLowerCase() === wanted)) {
-      return entry.backend ?? null;
-    }
-  }
-  return info?.backend ?? null;
+  return (modelEntry(info, model) ?? info)?.backend ?? null;
 }
 
 function checkTexts(texts) {

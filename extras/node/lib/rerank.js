@@ -5,6 +5,7 @@
 // embeddings, summed as the server's hash tier sums them, so that they equal its bit for bit.
 
 import { validationError } from './errors.js';
+import { modelEntry } from './info.js';
 
 export const CROSS_ENCODER = 'cross-encoder';
 export const EMBEDDINGS = 'embeddings';
@@ -78,12 +79,7 @@ export function readRankings(answer, first, body, documents, bad) {
 
 /** The kind ('reranker', 'embedding') of the served model answering as `model`. */
 export function kindOf(info, model) {
-  const wanted = model.toLowerCase();
-  for (const entry of Array.isArray(info?.models) ? info.models : []) {
-    const names = [...(Array.isArray(entry?.names) ? entry.names : []), entry?.model];
-    if (names.some((name) => typeof name === 'string' && name.toLowerCase() === wanted)) return entry.kind;
-  }
-  return info?.kind;
+  return (modelEntry(info, model) ?? info)?.kind;
 }
 
 /** Best first (ties: the earlier document), at most topN, with the result's provenance. */

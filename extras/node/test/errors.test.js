@@ -226,7 +226,10 @@ function fakeEmbedServe(onEmbed) {
   return fakeServer((req, res) => {
     if (req.url === '/health') return json(res, 200, { status: 'ok' });
     if (req.url === '/info') {
-      return json(res, 200, { backend: 'hash', model: 'hash-v1-4', dimensions: 4, max_batch_size: 8, pid: 1 });
+      return json(res, 200, {
+        backend: 'hash', model: 'hash-v1-4', dimensions: 4, max_batch_size: 8, pid: 1,
+        models: [{ names: ['hash-v1-4'], model: 'hash-v1-4', kind: 'embedding', backend: 'hash', dimensions: 4 }],
+      });
     }
     let body = '';
     req.on('data', (chunk) => { body += chunk; });
