@@ -261,7 +261,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                "server answers ready, 1 otherwise, and it never starts one.")
     parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         kind: Any = type(f.default)
         env = env_name(f.name)
         default = f.default
@@ -283,4 +283,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of the option `name` (a BooleanOptionalAction's also takes
+    "--no-"; argparse takes a unique prefix of any flag)."""
+    return "--" + name.replace("_", "-")
+
+
 _OPTIONS = {f.name: f for f in dataclasses.fields(Config)}
+# Every flag `python -m embedserve` takes (a client reads server_args as the server would).
+FLAGS = frozenset(["--help", "--version"] + [
+    flag for f in dataclasses.fields(Config)
+    for flag in ([flag_of(f.name), "--no-" + flag_of(f.name)[2:]] if type(f.default) is bool
+                 else [flag_of(f.name)])])

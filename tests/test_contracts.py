@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from embedserve.client import Client
-from embedserve.config import Config
+from embedserve.config import FLAGS, Config, build_parser
 from embedserve.contracts import (EXIT_USAGE, ReadyLine, env_name, parse_ready_line)
 
 from conftest import ROOT, Server, server_env
@@ -64,3 +64,11 @@ def test_a_list_option_given_one_string_is_an_error_not_its_letters() -> None:
     with pytest.raises(ValueError, match="tuple of strings"):
         Config(model="sentence-transformers/all-MiniLM-L6-v2")  # type: ignore[arg-type]
     assert Config(model=("hash",)).model_id == "hash"
+
+
+def test_the_flags_the_clients_know_are_the_servers() -> None:
+    # The clients read server_args by them (abbreviations included): a flag the parser
+    # gained or lost there would be misread.
+    parser = build_parser({})
+    assert FLAGS == {flag for action in parser._actions for flag in action.option_strings
+                     if flag.startswith("--")}

@@ -10,11 +10,11 @@ import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from embedserve.config import DEFAULT_PORT, Config, parse_option
+from embedserve.config import DEFAULT_PORT, FLAGS, Config, parse_option
 from embedserve.contracts import URL_ENV, env_name
 from embedserve.hashing import HASH_VERSION
 
@@ -154,19 +154,10 @@ class Options:
 
 def _server_flag(name: str) -> str | None:
     """The server's flag that `name` gives, whole or a prefix of one alone (argparse)."""
-    if not name.startswith("--"):
-        return None
-    flags = _SERVER_FLAGS
-    if name in flags:
-        return name
-    matches = [flag for flag in flags if flag.startswith(name)]
+    if not name.startswith("--") or name in FLAGS:
+        return name if name in FLAGS else None
+    matches = [flag for flag in FLAGS if flag.startswith(name)]
     return matches[0] if len(matches) == 1 else None
-
-
-_SERVER_FLAGS = frozenset(
-    ["--help", "--version"]
-    + [f"--{prefix}{field.name.replace('_', '-')}" for field in fields(Config)
-       for prefix in (("", "no-") if field.type in (bool, "bool") else ("",))])
 
 
 def _last_int(values: list[str]) -> int | None:
