@@ -128,20 +128,20 @@ class _Exchange:
         docstring for the order)."""
         service = self.service
         service.check_room()  # a full server says so before the body is sent (100-continue)
+        self._check_content_type()
         length = self._incoming.body_length
         if length is not None and length <= SMALL_BODY_BYTES:
-            self._receive()
+            self._body = self._incoming.read_body()
             with service.admit(), service.in_flight():
                 yield
             return
-        self._check_content_type()
         if not self._large_bodies.acquire(blocking=False):
             raise ApiError(429, "server is receiving its limit of "
                                 f"{service.config.max_concurrent_requests} large request "
                                 "bodies; retry shortly", headers={"Retry-After": "1"})
         try:
             with service.in_flight():  # an upload under way is work a scaler should see
-                self._receive()
+                self._body = self._incoming.read_body()
                 with service.admit():
                     yield
         finally:
@@ -166,18 +166,15 @@ class _Exchange:
             raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'"
                                 + (f" (got {quoted(got)})" if got else ""))
 
-    def _receive(self) -> bytes:
-        self._check_content_type()
-        self._body = self._incoming.read_body()
-        return self._body
-
     def read_json(self) -> Any:
-        if self._body is None:  # a route that takes no slot takes a small body only
+        body = self._body
+        if body is None:  # a route that takes no slot takes a small body only
+            self._check_content_type()
             length = self._incoming.body_length
             if length is None or length > SMALL_BODY_BYTES:
                 raise ApiError(413, f"this route takes a body of at most {SMALL_BODY_BYTES} "
                                     "bytes, with a Content-Length")
-        body = self._body if self._body is not None else self._receive()
+            body = self._body = self._incoming.read_body()
         try:
             # A byte order mark is ignored, as RFC 8259 allows (Windows tools send one).
             text = body.decode("utf-8").removeprefix("\ufeff")
