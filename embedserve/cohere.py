@@ -115,7 +115,7 @@ class CohereEmbed:
 
     def render(self, request: EmbedRequest, result: EmbedResult) -> bytes:
         types = request.embedding_types if isinstance(request, CohereEmbedRequest) else (FLOAT,)
-        parts = []
+        lists: dict[str, str] = {}
         for kind in types:
             if kind == FLOAT:
                 arrays = map(float_array_json, result.vectors)
@@ -123,7 +123,7 @@ class CohereEmbed:
                 arrays = map(float32_base64_json, result.vectors)
             else:
                 arrays = map(codes_json, result.codes[kind])
-            parts.append(f'"{kind}":[{",".join(arrays)}]')
+            lists[kind] = f'[{",".join(arrays)}]'
         by_type = not isinstance(request, CohereEmbedRequest) or request.by_type
         tail = json.dumps({
             "texts": request.texts,
@@ -131,7 +131,8 @@ class CohereEmbed:
                      "billed_units": {"input_tokens": result.prompt_tokens}},
             "response_type": "embeddings_by_type" if by_type else "embeddings_floats"},
             separators=(",", ":"))
-        embeddings = f'{{{",".join(parts)}}}' if by_type else parts[0][len('"float":'):]
+        by_kind = ",".join(f'"{kind}":{rendered}' for kind, rendered in lists.items())
+        embeddings = f"{{{by_kind}}}" if by_type else lists[FLOAT]  # v1's: the floats alone
         return f'{{"id":"{uuid.uuid4()}","embeddings":{embeddings},{tail[1:]}'.encode()
 
     def error_body(self, error: ApiError) -> Any:
