@@ -136,7 +136,6 @@ class Options:
             return f"{model or backend} ({backend})"
         return None
 
-
     def server_arg(self, flag: str) -> list[str]:
         """The values server_args give `flag` ("--flag value" or "--flag=value", the flag
         abbreviated as argparse lets the server read it: "--dim 32"), in order."""

@@ -96,13 +96,8 @@ def read(body: bytes, first: int, most: int, documents: list[str], url: str
 
 def kind_of(info: Mapping[str, Any], model: str) -> str | None:
     """The kind ("reranker", "embedding") of the served model answering as `model`."""
-    wanted = model.lower()
-    for entry in info.get("models") or []:
-        if isinstance(entry, dict) and any(
-                isinstance(n, str) and n.lower() == wanted
-                for n in [*(entry.get("names") or []), entry.get("model")]):
-            return entry.get("kind")  # type: ignore[no-any-return]
-    return info.get("kind")  # type: ignore[no-any-return]
+    entry = wire.model_entry(info, model)
+    return (entry if entry is not None else info).get("kind")  # type: ignore[no-any-return]
 
 
 def ranked(rankings: list[Ranking], top_n: int | None, *, model: str, backend: str,

@@ -173,18 +173,18 @@ def model_ids(body: bytes, url: str) -> list[str]:
 def backend_of(info: Mapping[str, Any], model: str) -> str:
     """The backend of the served model whose answers carry the name `model`: a server of
     several lists each one's names and backend in its /info "models"; else the server's."""
-    entry = _entry(info, model)
+    entry = model_entry(info, model)
     return str((entry if entry is not None else info).get("backend", ""))
 
 
 def described_dimensions(info: Mapping[str, Any], model: str) -> int | None:
     """The vector size /info gives the served model named `model` (None: not described)."""
-    entry = _entry(info, model)
+    entry = model_entry(info, model)
     size = entry.get("dimensions") if entry is not None else None
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
-def _entry(info: Mapping[str, Any], model: str) -> Mapping[str, Any] | None:
+def model_entry(info: Mapping[str, Any], model: str) -> Mapping[str, Any] | None:
     """The entry of /info "models" whose names (or model id) include `model`."""
     entries = info.get("models")
     wanted = model.lower()
