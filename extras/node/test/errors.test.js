@@ -577,3 +577,30 @@ test('a program on the port that does not speak HTTP: not_embedserve at once, no
     await new Promise((resolve) => banner.close(resolve));
   }
 });
+
+test('the size /info gives a model binds its answers by the served name, not the default id', { timeout: 10_000 }, async () => {
+  // /info's top-level model is the default's id (a folder for a local model); answers carry
+  // the served name. The check compared the two, so it never held for such a model.
+  const peer = await fakeServer((req, res) => {
+    if (req.url === '/health') return json(res, 200, { status: 'ok' });
+    if (req.url === '/info') {
+      return json(res, 200, {
+        backend: 'sentence-transformers', model: '/models/mini', dimensions: 4, max_batch_size: 8, pid: 1,
+        models: [{ names: ['mini'], model: '/models/mini', kind: 'embedding', backend: 'sentence-transformers', dimensions: 4 }],
+      });
+    }
+    req.resume();
+    req.on('end', () => json(res, 200, {
+      object: 'list', model: 'mini', usage: { prompt_tokens: 1, total_tokens: 1 },
+      data: [{ object: 'embedding', index: 0, embedding: [0, 0, 1] }],
+    }));
+  });
+  try {
+    const client = new EmbedServeClient({ url: peer.url, autoStart: false, fallback: 'never', retries: 0 });
+    await assert.rejects(client.embed(['a']), {
+      code: 'bad_response', message: /vectors of 3 values, not the 4 that \/info gives mini/,
+    });
+  } finally {
+    await peer.close();
+  }
+});
